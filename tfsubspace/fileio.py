@@ -1,0 +1,73 @@
+"""Atomic file output: a file is either absent or complete, never half-written.
+
+Each writer writes to a temporary file in the destination's own directory (so that the
+final rename stays on one file system) and renames it over the destination with
+os.replace, which is atomic on POSIX and Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    The temporary name keeps `path`'s suffix, since some writers (Keras's .keras saving)
+    choose the format from it. On any exception the temporary file is removed and
+    `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes `data` to `path` atomically and returns the path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically and returns the path."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Writes `obj` as indented JSON to `path` atomically and returns the path."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_model(model, path: str | os.PathLike) -> Path:
+    """Saves a Keras model as .keras atomically and returns the path."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"A model is saved in the .keras format; expected a path ending in .keras. Received: {path}")
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+    return path

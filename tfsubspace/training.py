@@ -1,0 +1,119 @@
+"""Supervised training of a teacher with Keras fit(): resumable, logged, saved atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import keras
+
+from tfsubspace import fileio, stats
+
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: keras.Model
+    test_accuracy: float
+    test_loss: float
+    epochs: int
+    wall_time_s: float
+    model_path: Path | None
+    metrics_path: Path | None
+
+
+def make_optimizer(name: str, learning_rate: float, schedule: str, total_steps: int, weight_decay: float = 0.0):
+    """An optimizer with a constant or cosine-decayed learning rate."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"Unknown learning-rate schedule {schedule!r}; expected one of {LR_SCHEDULES}.")
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive. Received: learning_rate={learning_rate}")
+    lr = learning_rate
+    if schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, total_steps))
+    if name == "adam":
+        if weight_decay:
+            return keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=weight_decay or None)
+
+
+def train_classifier(
+    model: keras.Model,
+    train_ds,
+    test_ds,
+    *,
+    epochs: int,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    lr_schedule: str = "cosine",
+    weight_decay: float = 0.0,
+    output: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+    tensorboard_dir: str | os.PathLike | None = None,
+    verbose: int | str = "auto",
+) -> TrainResult:
+    """Trains `model` on (image, label) batches with sparse cross-entropy on its logits.
+
+    A killed run resumes where it stopped: the state after each epoch (weights, optimizer,
+    epoch counter) is kept in `work_dir`/backup by keras.callbacks.BackupAndRestore, and
+    running the same call again continues from it. `work_dir`/history.csv logs every epoch.
+    The trained model is written to `output` (.keras) atomically, with a JSON of its test
+    metrics beside it (`output` with the suffix .json).
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be a positive integer. Received: epochs={epochs}")
+    output = Path(output) if output is not None else None
+    if work_dir is None:
+        work_dir = output.with_suffix(".work") if output is not None else None
+    steps_per_epoch = int(train_ds.cardinality())
+    if steps_per_epoch <= 0:
+        raise ValueError("The training data set is empty or of unknown length; pass a finite, batched tf.data.Dataset.")
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, epochs * steps_per_epoch, weight_decay),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callbacks = []
+    if work_dir is not None:
+        work_dir = Path(work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        if not (work_dir / "backup").exists():  # a fresh run, not a resumed one
+            (work_dir / "history.csv").unlink(missing_ok=True)
+        callbacks.append(keras.callbacks.BackupAndRestore(str(work_dir / "backup")))
+        callbacks.append(keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True))
+    if tensorboard_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir)))
+    callbacks.append(keras.callbacks.TerminateOnNaN())
+
+    start = time.perf_counter()
+    history = model.fit(train_ds, epochs=epochs, validation_data=test_ds, callbacks=callbacks,
+                        shuffle=False, verbose=verbose)  # the data set shuffles itself
+    wall = time.perf_counter() - start
+    if history.history.get("loss") and not all(map(_finite, history.history["loss"])):
+        raise FloatingPointError("Training stopped on a NaN or infinite loss; lower the learning rate.")
+    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
+
+    metrics_path = None
+    if output is not None:
+        fileio.save_model(model, output)
+        metrics_path = fileio.write_json(output.with_suffix(".json"), {
+            "model": model.name,
+            "params": stats.count_params(model),
+            "macs": stats.count_macs(model),
+            "test_accuracy": float(test_accuracy),
+            "test_loss": float(test_loss),
+            "epochs": epochs,
+            "wall_time_s_last_run": round(wall, 2),
+        })
+    return TrainResult(model, float(test_accuracy), float(test_loss), epochs, wall, output, metrics_path)
+
+
+def _finite(x) -> bool:
+    return x == x and abs(x) != float("inf")
