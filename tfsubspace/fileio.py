@@ -19,13 +19,13 @@ from typing import Any, Iterator
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
 
-    The temporary name keeps `path`'s suffix, since some writers (Keras's .keras saving)
-    choose the format from it. On any exception the temporary file is removed and
+    The temporary name ends with `path`'s whole name, since some writers choose the format
+    from the suffix (Keras wants .keras, .weights.h5). On any exception the temporary file is removed and
     `path` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions

@@ -10,6 +10,7 @@ from pathlib import Path
 import keras
 
 from tfsubspace import fileio, stats
+from tfsubspace.checkpoint import EpochCheckpoint
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -62,8 +63,8 @@ def train_classifier(
     """Trains `model` on (image, label) batches with sparse cross-entropy on its logits.
 
     A killed run resumes where it stopped: the state after each epoch (weights, optimizer,
-    epoch counter) is kept in `work_dir`/backup by keras.callbacks.BackupAndRestore, and
-    running the same call again continues from it. `work_dir`/history.csv logs every epoch.
+    epoch counter) is kept in `work_dir`/backup by an EpochCheckpoint, and running the same
+    call again continues from it. `work_dir`/history.csv logs every epoch.
     The trained model is written to `output` (.keras) atomically, with a JSON of its test
     metrics beside it (`output` with the suffix .json).
     """
@@ -80,20 +81,22 @@ def train_classifier(
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    callbacks = []
+    callbacks, initial_epoch = [], 0
     if work_dir is not None:
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
-        if not (work_dir / "backup").exists():  # a fresh run, not a resumed one
+        checkpoint = EpochCheckpoint(work_dir / "backup")
+        initial_epoch = checkpoint.restore(model)
+        if initial_epoch == 0:  # a fresh run, not a resumed one
             (work_dir / "history.csv").unlink(missing_ok=True)
-        callbacks.append(keras.callbacks.BackupAndRestore(str(work_dir / "backup")))
+        callbacks.append(checkpoint)
         callbacks.append(keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True))
     if tensorboard_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir)))
     callbacks.append(keras.callbacks.TerminateOnNaN())
 
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=epochs, validation_data=test_ds, callbacks=callbacks,
+    history = model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=test_ds, callbacks=callbacks,
                         shuffle=False, verbose=verbose)  # the data set shuffles itself
     wall = time.perf_counter() - start
     if history.history.get("loss") and not all(map(_finite, history.history["loss"])):

@@ -1,0 +1,77 @@
+"""Resumable training: the state after each epoch, kept as one atomically written file.
+
+keras.callbacks.BackupAndRestore writes its weights file and its epoch counter as two
+files, neither atomically, so a run killed while it saves can leave a backup that no
+longer loads, or weights that disagree with the epoch counter. Here each backup is one
+file, `epoch-NNNNN.weights.h5` (model and optimizer variables, the epoch in its name),
+written to a temporary file and renamed into place; the older one is removed only after.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import keras
+
+from tfsubspace import fileio
+from tfsubspace.errors import TfSubspaceError
+
+_PATTERN = re.compile(r"^epoch-(\d{5,})\.weights\.h5$")
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves the training state after each epoch; `restore()` resumes from the latest.
+
+    Usage:
+        checkpoint = EpochCheckpoint(work_dir / "backup")
+        model.compile(...)
+        initial_epoch = checkpoint.restore(model)
+        model.fit(ds, epochs=n, initial_epoch=initial_epoch, callbacks=[checkpoint])
+
+    Args:
+        directory: where backups live.
+        delete_on_success: remove the directory when fit() ends normally.
+    """
+
+    def __init__(self, directory, delete_on_success: bool = True):
+        super().__init__()
+        self.directory = Path(directory)
+        self.delete_on_success = delete_on_success
+
+    def _backups(self) -> list[tuple[int, Path]]:
+        if not self.directory.is_dir():
+            return []
+        found = ((_PATTERN.match(p.name), p) for p in self.directory.iterdir())
+        return sorted((int(m.group(1)), p) for m, p in found if m)
+
+    def restore(self, model: keras.Model) -> int:
+        """Loads the latest backup into `model` (compiled) and returns the epochs it holds."""
+        backups = self._backups()
+        if not backups:
+            return 0
+        epoch, path = backups[-1]
+        if model.optimizer is not None and not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        try:
+            model.load_weights(path)
+        except (OSError, ValueError) as e:
+            raise TfSubspaceError(
+                f"Cannot resume from {path}: {e}. Delete {self.directory} to start over."
+            ) from None
+        return epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        done = epoch + 1
+        old = self._backups()
+        path = self.directory / f"epoch-{done:05d}.weights.h5"
+        with fileio.atomic_path(path) as tmp:
+            self.model.save_weights(tmp)
+        for n, p in old:
+            if n != done:
+                p.unlink(missing_ok=True)
+
+    def on_train_end(self, logs=None):
+        if self.delete_on_success and not getattr(self.model, "stop_training", False):
+            shutil.rmtree(self.directory, ignore_errors=True)
