@@ -1,0 +1,213 @@
+"""Channel groups: the sets of channels that must be kept or removed together.
+
+`analyze(model)` walks the traced graph (tfsubspace.graph) and asks each layer's handler
+(tfsubspace.channels) how it maps channels. Every producer (Conv, Dense, the pointwise part
+of SeparableConv) starts a group; a merge (Add, Multiply, ...) ties channel i of its inputs
+into one channel, and so merges their groups; the model's inputs and outputs, and channels
+that reach a channel-mixing layer, are pinned (never removed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import keras
+import numpy as np
+
+from tfsubspace import channels, graph
+
+
+@dataclasses.dataclass
+class ChannelGroup:
+    """A set of channels removed together. `producers` are the layers whose outputs they are."""
+
+    name: str
+    size: int
+    producers: list[str]
+    pinned: list[str]
+
+    @property
+    def prunable(self) -> bool:
+        return not self.pinned
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def add(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class ChannelAnalysis:
+    """The channel groups of a model and the channel ids of every tensor of its graph."""
+
+    def __init__(self, model: keras.Model):
+        self.model = model
+        self.graph = graph.trace(model)
+        self._channels = _UnionFind()
+        self._producer_of_channel: list[str] = []  # global channel -> producing layer path
+        self._producers: list[tuple[str, np.ndarray]] = []  # (path, ids) in creation order
+        self._pins: list[tuple[np.ndarray, str]] = []
+        self.ids: dict[int, np.ndarray] = {}  # tensor key -> channel ids of its last axis
+        self._node: graph.Node | None = None
+
+        for ref in self.graph.inputs:
+            self.ids[ref.key] = self._fresh("model input", ref.shape[-1])
+            self._pins.append((self.ids[ref.key], "model input"))
+        self._walk(self.graph)
+        for ref in self.graph.outputs:
+            self._pins.append((self.ids[ref.key], "model output"))
+        self._finish()
+
+    # ------------------------------------------------------------ the ChannelContext protocol
+
+    def new_group(self, layer, size: int) -> np.ndarray:
+        ids = self._fresh(self._node.path, size)
+        self._producers.append((self._node.path, ids))
+        return ids
+
+    def tie(self, a: np.ndarray, b: np.ndarray, layer) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            self._channels.union(x, y)
+
+    def pin(self, ids: np.ndarray, reason: str) -> None:
+        self._pins.append((ids, reason))
+
+    # ------------------------------------------------------------ analysis
+
+    def _fresh(self, owner: str, size) -> np.ndarray:
+        if size is None:
+            raise channels.UnsupportedModelError(
+                f"{owner}: the channel axis has an unknown size; build the model with a known input shape."
+            )
+        self._producer_of_channel.extend([owner] * int(size))
+        return self._channels.add(int(size))
+
+    def _walk(self, g: graph.Graph) -> None:
+        for node in g.nodes:
+            in_ids = [self.ids[ref.key] for ref in node.inputs]
+            if node.sub is not None:
+                self._walk(node.sub)
+                for out_ref, inner in zip(node.outputs, node.sub.outputs):
+                    self.ids[out_ref.key] = self.ids[inner.key]
+                continue
+            if len(node.outputs) != 1:
+                channels._fail(node.layer, f"has {len(node.outputs)} outputs; only single-output layers are supported.")
+            self._node = node
+            handler = channels.handler_for(node.layer)
+            out = handler.map_channels(node.layer, in_ids, [ref.shape for ref in node.inputs], self)
+            self._node = None
+            if len(out) != node.outputs[0].shape[-1]:
+                channels._fail(node.layer, f"its handler mapped {len(out)} channels onto an output of "
+                                           f"{node.outputs[0].shape[-1]}.")
+            self.ids[node.outputs[0].key] = np.asarray(out, dtype=np.int64)
+
+    def _finish(self) -> None:
+        find = self._channels.find
+        n = len(self._channels.parent)
+        root = np.fromiter((find(c) for c in range(n)), dtype=np.int64, count=n)
+        # Groups: producers joined by any shared channel; named after their first producer.
+        group_of_root: dict[int, int] = {}
+        producers: list[list[str]] = []
+        members: list[list[int]] = []  # channel roots of each group, in first-seen order
+        seen_roots: set[int] = set()
+        for path, ids in self._producers:
+            roots = root[ids]
+            linked = {group_of_root[r] for r in roots.tolist() if r in group_of_root}
+            if linked:
+                g = min(linked)
+                for other in sorted(linked - {g}, reverse=True):  # merge later groups into g
+                    producers[g].extend(producers[other])
+                    members[g].extend(members[other])
+                    for r in members[other]:
+                        group_of_root[r] = g
+                    producers[other], members[other] = [], []
+            else:
+                g = len(producers)
+                producers.append([])
+                members.append([])
+            producers[g].append(path)
+            for r in roots.tolist():
+                if r not in seen_roots:
+                    seen_roots.add(r)
+                    members[g].append(r)
+                group_of_root[r] = g
+        order = [g for g in range(len(producers)) if producers[g]]
+        pinned: dict[int, list[str]] = {g: [] for g in order}
+        input_roots = set()
+        for ids, reason in self._pins:
+            for r in set(root[ids].tolist()):
+                g = group_of_root.get(r)
+                if g is None:
+                    input_roots.add(r)
+                elif reason not in pinned[g]:
+                    pinned[g].append(reason)
+
+        self.groups: dict[str, ChannelGroup] = {}
+        self._group_index = np.full(n, -1, dtype=np.int64)  # channel -> index into self.group_names
+        self._local_index = np.full(n, -1, dtype=np.int64)  # channel -> position in its group
+        self.group_names: list[str] = []
+        root_to_pos: dict[int, tuple[int, int]] = {}
+        for gi, g in enumerate(order):
+            name = producers[g][0]
+            self.groups[name] = ChannelGroup(name, len(members[g]), list(producers[g]), pinned[g])
+            self.group_names.append(name)
+            for local, r in enumerate(members[g]):
+                root_to_pos[r] = (gi, local)
+        for c in range(n):
+            pos = root_to_pos.get(int(root[c]))
+            if pos is not None:
+                self._group_index[c], self._local_index[c] = pos
+
+    # ------------------------------------------------------------ queries
+
+    def keep_vector(self, keep: dict[str, np.ndarray]) -> np.ndarray:
+        """Per global channel: kept or not, from per-group boolean masks (missing = all kept)."""
+        kept = np.ones(len(self._group_index), dtype=bool)
+        for gi, name in enumerate(self.group_names):
+            mask = keep.get(name)
+            if mask is None:
+                continue
+            sel = self._group_index == gi
+            kept[sel] = np.asarray(mask, dtype=bool)[self._local_index[sel]]
+        return kept
+
+    def kept_positions(self, ref: graph.TensorRef, kept: np.ndarray) -> np.ndarray:
+        """Indices along `ref`'s last axis that survive, given keep_vector()'s result."""
+        return np.nonzero(kept[self.ids[ref.key]])[0]
+
+    def fingerprint(self) -> str:
+        """A short hash of the group structure, to tell whether a plan fits this model."""
+        spec = [[g.name, g.size, g.producers] for g in self.groups.values()]
+        return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        lines = [f"{'group':<28} {'channels':>8}  producers / pinned"]
+        for g in self.groups.values():
+            extra = ", ".join(g.producers) + (f"  [pinned: {'; '.join(g.pinned)}]" if g.pinned else "")
+            lines.append(f"{g.name:<28} {g.size:>8}  {extra}")
+        return "\n".join(lines)
+
+
+def analyze(model: keras.Model) -> ChannelAnalysis:
+    """The channel groups of a Functional or Sequential model (see ChannelAnalysis)."""
+    return ChannelAnalysis(model)

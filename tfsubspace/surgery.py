@@ -1,0 +1,385 @@
+"""Surgery: rebuild a physically slimmer Keras model from a pruning plan, and prove it.
+
+A `PruningPlan` keeps, for each channel group of a model (tfsubspace.analysis), the indices
+of the channels to keep. `apply_plan(model, plan)` builds a new model whose layers have only
+those channels, with weights sliced from the original, and checks it against
+`masked_predict(model, plan, x)`: the original model run with every removed channel forced
+to zero wherever it appears. The two agree up to float rounding, or surgery fails.
+
+A removed channel can still carry a non-zero constant in the original (act(beta) after a
+BatchNormalization whose conv filter LASSO zeroed). With `fold_constants=True` that constant
+is folded into the bias of each consuming Conv/Dense, which makes the slim model reproduce
+the original model itself; the fold is exact for Dense layers and for 'valid' or 1x1
+convolutions, and off at the borders of 'same'-padded ones, which the report lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfsubspace import channels, fileio, stats
+from tfsubspace.analysis import ChannelAnalysis, analyze
+from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
+from tfsubspace.graph import Graph, substitute
+
+PLAN_FORMAT = "tfsubspace.pruning_plan/1"
+
+
+class PlanError(TfSubspaceError, ValueError):
+    """A pruning plan that is malformed or does not fit the model it is applied to."""
+
+
+class VerificationError(TfSubspaceError, AssertionError):
+    """The slim model does not reproduce the masked model within the tolerance."""
+
+
+@dataclasses.dataclass
+class PruningPlan:
+    """Kept channel indices per channel group of one model.
+
+    Saved as JSON beside the slim model, so that the slim model can be rebuilt from the
+    original: {"format", "model", "fingerprint", "groups": {name: {"size", "keep"}}}.
+    """
+
+    model: str
+    fingerprint: str
+    groups: dict[str, dict]  # name -> {"size": int, "keep": [int, ...]}
+
+    @classmethod
+    def keep_all(cls, analysis: ChannelAnalysis) -> "PruningPlan":
+        return cls(analysis.model.name, analysis.fingerprint(),
+                   {g.name: {"size": g.size, "keep": list(range(g.size))} for g in analysis.groups.values()})
+
+    @classmethod
+    def from_masks(cls, analysis: ChannelAnalysis, masks: dict[str, np.ndarray]) -> "PruningPlan":
+        """A plan from boolean keep-masks (or index lists) for some groups; others keep all."""
+        plan = cls.keep_all(analysis)
+        for name, mask in masks.items():
+            if name not in plan.groups:
+                raise PlanError(f"No channel group {name!r} in model {analysis.model.name!r}; "
+                                f"groups: {', '.join(plan.groups)}.")
+            mask = np.asarray(mask)
+            keep = np.nonzero(mask)[0] if mask.dtype == bool else np.unique(mask)
+            plan.groups[name]["keep"] = [int(i) for i in keep]
+        return plan
+
+    def masks(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, g in self.groups.items():
+            mask = np.zeros(g["size"], dtype=bool)
+            mask[g["keep"]] = True
+            out[name] = mask
+        return out
+
+    def round_up(self, multiple: int, scores: dict[str, np.ndarray] | None = None) -> "PruningPlan":
+        """A plan whose kept counts are rounded up to a multiple (capped at the group size),
+        adding back the removed channels of highest score (or lowest index)."""
+        if multiple < 1:
+            raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
+        groups = {}
+        for name, g in self.groups.items():
+            keep = set(g["keep"])
+            target = min(g["size"], math.ceil(len(keep) / multiple) * multiple) if keep else 0
+            removed = [i for i in range(g["size"]) if i not in keep]
+            if scores is not None and name in scores:
+                removed.sort(key=lambda i: -float(scores[name][i]))
+            keep.update(removed[: target - len(keep)])
+            groups[name] = {"size": g["size"], "keep": sorted(keep)}
+        return PruningPlan(self.model, self.fingerprint, groups)
+
+    def validate(self, analysis: ChannelAnalysis) -> None:
+        """Raises PlanError unless this plan fits `analysis`'s model and keeps what it must."""
+        if self.fingerprint != analysis.fingerprint() or set(self.groups) != set(analysis.groups):
+            raise PlanError(
+                f"This plan was made for model {self.model!r} with other channel groups than "
+                f"model {analysis.model.name!r} has (fingerprint {self.fingerprint} vs "
+                f"{analysis.fingerprint()}). Apply a plan to the model it was made for."
+            )
+        for name, group in analysis.groups.items():
+            g = self.groups[name]
+            keep = g.get("keep")
+            if g.get("size") != group.size or not isinstance(keep, list):
+                raise PlanError(f"Group {name!r}: expected size {group.size} and a list of kept indices.")
+            if any(not isinstance(i, int) or i < 0 or i >= group.size for i in keep) or len(set(keep)) != len(keep):
+                raise PlanError(f"Group {name!r}: kept indices must be distinct integers in [0, {group.size}).")
+            if not keep:
+                raise PlanError(f"Group {name!r} would lose all {group.size} channels, which disconnects "
+                                f"the model at {', '.join(group.producers)}; keep at least one.")
+            if group.pinned and len(keep) != group.size:
+                raise PlanError(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
+
+    def to_json(self) -> dict:
+        return {"format": PLAN_FORMAT, "model": self.model, "fingerprint": self.fingerprint, "groups": self.groups}
+
+    @classmethod
+    def from_json(cls, obj) -> "PruningPlan":
+        if not isinstance(obj, dict) or obj.get("format") != PLAN_FORMAT or not isinstance(obj.get("groups"), dict):
+            raise PlanError(f"Not a tfsubspace pruning plan (expected format {PLAN_FORMAT!r}).")
+        for name, g in obj["groups"].items():
+            if not isinstance(g, dict) or not isinstance(g.get("size"), int) or not isinstance(g.get("keep"), list):
+                raise PlanError(f"Pruning plan group {name!r} must have an integer 'size' and a 'keep' list.")
+        return cls(str(obj.get("model")), str(obj.get("fingerprint")), obj["groups"])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return fileio.write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        try:
+            obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PlanError(f"Cannot read pruning plan {path}: {e}") from None
+        return cls.from_json(obj)
+
+
+@dataclasses.dataclass
+class SurgeryResult:
+    model: keras.Model
+    plan: PruningPlan
+    max_abs_diff: float  # slim vs masked original on the check batch
+    report: list[dict]  # per layer, see layer_report()
+    folds: list[dict]  # constant folds: consumer, channels, exact
+
+
+# ---------------------------------------------------------------- masked reference
+
+
+def _run(g: Graph, values: dict, fn) -> None:
+    """Runs graph `g` eagerly: values maps tensor keys to arrays; fn(node, out) post-processes."""
+    for node in g.nodes:
+        if node.sub is not None:
+            _run(node.sub, values, fn)
+            for outer, inner in zip(node.outputs, node.sub.outputs):
+                values[outer.key] = values[inner.key]
+            continue
+        out = node.layer(*substitute(node.args, values), **substitute(node.kwargs, values))
+        values[node.outputs[0].key] = fn(node, out)
+
+
+def masked_predict(model: keras.Model, plan: PruningPlan, x, analysis: ChannelAnalysis | None = None,
+                   keep_constant: np.ndarray | None = None) -> list[np.ndarray]:
+    """Outputs of `model` on `x` with every removed channel forced to zero wherever it appears.
+
+    `keep_constant` (per global channel, see _constant_channels) exempts removed channels that
+    carry a constant from the masking, as fold_constants replaces them by bias terms.
+    """
+    analysis = analysis or analyze(model)
+    plan.validate(analysis)
+    passes = analysis.keep_vector(plan.masks())
+    if keep_constant is not None:
+        passes = passes | keep_constant
+
+    def mask(node, out):
+        m = passes[analysis.ids[node.outputs[0].key]]
+        return out if m.all() else out * keras.ops.convert_to_tensor(m.astype(np.float32))
+
+    values = _run_inputs(analysis, x)
+    _run(analysis.graph, values, mask)
+    return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs]
+
+
+def _run_inputs(analysis: ChannelAnalysis, x) -> dict:
+    xs = x if isinstance(x, (list, tuple)) else [x]
+    return {ref.key: keras.ops.convert_to_tensor(v) for ref, v in zip(analysis.graph.inputs, xs)}
+
+
+def _constant_channels(analysis: ChannelAnalysis, kept: np.ndarray, x):
+    """Which removed channels carry a constant in the original model, and the constants.
+
+    Runs the original on `x` and looks at the input of every Conv/Dense: a position whose
+    value is the same over the batch and every pixel carries a constant. Returns (per global
+    channel: removed and constant at every Conv/Dense input it reaches; per producer path:
+    the constant at each input position, NaN where it varies).
+    """
+    values = _run_inputs(analysis, x)
+    _run(analysis.graph, values, lambda node, out: out)
+    constant = ~kept
+    per_node = {}
+    for node in analysis.graph.walk():
+        if not isinstance(channels.handler_for(node.layer), channels.Producer):
+            continue
+        a = keras.ops.convert_to_numpy(values[node.inputs[0].key])
+        a = a.reshape(-1, a.shape[-1])
+        scale = np.maximum(1.0, np.abs(a).max(axis=0))
+        same = a.max(axis=0) - a.min(axis=0) <= 1e-6 * scale
+        per_node[node.path] = np.where(same, a[0], np.nan)
+        ids = analysis.ids[node.inputs[0].key]
+        constant[ids[~same]] = False
+    return constant, per_node
+
+
+# ---------------------------------------------------------------- surgery
+
+
+def apply_plan(
+    model: keras.Model,
+    plan: PruningPlan,
+    *,
+    check_batch=None,
+    tolerance: float = 1e-4,
+    fold_constants: bool = False,
+    analysis: ChannelAnalysis | None = None,
+) -> SurgeryResult:
+    """Builds the slim model of `plan` and verifies it against the masked original.
+
+    Args:
+        model: the original Functional or Sequential model.
+        plan: the PruningPlan (made for this model).
+        check_batch: inputs for the check; a batch of 4 standard-normal inputs by default.
+        tolerance: largest allowed max-abs difference of the outputs (float32).
+        fold_constants: fold the constants that removed channels carry into the biases of
+            the Conv/Dense layers that read them (see the module docs). The reference then
+            lets those channels through unmasked, as the original model has them.
+
+    Raises:
+        PlanError: the plan does not fit the model.
+        VerificationError: the slim model misses the reference by more than `tolerance`
+            (unless a fold is inexact, which the result's `folds` then says).
+    """
+    analysis = analysis or analyze(model)
+    plan.validate(analysis)
+    kept = analysis.keep_vector(plan.masks())
+    if check_batch is None:
+        rng = np.random.default_rng(0)
+        check_batch = [rng.standard_normal((4, *ref.shape[1:])).astype(np.float32) for ref in analysis.graph.inputs]
+        if len(check_batch) == 1:
+            check_batch = check_batch[0]
+
+    deltas, folds, keep_constant = {}, [], None
+    if fold_constants:
+        keep_constant, per_node = _constant_channels(analysis, kept, check_batch)
+        for node in analysis.graph.walk():
+            if node.path not in per_node:
+                continue
+            ids = analysis.ids[node.inputs[0].key]
+            constants = np.where(keep_constant[ids], per_node[node.path], np.nan)
+            carrying = np.count_nonzero(~np.isnan(constants) & (constants != 0))
+            if not carrying:
+                continue
+            keep_in = analysis.kept_positions(node.inputs[0], kept)
+            folded = channels.handler_for(node.layer).fold_constants(node.layer, constants, keep_in)
+            if folded is None:
+                folds.append({"layer": node.path, "positions": int(carrying), "folded": False, "exact": False})
+                continue
+            deltas[node.path] = folded[0]
+            folds.append({"layer": node.path, "positions": int(carrying), "folded": True, "exact": bool(folded[1])})
+
+    built, weights = {}, []
+    slim = _rebuild(analysis.graph, analysis, kept, deltas, built, weights)
+    for layer, values in weights:
+        layer.set_weights(values)
+
+    reference = masked_predict(model, plan, check_batch, analysis, keep_constant)
+    produced = slim(check_batch, training=False)
+    produced = [keras.ops.convert_to_numpy(p) for p in (produced if isinstance(produced, (list, tuple)) else [produced])]
+    diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(reference, produced))
+    if not diff <= tolerance and all(f["exact"] for f in folds):
+        raise VerificationError(
+            f"The slim model differs from the masked model by {diff:.3g} (max abs) on the check "
+            f"batch, above the tolerance {tolerance:g}."
+        )
+    return SurgeryResult(slim, plan, diff, layer_report(model, slim), folds)
+
+
+def _rebuild(g: Graph, analysis, kept, deltas, built, weights) -> keras.Model:
+    tensors, new_inputs = {}, []
+    for ref, old in zip(g.inputs, g.model.inputs):
+        width = len(analysis.kept_positions(ref, kept))
+        tensors[ref.key] = keras.Input(batch_shape=(*ref.shape[:-1], width), name=old.name)
+        new_inputs.append(tensors[ref.key])
+
+    for node in g.nodes:
+        layer = built.get(id(node.layer))
+        if layer is None:
+            if node.sub is not None:
+                layer = _rebuild(node.sub, analysis, kept, deltas, built, weights)
+            else:
+                layer = _slim_layer(node, analysis, kept, deltas.get(node.path), weights)
+            built[id(node.layer)] = layer
+        out = layer(*substitute(node.args, tensors), **substitute(node.kwargs, tensors))
+        for ref, t in zip(node.outputs, out if isinstance(out, (list, tuple)) else [out]):
+            tensors[ref.key] = t
+    outputs = [tensors[ref.key] for ref in g.outputs]
+    return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
+                       outputs if len(outputs) > 1 else outputs[0], name=g.model.name)
+
+
+def _slim_layer(node, analysis, kept, delta, weights):
+    """The rebuilt layer of `node`; its sliced weights go to `weights` (set once built)."""
+    handler = channels.handler_for(node.layer)
+    keep_in = [analysis.kept_positions(ref, kept) for ref in node.inputs]
+    keep_out = analysis.kept_positions(node.outputs[0], kept)
+    values = handler.slice_weights(node.layer, keep_in, keep_out)
+    if delta is None:
+        layer = handler.rebuild(node.layer, keep_in, keep_out)
+    elif node.layer.use_bias:
+        values[-1] = values[-1] + delta[keep_out].astype(values[-1].dtype)
+        layer = handler.rebuild(node.layer, keep_in, keep_out)
+    else:
+        values.append(delta[keep_out].astype(values[0].dtype))
+        layer = handler.rebuild(node.layer, keep_in, keep_out, use_bias=True)
+    weights.append((layer, values))
+    return layer
+
+
+# ---------------------------------------------------------------- accounting
+
+
+def plan_params(analysis: ChannelAnalysis, plan: PruningPlan) -> int:
+    """The parameter count of the slim model of `plan`, computed from the plan alone."""
+    plan.validate(analysis)
+    kept = analysis.keep_vector(plan.masks())
+    total, seen = 0, set()
+    for node in analysis.graph.walk():
+        if id(node.layer) in seen:
+            continue
+        seen.add(id(node.layer))
+        n_in = len(analysis.kept_positions(node.inputs[0], kept)) if node.inputs else 0
+        n_out = len(analysis.kept_positions(node.outputs[0], kept))
+        total += channels.handler_for(node.layer).count_params(node.layer, n_in, n_out)
+    return total
+
+
+def layer_report(original: keras.Model, slim: keras.Model) -> list[dict]:
+    """Per layer: output channels, params and MACs before and after."""
+    before = {r.name: r for r in stats.layer_stats(original)}
+    after = {r.name: r for r in stats.layer_stats(slim)}
+    channels_of = {}
+    for m, key in ((original, 0), (slim, 1)):
+        for node in analyze(m).graph.walk():
+            channels_of.setdefault(node.layer.name, [None, None])[key] = node.outputs[0].shape[-1]
+    rows = []
+    for name, b in before.items():
+        a = after.get(name)
+        ch = channels_of.get(name, [None, None])
+        rows.append({
+            "layer": name, "type": b.class_name,
+            "channels_before": ch[0], "channels_after": ch[1],
+            "params_before": b.params, "params_after": a.params if a else 0,
+            "macs_before": b.macs, "macs_after": a.macs if a else 0,
+        })
+    return rows
+
+
+def format_report(rows: list[dict]) -> str:
+    """A Markdown table of layer_report() rows, with a total line."""
+    lines = ["| layer | type | channels | params | MACs |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if not (r["params_before"] or r["macs_before"]):
+            continue
+        lines.append(
+            f"| {r['layer']} | {r['type']} | {r['channels_before']} -> {r['channels_after']} | "
+            f"{r['params_before']:,} -> {r['params_after']:,} | {r['macs_before']:,} -> {r['macs_after']:,} |"
+        )
+    pb, pa = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
+    mb, ma = sum(r["macs_before"] for r in rows), sum(r["macs_after"] for r in rows)
+    lines.append(f"| **total** | | | {pb:,} -> {pa:,} ({100 * (1 - pa / max(pb, 1)):.1f}% removed) | "
+                 f"{mb:,} -> {ma:,} ({100 * (1 - ma / max(mb, 1)):.1f}% removed) |")
+    return "\n".join(lines)
