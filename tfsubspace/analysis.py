@@ -69,6 +69,7 @@ class ChannelAnalysis:
         self._pins: list[tuple[np.ndarray, str]] = []
         self.ids: dict[int, np.ndarray] = {}  # tensor key -> channel ids of its last axis
         self._node: graph.Node | None = None
+        self._first_call: dict[int, tuple[list[np.ndarray], np.ndarray | None]] = {}  # layer id -> (in ids, group)
 
         for ref in self.graph.inputs:
             self.ids[ref.key] = self._fresh("model input", ref.shape[-1])
@@ -81,7 +82,11 @@ class ChannelAnalysis:
     # ------------------------------------------------------------ the ChannelContext protocol
 
     def new_group(self, layer, size: int) -> np.ndarray:
+        first = self._first_call.get(id(layer))
+        if first is not None and first[1] is not None:  # a shared layer: one group for all calls
+            return first[1]
         ids = self._fresh(self._node.path, size)
+        self._first_call[id(layer)] = (self._first_call.get(id(layer), ([], None))[0], ids)
         self._producers.append((self._node.path, ids))
         return ids
 
@@ -113,6 +118,12 @@ class ChannelAnalysis:
             if len(node.outputs) != 1:
                 channels._fail(node.layer, f"has {len(node.outputs)} outputs; only single-output layers are supported.")
             self._node = node
+            first = self._first_call.get(id(node.layer))
+            if first is None:
+                self._first_call[id(node.layer)] = (in_ids, None)
+            else:  # a shared layer's weights serve every call: its inputs keep the same channels
+                for a, b in zip(first[0], in_ids):
+                    self.tie(a, b, node.layer)
             handler = channels.handler_for(node.layer)
             out = handler.map_channels(node.layer, in_ids, [ref.shape for ref in node.inputs], self)
             self._node = None

@@ -1,0 +1,312 @@
+"""Channel analysis and surgery: property tests over random models, reference models, errors."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tfsubspace import analysis, channels, models, surgery
+from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.surgery import PlanError, PruningPlan
+
+L = keras.layers
+
+
+def randomize(model, rng):
+    """Random weights everywhere, BN statistics included, so that no layer is an identity;
+    kernels are scaled by their fan-in so that activations stay of order one."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            randomize(layer, rng)
+            continue
+        values = []
+        for w in layer.weights:
+            name = w.path.rsplit("/", 1)[-1]
+            v = rng.normal(0.0, 0.3, size=w.shape)
+            if "kernel" in name:
+                v = rng.normal(0.0, 1.0 / np.sqrt(np.prod(w.shape[:-1])), size=w.shape)
+            elif name == "gamma":
+                v += 1.0
+            elif name == "moving_variance":
+                v = rng.uniform(0.5, 1.5, size=w.shape)
+            values.append(v.astype("float32"))
+        if values:
+            layer.set_weights(values)
+    return model
+
+
+def random_model(seed: int) -> keras.Model:
+    """A random model mixing every supported construct, small enough to run in a blink."""
+    rng = np.random.default_rng(seed)
+    pick = lambda *xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    ch = lambda: int(rng.integers(2, 9))  # noqa: E731
+    size = int(pick(8, 12))
+    inputs = L.Input((size, size, 3))
+    x = L.Conv2D(ch(), 3, padding="same")(inputs)
+    c = x.shape[-1]
+    for _ in range(int(rng.integers(2, 6))):
+        kind = pick("conv", "post_res", "pre_res", "concat", "depthwise", "separable", "pool")
+        if kind == "conv":
+            x = L.Conv2D(ch(), pick(1, 3), padding=pick("same", "valid") if x.shape[1] > 4 else "same",
+                         use_bias=bool(rng.integers(2)))(x)
+            if rng.integers(2):
+                x = L.BatchNormalization()(x)
+            x = L.ReLU()(x)
+        elif kind == "post_res":  # ResNet style: conv-BN-ReLU-conv-BN + identity, then ReLU
+            y = L.ReLU()(L.BatchNormalization()(L.Conv2D(ch(), 3, padding="same", use_bias=False)(x)))
+            y = L.BatchNormalization()(L.Conv2D(c, 3, padding="same", use_bias=False)(y))
+            x = L.ReLU()(L.Add()([x, y]))
+        elif kind == "pre_res":  # WRN style: BN-ReLU, two convs, projection shortcut on width change
+            out = pick(c, ch())
+            pre = L.ReLU()(L.BatchNormalization()(x))
+            y = L.Conv2D(ch(), 3, padding="same")(pre)
+            y = L.Conv2D(out, 3, padding="same")(L.ReLU()(L.BatchNormalization()(y)))
+            shortcut = x if out == c else L.Conv2D(out, 1)(pre)
+            x = L.Add()([shortcut, y])
+        elif kind == "concat":
+            a = L.Conv2D(ch(), 1)(x)
+            b = L.ReLU()(L.Conv2D(ch(), 3, padding="same")(x))
+            x = L.Concatenate()([a, b] if rng.integers(2) else [a, b, x])
+        elif kind == "depthwise":
+            x = L.DepthwiseConv2D(3, padding="same", depth_multiplier=int(pick(1, 2)))(x)
+            x = L.ReLU()(L.BatchNormalization()(x))
+        elif kind == "separable":
+            x = L.SeparableConv2D(ch(), 3, padding="same", depth_multiplier=int(pick(1, 2)))(x)
+        elif kind == "pool" and x.shape[1] >= 4:
+            x = pick(L.MaxPooling2D, L.AveragePooling2D)(2)(x)
+        c = x.shape[-1]
+    if rng.integers(2):
+        x = L.Dense(ch(), activation="relu")(L.GlobalAveragePooling2D()(x))
+    else:
+        x = L.BatchNormalization()(L.Dense(ch())(L.Flatten()(x)))
+    return randomize(keras.Model(inputs, L.Dense(3)(x)), rng)
+
+
+def random_plan(a: analysis.ChannelAnalysis, seed: int) -> PruningPlan:
+    rng = np.random.default_rng(seed + 1)
+    masks = {}
+    for g in a.groups.values():
+        if g.prunable:
+            mask = rng.random(g.size) < 0.5
+            mask[rng.integers(g.size)] = True
+            masks[g.name] = mask
+    return PruningPlan.from_masks(a, masks)
+
+
+def check_surgery(model, plan, a, tmp_path, x=None):
+    result = surgery.apply_plan(model, plan, analysis=a, check_batch=x)
+    slim = result.model
+    assert result.max_abs_diff <= 1e-4
+    assert slim.count_params() == surgery.plan_params(a, plan)
+    removed = sum(g["size"] - len(g["keep"]) for g in plan.groups.values())
+    if removed:
+        assert slim.count_params() < model.count_params()
+    path = tmp_path / "slim.keras"
+    slim.save(path)
+    loaded = keras.models.load_model(path)
+    probe = np.random.default_rng(7).normal(size=(2, *model.input_shape[1:])).astype("float32")
+    np.testing.assert_allclose(loaded(probe), slim(probe), atol=1e-6)
+    return result
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_random_models_slim_equals_masked(seed, tmp_path):
+    model = random_model(seed)
+    a = analysis.analyze(model)
+    check_surgery(model, random_plan(a, seed), a, tmp_path)
+
+
+def test_masking_is_not_trivially_satisfied():
+    """The masked reference really differs from the unmasked model, so the check has teeth."""
+    model = random_model(3)
+    a = analysis.analyze(model)
+    plan = random_plan(a, 3)
+    x = np.random.default_rng(0).normal(size=(4, *model.input_shape[1:])).astype("float32")
+    masked = surgery.masked_predict(model, plan, x, a)[0]
+    assert np.max(np.abs(masked - keras.ops.convert_to_numpy(model(x)))) > 1e-3
+
+
+@pytest.mark.parametrize("build", [
+    lambda: models.vgg16((32, 32, 3), 10, width=0.125),
+    lambda: models.wide_resnet((16, 16, 3), 10, depth=16, widen_factor=2),
+    lambda: models.lenet5((28, 28, 1), 10),
+])
+def test_reference_models(build, tmp_path):
+    model = randomize(build(), np.random.default_rng(0))
+    a = analysis.analyze(model)
+    assert not a.groups["logits"].prunable
+    result = check_surgery(model, random_plan(a, 0), a, tmp_path)
+    total = result.report
+    assert sum(r["params_after"] for r in total) == result.model.count_params()
+
+
+def test_wrn_groups_merge_along_residual_adds():
+    a = analysis.analyze(models.wide_resnet((16, 16, 3), 10, depth=16, widen_factor=2))
+    stage1 = a.groups["g1b1_shortcut"]
+    assert stage1.producers == ["g1b1_shortcut", "g1b1_conv2", "g1b2_conv2"] and stage1.size == 32
+    assert a.groups["g1b2_conv1"].producers == ["g1b2_conv1"]
+
+
+def test_nested_and_sequential_models(tmp_path):
+    rng = np.random.default_rng(1)
+    block_in = L.Input((8, 8, 4))
+    y = L.ReLU()(L.BatchNormalization()(L.Conv2D(6, 3, padding="same")(block_in)))
+    block = keras.Model(block_in, L.Conv2D(4, 1)(y), name="block")
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same")(inputs)
+    x = L.Add()([x, block(x)])
+    x = block(x)  # the nested model is called twice: shared weights, one set of channels
+    outputs = L.Dense(2)(L.GlobalAveragePooling2D()(x))
+    model = randomize(keras.Model(inputs, outputs), rng)
+    a = analysis.analyze(model)
+    names = list(a.groups)
+    inner = [n for n in names if n.startswith("block/")]
+    assert len(inner) == 1 and a.groups[inner[0]].size == 6  # one group for both calls
+    outer = a.groups[names[0]]  # the first conv, the Add and the block's last conv: one group
+    assert outer.size == 4 and len(outer.producers) == 2 and outer.producers[1].startswith("block/")
+    check_surgery(model, random_plan(a, 1), a, tmp_path)
+
+    seq = randomize(keras.Sequential([
+        L.Input((10,)), L.Dense(8, activation="relu"), L.Dropout(0.1), L.Dense(6), L.Dense(2)]), rng)
+    a = analysis.analyze(seq)
+    check_surgery(seq, random_plan(a, 2), a, tmp_path)
+
+
+def test_other_layer_types(tmp_path):
+    rng = np.random.default_rng(2)
+    inputs = L.Input((10, 3))
+    x = L.Conv1D(6, 3, padding="same", activation="relu")(inputs)
+    x = L.Reshape((10, 1, 6))(x)
+    x = L.Conv2DTranspose(5, (3, 1), strides=(2, 1), padding="same")(x)
+    x = L.SeparableConv2D(4, (3, 1), depth_multiplier=2, padding="same")(x)
+    x = L.Reshape((-1,))(x)
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.Dense(5)(x))), rng)
+    a = analysis.analyze(model)
+    check_surgery(model, random_plan(a, 3), a, tmp_path)
+
+
+def test_constant_channels_fold_into_consumer_bias():
+    rng = np.random.default_rng(4)
+    inputs = L.Input((9, 9, 2))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(6, 3, use_bias=False, name="c1")(inputs)))
+    x = L.Conv2D(5, 3, use_bias=False, name="c2")(x)  # 'valid': the fold is exact
+    x = L.Dense(3, name="out")(L.GlobalAveragePooling2D()(L.ReLU()(x)))
+    model = randomize(keras.Model(inputs, x), rng)
+    kernel = model.get_layer("c1").kernel.numpy()
+    kernel[..., [1, 4]] = 0.0  # as LASSO leaves them: filter zero, BN beta not
+    model.get_layer("c1").kernel.assign(kernel)
+    gamma, beta, mean, var = model.get_layer("bn").get_weights()
+    beta[[1, 4]] = 2.0
+    model.get_layer("bn").set_weights([gamma, beta, mean, var])
+    a = analysis.analyze(model)
+    plan = PruningPlan.from_masks(a, {"c1": np.array([1, 0, 1, 1, 0, 1], bool)})
+    x = rng.normal(size=(4, 9, 9, 2)).astype("float32")
+    result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
+    assert result.folds == [{"layer": "c2", "positions": 2, "folded": True, "exact": True}]
+    np.testing.assert_allclose(result.model(x), model(x), atol=1e-4)
+    assert result.model.get_layer("c2").use_bias
+    # Without folding, the slim model matches the masked model but not the original.
+    plain = surgery.apply_plan(model, plan, check_batch=x)
+    assert np.max(np.abs(keras.ops.convert_to_numpy(plain.model(x) - model(x)))) > 1e-2
+
+
+def test_inexact_fold_is_reported():
+    rng = np.random.default_rng(5)
+    inputs = L.Input((6, 6, 2))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(3, 3, padding="same", use_bias=False, name="c1")(inputs)))
+    x = L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(2, 3, padding="same", name="c2")(x)))
+    model = randomize(keras.Model(inputs, x), rng)
+    kernel = model.get_layer("c1").kernel.numpy()
+    kernel[..., 0] = 0.0
+    model.get_layer("c1").kernel.assign(kernel)
+    a = analysis.analyze(model)
+    plan = PruningPlan.from_masks(a, {"c1": np.array([0, 1, 1], bool)})
+    result = surgery.apply_plan(model, plan, fold_constants=True)
+    assert result.folds == [{"layer": "c2", "positions": 1, "folded": True, "exact": False}]
+
+
+def test_plan_round_up_save_load(tmp_path):
+    a = analysis.analyze(models.vgg16((32, 32, 3), 10, width=0.25))
+    plan = PruningPlan.from_masks(a, {"conv1": [0, 1, 2], "conv3": np.arange(32) < 9})
+    rounded = plan.round_up(8, scores={"conv1": np.arange(16)[::-1]})
+    assert len(rounded.groups["conv1"]["keep"]) == 8
+    assert rounded.groups["conv1"]["keep"] == list(range(8))  # highest scores are the low indices
+    assert len(rounded.groups["conv3"]["keep"]) == 16
+    assert len(rounded.groups["logits"]["keep"]) == 10  # capped at the group size
+    path = rounded.save(tmp_path / "plan.json")
+    assert PruningPlan.load(path) == rounded
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PlanError, match="Cannot read pruning plan .*bad.json"):
+        PruningPlan.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"groups": {}}))
+    with pytest.raises(PlanError, match="Not a tfsubspace pruning plan"):
+        PruningPlan.load(tmp_path / "other.json")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = L.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+class Custom(L.Layer):
+    def call(self, x):
+        return x * 2.0
+
+
+def test_subclassed_model_is_refused():
+    with pytest.raises(UnsupportedModelError, match="subclassed model"):
+        analysis.analyze(Subclassed())
+
+
+def test_unsupported_and_lambda_layers_are_named():
+    inputs = L.Input((4,))
+    model = keras.Model(inputs, L.Dense(2)(Custom(name="doubler")(L.Dense(3)(inputs))))
+    with pytest.raises(UnsupportedModelError, match="'doubler' \\(Custom\\): no channel handler"):
+        analysis.analyze(model)
+    channels.register(Custom, channels.PassThrough())
+    try:
+        a = analysis.analyze(model)
+        assert [g.size for g in a.groups.values()] == [3, 2]
+    finally:
+        channels._REGISTRY.pop(Custom)
+    lam = keras.Model(inputs, L.Lambda(lambda t: t[..., :2], name="slicer")(L.Dense(3)(inputs)))
+    with pytest.raises(UnsupportedModelError, match="'slicer' \\(Lambda\\): a Lambda layer"):
+        analysis.analyze(lam)
+
+
+def test_softmax_pins_its_group():
+    inputs = L.Input((4,))
+    x = L.Softmax(name="sm")(L.Dense(5, name="d")(inputs))
+    a = analysis.analyze(keras.Model(inputs, L.Dense(2)(x)))
+    assert a.groups["d"].pinned == ["Softmax 'sm' mixes channels"]
+    with pytest.raises(PlanError, match="cannot be pruned: pinned by Softmax 'sm'"):
+        PruningPlan.from_masks(a, {"d": [0, 1]}).validate(a)
+
+
+def test_plan_errors():
+    model = models.lenet5()
+    a = analysis.analyze(model)
+    with pytest.raises(PlanError, match="'conv2' would lose all 16 channels"):
+        surgery.apply_plan(model, PruningPlan.from_masks(a, {"conv2": np.zeros(16, bool)}))
+    other = analysis.analyze(models.vgg16((32, 32, 3), 10, width=0.125))
+    with pytest.raises(PlanError, match="made for model 'vgg16_w0.125'"):
+        surgery.apply_plan(model, PruningPlan.keep_all(other))
+    with pytest.raises(PlanError, match="No channel group 'conv9'"):
+        PruningPlan.from_masks(a, {"conv9": [0]})
+    bad = PruningPlan.keep_all(a)
+    bad.groups["fc1"]["keep"] = [0, 0, 500]
+    with pytest.raises(PlanError, match="'fc1': kept indices must be distinct integers in \\[0, 120\\)"):
+        bad.validate(a)
+    with pytest.raises(PlanError, match="'logits' cannot be pruned: pinned by model output"):
+        PruningPlan.from_masks(a, {"logits": [0, 1]}).validate(a)
