@@ -29,6 +29,19 @@ _LAZY = {
     "count_macs": ("tfsubspace.stats", "count_macs"),
     "layer_stats": ("tfsubspace.stats", "layer_stats"),
     "train_classifier": ("tfsubspace.training", "train_classifier"),
+    "EpochCheckpoint": ("tfsubspace.checkpoint", "EpochCheckpoint"),
+    "channels": ("tfsubspace.channels", None),
+    "register_layer_handler": ("tfsubspace.channels", "register"),
+    "analyze": ("tfsubspace.analysis", "analyze"),
+    "ChannelAnalysis": ("tfsubspace.analysis", "ChannelAnalysis"),
+    "PruningPlan": ("tfsubspace.surgery", "PruningPlan"),
+    "PlanError": ("tfsubspace.surgery", "PlanError"),
+    "VerificationError": ("tfsubspace.surgery", "VerificationError"),
+    "apply_plan": ("tfsubspace.surgery", "apply_plan"),
+    "masked_predict": ("tfsubspace.surgery", "masked_predict"),
+    "plan_params": ("tfsubspace.surgery", "plan_params"),
+    "layer_report": ("tfsubspace.surgery", "layer_report"),
+    "format_report": ("tfsubspace.surgery", "format_report"),
 }
 
 __all__ = sorted(
