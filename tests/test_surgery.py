@@ -5,7 +5,7 @@ import json
 import keras
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tfsubspace import analysis, channels, models, surgery
@@ -93,6 +93,12 @@ def random_plan(a: analysis.ChannelAnalysis, seed: int) -> PruningPlan:
             mask = rng.random(g.size) < 0.5
             mask[rng.integers(g.size)] = True
             masks[g.name] = mask
+    # Every layer keeps at least one output channel (a merged group may span several layers).
+    for node in a.graph.walk():
+        ids = a.ids[node.outputs[0].key]
+        if not a.kept_positions(node.outputs[0], a.keep_vector(masks)).size:
+            name, index = a.channel_position(int(ids[0]))
+            masks[name][index] = True
     return PruningPlan.from_masks(a, masks)
 
 
@@ -114,6 +120,7 @@ def check_surgery(model, plan, a, tmp_path, x=None):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
+@example(seed=6407)  # a Concatenate + Add group whose plan once emptied one branch
 def test_random_models_slim_equals_masked(seed, tmp_path):
     model = random_model(seed)
     a = analysis.analyze(model)
@@ -292,6 +299,17 @@ def test_softmax_pins_its_group():
     assert a.groups["d"].pinned == ["Softmax 'sm' mixes channels"]
     with pytest.raises(PlanError, match="cannot be pruned: pinned by Softmax 'sm'"):
         PruningPlan.from_masks(a, {"d": [0, 1]}).validate(a)
+
+
+def test_plan_that_empties_one_branch_of_a_merged_group():
+    inputs = L.Input((4, 4, 2))
+    x = L.Concatenate()([L.Conv2D(2, 1, name="a")(inputs), L.Conv2D(3, 1, name="b")(inputs)])
+    x = L.Add()([x, L.Conv2D(5, 1, name="c")(inputs)])
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(x)))
+    a = analysis.analyze(model)
+    assert a.groups["a"].producers == ["a", "b", "c"] and a.groups["a"].size == 5
+    with pytest.raises(PlanError, match="removes every output channel of layer 'b'"):
+        PruningPlan.from_masks(a, {"a": [0, 1]}).validate(a)
 
 
 def test_plan_errors():

@@ -202,6 +202,11 @@ class ChannelAnalysis:
             kept[sel] = np.asarray(mask, dtype=bool)[self._local_index[sel]]
         return kept
 
+    def channel_position(self, channel: int) -> tuple[str, int] | None:
+        """(group name, index in the group) of a channel id, or None for a model-input channel."""
+        gi = int(self._group_index[channel])
+        return None if gi < 0 else (self.group_names[gi], int(self._local_index[channel]))
+
     def kept_positions(self, ref: graph.TensorRef, kept: np.ndarray) -> np.ndarray:
         """Indices along `ref`'s last axis that survive, given keep_vector()'s result."""
         return np.nonzero(kept[self.ids[ref.key]])[0]

@@ -114,6 +114,13 @@ class PruningPlan:
                                 f"the model at {', '.join(group.producers)}; keep at least one.")
             if group.pinned and len(keep) != group.size:
                 raise PlanError(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
+        kept = analysis.keep_vector(self.masks())
+        for node in analysis.graph.walk():
+            if not len(analysis.kept_positions(node.outputs[0], kept)):
+                raise PlanError(
+                    f"The plan removes every output channel of layer {node.path!r} (its channels are "
+                    f"one part of a merged group); keep at least one of them."
+                )
 
     def to_json(self) -> dict:
         return {"format": PLAN_FORMAT, "model": self.model, "fingerprint": self.fingerprint, "groups": self.groups}
