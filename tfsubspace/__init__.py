@@ -42,6 +42,16 @@ _LAZY = {
     "plan_params": ("tfsubspace.surgery", "plan_params"),
     "layer_report": ("tfsubspace.surgery", "layer_report"),
     "format_report": ("tfsubspace.surgery", "format_report"),
+    "load_model": ("tfsubspace.fileio", "load_model"),
+    "regularizers": ("tfsubspace.regularizers", None),
+    "compress": ("tfsubspace.pipeline", "compress"),
+    "CompressionConfig": ("tfsubspace.pipeline", "CompressionConfig"),
+    "CompressionResult": ("tfsubspace.pipeline", "CompressionResult"),
+    "evaluate": ("tfsubspace.pipeline", "evaluate"),
+    "StudentTrainer": ("tfsubspace.distill", "StudentTrainer"),
+    "build_student": ("tfsubspace.student", "build_student"),
+    "latent_statistics": ("tfsubspace.subspace", "latent_statistics"),
+    "choose_dimensions": ("tfsubspace.subspace", "choose_dimensions"),
 }
 
 __all__ = sorted(

@@ -211,6 +211,41 @@ class ChannelAnalysis:
         """Indices along `ref`'s last axis that survive, given keep_vector()'s result."""
         return np.nonzero(kept[self.ids[ref.key]])[0]
 
+    def consumers(self) -> dict[int, list[graph.Node]]:
+        """Tensor key -> the nodes that read it."""
+        out: dict[int, list[graph.Node]] = {}
+        for node in self.graph.walk():
+            for ref in node.inputs:
+                out.setdefault(ref.key, []).append(node)
+        return out
+
+    def taps(self) -> dict[str, str]:
+        """Prunable group -> name of the layer whose output is the group's latent.
+
+        From the group's first producer, follow the single reader of each output through
+        per-channel layers (BatchNormalization, activations, pooling) and merges, stopping
+        before noise layers (Dropout and the like), at a fork, or at a model output. Groups
+        produced inside nested models have no tap.
+        """
+        consumers = self.consumers()
+        outputs = {ref.key for ref in self.graph.outputs}
+        by_path = {node.path: node for node in self.graph.walk()}
+        taps = {}
+        for group in self.groups.values():
+            node = by_path[group.producers[0]]
+            if not group.prunable or "/" in node.path:
+                continue
+            while node.outputs[0].key not in outputs:
+                readers = consumers.get(node.outputs[0].key, [])
+                if len(readers) != 1 or "/" in readers[0].path or isinstance(readers[0].layer, _NOISE_LAYERS):
+                    break
+                handler = channels.handler_for(readers[0].layer)
+                if not isinstance(handler, (channels.PassThrough, channels.Follower, channels.Merge)):
+                    break
+                node = readers[0]
+            taps[group.name] = node.path
+        return taps
+
     def fingerprint(self) -> str:
         """A short hash of the group structure, to tell whether a plan fits this model."""
         spec = [[g.name, g.size, g.producers] for g in self.groups.values()]
@@ -222,6 +257,13 @@ class ChannelAnalysis:
             extra = ", ".join(g.producers) + (f"  [pinned: {'; '.join(g.pinned)}]" if g.pinned else "")
             lines.append(f"{g.name:<28} {g.size:>8}  {extra}")
         return "\n".join(lines)
+
+
+_NOISE_LAYERS = (
+    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+)
 
 
 def analyze(model: keras.Model) -> ChannelAnalysis:

@@ -71,3 +71,28 @@ def save_model(model, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path
+
+
+def load_model(path: str | os.PathLike, *, safe_mode: bool = True):
+    """Loads a .keras model, with a clear error for a missing, truncated or corrupt file.
+
+    Keras's safe mode stays on unless `safe_mode=False`: a file that would deserialize a
+    Lambda or other arbitrary code is refused, so a model someone handed you cannot run code.
+    """
+    import zipfile
+
+    import keras
+
+    from tfsubspace.errors import TfSubspaceError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Model file not found: {path}")
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise TfSubspaceError(f"{path} is not a .keras model file (a zip archive); it may be truncated or corrupt.")
+    try:
+        return keras.models.load_model(path, safe_mode=safe_mode)
+    except Exception as e:  # Keras raises many types for a bad archive; name the file in one
+        hint = " It holds code (e.g. a Lambda layer); load it with safe_mode=False only if you trust it." if (
+            "safe_mode" in str(e)) else ""
+        raise TfSubspaceError(f"Cannot load model {path}: {type(e).__name__}: {e}.{hint}") from None

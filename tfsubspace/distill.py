@@ -1,0 +1,225 @@
+"""Teacher latent subspace learning: the student trainer behind compress() and the baselines.
+
+`StudentTrainer` is a keras.Model whose train_step trains a student, so fit(), callbacks,
+progress bars, TensorBoard, checkpoints and tf.distribute work as usual. Its loss is
+
+    sum_l w_l * MSE(A_l(S_l(x)), T_l(x)) / scale_l          (latent subspace matching)
+    + w_out * T^2 * KL(softmax(T(x)/T) || softmax(S(x)/T))  (distillation of the outputs)
+    + w_label * CE(S(x), y)                                  (labels: baselines only)
+    + lambda * ChannelLasso(student)                         (LASSO, see regularizers)
+
+where S_l, T_l are the student's and the frozen teacher's latents at tap l, A_l is a linear
+1x1 adapter from the student's k channels to the teacher's n (dropped after training), and
+scale_l is the teacher latent's mean square, so that every tap weighs alike.
+
+With `proximal=True` (the default) the LASSO is applied by proximal gradient descent
+(ISTA): the variables LASSO measures (BN gammas, or filters without a BN after them) take a
+plain SGD step of their own, then a soft-threshold of lasso_learning_rate * lambda, which
+sets whole channels to exact zeros. Plain SGD matters: an adaptive optimizer such as Adam
+rescales every coordinate's step to about its learning rate, so a fixed threshold would
+then shrink every channel alike instead of the ones the loss needs least. Every other
+variable trains with the compiled optimizer. With `proximal=False` the LASSO is a loss term.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from tfsubspace.regularizers import ChannelLasso
+
+
+def _adapter(rank: int, teacher_channels: int, name: str):
+    if rank == 4:
+        return keras.layers.Conv2D(teacher_channels, 1, name=name)
+    if rank == 3:
+        return keras.layers.Conv1D(teacher_channels, 1, name=name)
+    return keras.layers.Dense(teacher_channels, name=name)
+
+
+class StudentTrainer(keras.Model):
+    """Trains `student` against `teacher` (latents and outputs) and/or labels.
+
+    Args:
+        student: the model to train (its layers are trained in place).
+        teacher: the frozen teacher, or None for label-only training.
+        taps: layer names whose outputs are matched (same name in teacher and student).
+        tap_weight: weight w_l of every tap's latent loss.
+        tap_scales: per tap, the teacher latent's mean square (defaults to 1).
+        adapter_init: per tap, the teacher channel each student channel started from; the
+            adapter then starts as that selection (exact for a sliced student).
+        stages: None to train all taps at once (end to end), or a list of lists of taps:
+            stage s trains only its taps, the output distillation joins in the last stage
+            (stage-wise, greedy). The StageSchedule callback moves through the stages.
+        kd_weight, temperature: output distillation weight and temperature.
+        label_weight: weight of the cross-entropy on labels (needs (x, y) batches).
+        lasso, lasso_weight, proximal: the channel LASSO, its factor, and whether it is
+            applied as a proximal step (exact zeros) or as a loss term.
+        lasso_learning_rate: the SGD learning rate of the LASSO'd variables (proximal only).
+    """
+
+    def __init__(self, student, teacher=None, *, taps=(), tap_scales=None, adapter_init=None, stages=None,
+                 tap_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 4.0, label_weight: float = 0.0,
+                 lasso: ChannelLasso | None = None, lasso_weight: float = 0.0, proximal: bool = True,
+                 lasso_learning_rate: float = 0.01, **kwargs):
+        super().__init__(name=kwargs.pop("name", "student_trainer"), **kwargs)
+        if teacher is None and label_weight <= 0:
+            raise ValueError("Without a teacher the student can only learn from labels: set label_weight > 0.")
+        if teacher is None and taps:
+            raise ValueError("Latent taps need a teacher.")
+        self.student = student
+        self.teacher = teacher
+        self.taps = list(taps)
+        self.tap_weight = float(tap_weight)
+        self.kd_weight = float(kd_weight) if teacher is not None else 0.0
+        self.temperature = float(temperature)
+        self.label_weight = float(label_weight)
+        self.lasso = lasso
+        self.lasso_weight = float(lasso_weight)
+        self.proximal = proximal and lasso is not None and lasso_weight > 0
+        self.lasso_learning_rate = float(lasso_learning_rate)
+        self.lasso_optimizer = None
+        if self.proximal:
+            self.lasso_optimizer = keras.optimizers.SGD(self.lasso_learning_rate, momentum=0.9)
+            self.lasso_optimizer.build([v for v, _ in lasso.members])
+        self.stages = stages
+        tap_scales = tap_scales or {}
+        self._scales = [float(tap_scales.get(t, 1.0)) for t in self.taps]
+        self.student_features = keras.Model(
+            student.inputs, [student.get_layer(t).output for t in self.taps] + [student.outputs[0]])
+        if teacher is not None:
+            teacher.trainable = False
+            self.teacher_features = keras.Model(
+                teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [teacher.outputs[0]])
+            self.teacher_features.trainable = False
+        self.adapters = []
+        for tap in self.taps:
+            s_shape = student.get_layer(tap).output.shape
+            n = teacher.get_layer(tap).output.shape[-1]
+            adapter = _adapter(len(s_shape), n, name=f"adapter_{tap}")
+            adapter.build(s_shape)
+            if adapter_init and tap in adapter_init:
+                kernel = np.zeros(adapter.kernel.shape, dtype="float32")
+                for i, j in enumerate(adapter_init[tap]):
+                    kernel[..., i, int(j)] = 1.0
+                adapter.kernel.assign(kernel)
+            self.adapters.append(adapter)
+        initial = [self.tap_weight] * len(self.taps) + [self.kd_weight]
+        if stages is not None:
+            initial = self._stage_weights(0)
+        self.loss_weights_var = keras.Variable(np.array(initial, "float32"), trainable=False, name="tap_weights")
+        names = ["loss"] + (["latent_loss"] if self.taps else []) + (["kd_loss"] if self.kd_weight else []) \
+            + (["label_loss"] if self.label_weight else []) + (["lasso"] if lasso is not None else [])
+        self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
+        self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy") if self.label_weight else None
+        self._agreement = keras.metrics.Mean(name="agreement") if teacher is not None else None
+        self.built = True  # every sub-layer is built above
+
+    # ------------------------------------------------------------ stages
+
+    def _stage_weights(self, stage: int) -> list[float]:
+        active = set(self.stages[stage])
+        last = stage == len(self.stages) - 1
+        return [self.tap_weight if t in active else 0.0 for t in self.taps] + [self.kd_weight if last else 0.0]
+
+    def set_stage(self, stage: int) -> None:
+        self.loss_weights_var.assign(np.array(self._stage_weights(stage), "float32"))
+
+    # ------------------------------------------------------------ training
+
+    def call(self, x, training=False):
+        return self.student(x, training=training)
+
+    @property
+    def metrics(self):
+        return [m for m in (*self._trackers.values(), self._accuracy, self._agreement) if m is not None]
+
+    @staticmethod
+    def _split(data):
+        if isinstance(data, (tuple, list)):
+            return data[0], (data[1] if len(data) > 1 else None)
+        return data, None
+
+    def _loss_terms(self, s_out, t_out, y):
+        weights = self.loss_weights_var
+        logits = s_out[-1]
+        latent = ops.convert_to_tensor(0.0)
+        for i, (adapter, scale) in enumerate(zip(self.adapters, self._scales)):
+            err = ops.mean(ops.square(adapter(s_out[i]) - t_out[i])) / scale
+            latent = latent + weights[i] * err
+        kd = ops.convert_to_tensor(0.0)
+        if t_out is not None and self.kd_weight > 0:
+            t = self.temperature
+            p_teacher = ops.softmax(t_out[-1] / t)
+            log_ratio = ops.log_softmax(t_out[-1] / t) - ops.log_softmax(logits / t)
+            kd = weights[-1] * t * t * ops.mean(ops.sum(p_teacher * log_ratio, axis=-1))
+        label = ops.convert_to_tensor(0.0)
+        if self.label_weight > 0:
+            label = self.label_weight * ops.mean(
+                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        return latent, kd, label
+
+    def train_step(self, data):
+        x, y = self._split(data)
+        if self.label_weight > 0 and y is None:
+            raise ValueError("label_weight > 0 needs (images, labels) batches.")
+        t_out = self.teacher_features(x, training=False) if self.teacher is not None else None
+        with tf.GradientTape() as tape:
+            s_out = self.student_features(x, training=True)
+            latent, kd, label = self._loss_terms(s_out, t_out, y)
+            total = latent + kd + label
+            penalty = self.lasso.penalty() if self.lasso is not None else ops.convert_to_tensor(0.0)
+            objective = total if (self.proximal or self.lasso is None) else total + self.lasso_weight * penalty
+        variables = self.trainable_variables
+        grads = tape.gradient(objective, variables)
+        if self.proximal:
+            lassoed = {id(v) for v, _ in self.lasso.members}
+            pairs = list(zip(grads, variables))
+            self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in lassoed])
+            self.lasso_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in lassoed])
+            self.lasso.proximal(self.lasso_learning_rate * self.lasso_weight)
+        else:
+            self.optimizer.apply_gradients(zip(grads, variables))
+        self._update(total, latent, kd, label, penalty, s_out[-1], t_out, y)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        x, y = self._split(data)
+        t_out = self.teacher_features(x, training=False) if self.teacher is not None else None
+        s_out = self.student_features(x, training=False)
+        latent, kd, label = self._loss_terms(s_out, t_out, y if self.label_weight > 0 else None)
+        penalty = self.lasso.penalty() if self.lasso is not None else ops.convert_to_tensor(0.0)
+        self._update(latent + kd + label, latent, kd, label, penalty, s_out[-1], t_out, y)
+        return {m.name: m.result() for m in self.metrics}
+
+    def _update(self, total, latent, kd, label, penalty, logits, t_out, y):
+        for name, value in (("loss", total), ("latent_loss", latent), ("kd_loss", kd),
+                            ("label_loss", label), ("lasso", penalty)):
+            if name in self._trackers:
+                self._trackers[name].update_state(value)
+        if y is not None and self._accuracy is not None:
+            self._accuracy.update_state(y, logits)
+        if t_out is not None:
+            same = ops.equal(ops.argmax(logits, axis=-1), ops.argmax(t_out[-1], axis=-1))
+            self._agreement.update_state(ops.cast(same, "float32"))
+
+
+class StageSchedule(keras.callbacks.Callback):
+    """Moves a stage-wise StudentTrainer through its stages, spread evenly over the epochs."""
+
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        stages = len(self.model.stages)
+        self.model.set_stage(min(stages - 1, epoch * stages // self.epochs))
+
+
+def stage_split(taps: list[str], stages: int) -> list[list[str]]:
+    """Splits taps (in graph order) into `stages` consecutive chunks (fewer if few taps)."""
+    stages = max(1, min(stages, len(taps)))
+    bounds = np.linspace(0, len(taps), stages + 1).round().astype(int)
+    return [taps[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

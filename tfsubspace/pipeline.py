@@ -1,0 +1,458 @@
+"""compress(): teacher latent subspace learning with LASSO, end to end, resumable.
+
+Stages (each writes its result into `work_dir` atomically; a rerun with the same work_dir
+skips finished stages and resumes an interrupted training stage from its last epoch):
+
+1. subspace: stream unlabeled data through the teacher, choose each channel group's
+   dimension k from its latent spectrum (energy share) or a fixed width ratio
+   -> plan_subspace.json, spectra.json, spectra.png
+2. student: the teacher sliced to the k channels of most latent energy (or randomly
+   initialised), BN statistics re-estimated -> student_init.keras
+3. distill: latent subspace learning + output distillation + channel LASSO (proximal),
+   no labels -> student_distilled.keras
+4. prune: remove the channels LASSO zeroed (and, with a budget, the weakest), fold their
+   constants, rebuild and verify -> plan_lasso.json, student_pruned.keras
+5. recover: a short round of step 3 without LASSO -> student.keras
+Then the report (report.json, report.md) and the composed plan (plan.json: the kept teacher
+channels of every group, from which the student's architecture is rebuilt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from tfsubspace import fileio, stats, subspace, surgery
+from tfsubspace.analysis import ChannelAnalysis, analyze
+from tfsubspace.checkpoint import EpochCheckpoint
+from tfsubspace.distill import StageSchedule, StudentTrainer, stage_split
+from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
+from tfsubspace.regularizers import ChannelLasso
+from tfsubspace.student import INITS, build_student, reestimate_batchnorm
+
+SCHEDULES = ("end_to_end", "stage_wise")
+
+
+@dataclasses.dataclass
+class CompressionConfig:
+    """Every option of compress(); see compress() for their meaning."""
+
+    energy: float | None = 0.99
+    width_ratio: float | None = None
+    min_ratio: float = 0.0
+    multiple: int = 8
+    init: str = "teacher"
+    schedule: str = "end_to_end"
+    epochs: int = 5
+    recover_epochs: int = 2
+    learning_rate: float = 1e-3
+    recover_learning_rate: float = 3e-4
+    tap_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 4.0
+    lasso: float = 1e-3
+    lasso_learning_rate: float = 0.01
+    zero_tolerance: float = 1e-6
+    target_params: float | None = None
+    stats_batches: int = 100
+    bn_batches: int = 50
+    seed: int = 0
+    verbose: int | str = "auto"
+
+    def validate(self) -> None:
+        def fail(name, expected):
+            raise ValueError(f"{name} must be {expected}. Received: {name}={getattr(self, name)!r}")
+
+        if self.width_ratio is not None:
+            if not 0 < self.width_ratio <= 1:
+                fail("width_ratio", "in (0, 1]")
+        elif self.energy is None or not 0 < self.energy <= 1:
+            fail("energy", "in (0, 1] (or set width_ratio)")
+        if not 0 <= self.min_ratio <= 1:
+            fail("min_ratio", "in [0, 1]")
+        if self.multiple < 1:
+            fail("multiple", "a positive integer")
+        if self.init not in INITS:
+            fail("init", f"one of {INITS}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"one of {SCHEDULES}")
+        if self.epochs < 1:
+            fail("epochs", "a positive integer")
+        if self.recover_epochs < 0:
+            fail("recover_epochs", "a non-negative integer")
+        for name in ("learning_rate", "recover_learning_rate", "lasso_learning_rate", "temperature"):
+            if not getattr(self, name) > 0:
+                fail(name, "positive")
+        for name in ("tap_weight", "kd_weight", "lasso", "zero_tolerance"):
+            if not getattr(self, name) >= 0:
+                fail(name, "non-negative")
+        if self.tap_weight == 0 and self.kd_weight == 0:
+            raise ValueError("tap_weight and kd_weight are both 0: the student would learn nothing.")
+        if self.target_params is not None and not self.target_params > 0:
+            fail("target_params", "a positive ratio (<= 1) or parameter count")
+        if self.stats_batches < 1:
+            fail("stats_batches", "a positive integer")
+
+
+@dataclasses.dataclass
+class CompressionResult:
+    """What compress() produced: the student, the composed plan, the report, the files."""
+
+    student: keras.Model
+    plan: surgery.PruningPlan
+    report: dict
+    paths: dict[str, Path]
+
+
+def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) -> CompressionResult:
+    """Compresses `model` (the teacher) into a slimmer student, without labels.
+
+    Args:
+        model: a trained Keras Functional or Sequential classifier (logits or probabilities).
+        ds: a batched tf.data.Dataset of images, or of (images, labels) whose labels are
+            ignored. It is iterated once per epoch.
+        work_dir: where every stage writes its results; a rerun with the same directory
+            resumes. A temporary directory (removed at the end) when None.
+        eval_ds: batched (images, labels) or images for the report: accuracy where it has
+            labels, top-1 agreement with the teacher always.
+        energy: share of latent energy each group's subspace keeps (default 0.99), or
+        width_ratio: a fixed share of each group's width instead.
+        min_ratio: lower bound of k as a share of the width; multiple: round k up to it (8).
+        init: "teacher" (slice the teacher's channels of most latent energy) or "random".
+        schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
+        epochs / recover_epochs: epochs of latent learning with LASSO / of recovery.
+        learning_rate / recover_learning_rate: Adam learning rates (cosine decay).
+        tap_weight, kd_weight, temperature: latent matching weight, output distillation
+            weight and temperature.
+        lasso: channel LASSO factor (proximal step after each optimizer step); 0 disables.
+        lasso_learning_rate: SGD learning rate of the variables LASSO measures (see
+            tfsubspace.distill): each step soft-thresholds channels by this times `lasso`.
+        zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
+        target_params: a parameter budget for the student, as a ratio of the teacher's (<= 1)
+            or a count: the weakest channels by normalized LASSO norm are removed until met.
+        stats_batches / bn_batches: batches for the latent statistics / the BN re-estimation.
+        seed: random seed.
+
+    Returns:
+        CompressionResult(student, plan, report, paths).
+    """
+    try:
+        config = CompressionConfig(**options)
+    except TypeError as e:
+        known = ", ".join(f.name for f in dataclasses.fields(CompressionConfig))
+        raise TypeError(f"{e}. compress() options: {known}.") from None
+    config.validate()
+    teacher_analysis = analyze(model)
+    _check_dataset(model, ds, "ds")
+    if eval_ds is not None:
+        _check_dataset(model, eval_ds, "eval_ds")
+    keras.utils.set_random_seed(config.seed)
+
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfsubspace-"))
+        return _Pipeline(model, teacher_analysis, ds, eval_ds, Path(work_dir), config).run()
+
+
+def _check_dataset(model, ds, name):
+    spec = getattr(ds, "element_spec", None)
+    if spec is None:
+        raise TypeError(f"{name} must be a tf.data.Dataset. Received: {type(ds).__name__}")
+    image = spec[0] if isinstance(spec, tuple) else spec
+    expected = tuple(model.inputs[0].shape[1:])
+    got = tuple(image.shape[1:])
+    if len(image.shape) != len(model.inputs[0].shape) or any(
+        e is not None and g is not None and e != g for e, g in zip(expected, got)
+    ):
+        raise ValueError(
+            f"{name} yields images of shape {tuple(image.shape)}, but model {model.name!r} takes "
+            f"{tuple(model.inputs[0].shape)}; pass a batched dataset of matching images."
+        )
+
+
+class _Pipeline:
+    def __init__(self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig):
+        self.teacher, self.analysis, self.ds, self.eval_ds = teacher, analysis, ds, eval_ds
+        self.dir, self.config = work_dir, config
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.timings: dict[str, float] = {}
+        self.paths: dict[str, Path] = {}
+
+    def log(self, message: str) -> None:
+        if self.config.verbose:
+            print(f"[tfsubspace] {message}", flush=True)
+
+    def _stage(self, name: str, path: Path, make, load):
+        """Runs `make` unless `path` exists (then `load`s it), timing the stage."""
+        self.paths[name] = path
+        if path.exists():
+            self.log(f"{name}: reusing {path}")
+            return load(path)
+        start = time.perf_counter()
+        self.log(f"{name}: started")
+        result = make(path)
+        self.timings[name] = round(time.perf_counter() - start, 2)
+        self.log(f"{name}: done in {self.timings[name]:.1f} s")
+        return result
+
+    def run(self) -> CompressionResult:
+        c = self.config
+        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load)
+        student = self._stage(
+            "student_init", self.dir / "student_init.keras",
+            lambda p: self._save(build_student(self.teacher, plan0, init=c.init, ds=self.ds,
+                                               bn_batches=c.bn_batches, analysis=self.analysis), p),
+            keras.models.load_model)
+        student = self._stage(
+            "student_distilled", self.dir / "student_distilled.keras",
+            lambda p: self._save(self._train(student, plan0, "distill", c.epochs, c.learning_rate, c.lasso), p),
+            keras.models.load_model)
+        plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, plan0, p),
+                            surgery.PruningPlan.load)
+        student = self._stage("student_pruned", self.dir / "student_pruned.keras",
+                              lambda p: self._prune(student, plan1, p), keras.models.load_model)
+        if c.recover_epochs:
+            student = self._stage(
+                "student", self.dir / "student.keras",
+                lambda p: self._save(self._train(student, _compose(plan0, plan1), "recover", c.recover_epochs,
+                                                 c.recover_learning_rate, 0.0), p),
+                keras.models.load_model)
+        else:
+            self.paths["student"] = self.paths["student_pruned"]
+        plan = _compose(plan0, plan1)
+        self.paths["plan"] = plan.save(self.dir / "plan.json")
+        report = self._report(student, plan0, plan1)
+        self.paths["report"] = fileio.write_json(self.dir / "report.json", report)
+        self.paths["report_md"] = fileio.write_text(self.dir / "report.md", format_report(report))
+        return CompressionResult(student, plan, report, dict(self.paths))
+
+    @staticmethod
+    def _save(model, path):
+        fileio.save_model(model, path)
+        return model
+
+    # ------------------------------------------------------------ stages
+
+    def _subspace(self, path):
+        c = self.config
+        latents = subspace.latent_statistics(self.teacher, self.ds, self.analysis, max_batches=c.stats_batches,
+                                             progress=bool(c.verbose))
+        dims = subspace.choose_dimensions(latents, energy=None if c.width_ratio else c.energy,
+                                          width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple)
+        keep = subspace.top_channels(latents, dims)
+        plan = surgery.PruningPlan.from_masks(self.analysis, keep)
+        fileio.write_json(self.dir / "spectra.json", {
+            g: {"tap": st.tap, "width": len(st.total), "k": dims[g], "samples": st.count,
+                "spectrum": [float(v) for v in st.spectrum()], "mean_square": _mean_square(st)}
+            for g, st in latents.items()
+        })
+        subspace.plot_spectra(latents, dims, self.dir / "spectra.png", energy=None if c.width_ratio else c.energy)
+        self.paths["spectra"] = self.dir / "spectra.png"
+        plan.save(path)
+        return plan
+
+    def _train(self, student, plan0, name, epochs, learning_rate, lasso_weight):
+        c = self.config
+        taps = self.analysis.taps()
+        student_analysis = analyze(student)
+        spectra = json.loads((self.dir / "spectra.json").read_text())
+        tap_layers = [taps[g] for g in taps if g in spectra] if c.tap_weight > 0 else []
+        scales = {spectra[g]["tap"]: spectra[g]["mean_square"] for g in taps if g in spectra}
+        adapter_init = None
+        if plan0 is not None and c.init == "teacher":
+            adapter_init = {taps[g]: plan0.groups[g]["keep"] for g in taps if g in spectra}
+        stages = None
+        if c.schedule == "stage_wise" and tap_layers:
+            stages = stage_split(tap_layers, epochs)
+        lasso = ChannelLasso(student_analysis) if lasso_weight > 0 else None
+        trainer = StudentTrainer(
+            student, self.teacher, taps=tap_layers, tap_scales=scales, adapter_init=adapter_init,
+            stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
+            lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
+        )
+        steps = int(self.ds.cardinality())
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+        checkpoint = EpochCheckpoint(self.dir / f"{name}_backup")
+        initial_epoch = checkpoint.restore(trainer)
+        callbacks = [checkpoint, keras.callbacks.CSVLogger(str(self.dir / f"{name}.csv"), append=initial_epoch > 0),
+                     keras.callbacks.TerminateOnNaN()]
+        if stages is not None:
+            callbacks.append(StageSchedule(epochs))
+        history = trainer.fit(self.ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                              shuffle=False, verbose=c.verbose)
+        losses = history.history.get("loss", [])
+        if any(not math.isfinite(v) for v in losses) or trainer.stop_training:
+            raise FloatingPointError(
+                f"{name}: the loss became NaN or infinite; nothing was saved. Lower learning_rate "
+                f"({learning_rate:g}) or lasso ({lasso_weight:g}) and run again (delete {checkpoint.directory})."
+            )
+        return student
+
+    def _lasso_plan(self, student, plan0, path):
+        c = self.config
+        student_analysis = analyze(student)
+        norms = ChannelLasso(student_analysis).norms()
+        masks = {g: n > c.zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
+        for g, mask in masks.items():
+            if not mask.any():
+                mask[int(np.argmax(norms[g]))] = True
+        if c.target_params is not None:
+            budget = c.target_params * stats.count_params(self.teacher) if c.target_params <= 1 else c.target_params
+            masks = _meet_budget(student_analysis, norms, masks, budget)
+        plan = surgery.PruningPlan.from_masks(student_analysis, masks).round_up(c.multiple, scores=norms)
+        plan = _ensure_every_layer_kept(student_analysis, plan, norms)
+        plan.save(path)
+        return plan
+
+    def _prune(self, student, plan1, path):
+        batch = next(iter(self.ds))
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        result = surgery.apply_plan(student, plan1, check_batch=x, fold_constants=True)
+        self.surgery = {"max_abs_diff": result.max_abs_diff, "folds": result.folds}
+        fileio.write_json(self.dir / "surgery.json", self.surgery)
+        self.log(f"prune: slim model matches within {result.max_abs_diff:.2e}; "
+                 f"{sum(f['positions'] for f in result.folds)} constant channel inputs folded")
+        return self._save(result.model, path)
+
+    # ------------------------------------------------------------ report
+
+    def _report(self, student, plan0, plan1) -> dict:
+        teacher_eval = evaluate(self.teacher, self.eval_ds) if self.eval_ds is not None else {}
+        student_eval = evaluate(student, self.eval_ds, self.teacher) if self.eval_ds is not None else {}
+        surgery_info = self.__dict__.get("surgery")
+        if surgery_info is None and (self.dir / "surgery.json").exists():
+            surgery_info = json.loads((self.dir / "surgery.json").read_text())
+        t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
+        t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
+        return {
+            "teacher": {"name": self.teacher.name, "params": t_params, "macs": t_macs, **teacher_eval},
+            "student": {"params": s_params, "macs": s_macs, **student_eval},
+            "params_removed": round(1 - s_params / t_params, 5),
+            "macs_removed": round(1 - s_macs / t_macs, 5),
+            "widths": {g: {"teacher": plan0.groups[g]["size"], "subspace": len(plan0.groups[g]["keep"]),
+                           "final": len(plan1.groups[g]["keep"])} for g in plan0.groups if g in plan1.groups},
+            "surgery": surgery_info,
+            "config": dataclasses.asdict(self.config),
+            "stage_seconds": self.timings,
+            "layers": surgery.layer_report(self.teacher, student),
+        }
+
+
+def _mean_square(st: subspace.LatentStatistics) -> float:
+    return float(max(np.trace(st.cross) / max(st.count, 1) / len(st.total), 1e-12))
+
+
+def _meet_budget(analysis, norms, masks, budget):
+    """Removes the channels of lowest normalized norm until the plan fits `budget` params."""
+    normalized = {g: n / max(float(n[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, n in norms.items()}
+    candidates = sorted((float(normalized[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
+
+    def plan_for(count):
+        trial = {g: m.copy() for g, m in masks.items()}
+        for _, g, i in candidates[:count]:
+            trial[g][i] = False
+        for g, m in trial.items():
+            if not m.any():
+                m[int(np.argmax(norms[g]))] = True
+        return trial
+
+    def params(trial):
+        plan = _ensure_every_layer_kept(analysis, surgery.PruningPlan.from_masks(analysis, trial), norms)
+        return surgery.plan_params(analysis, plan)
+
+    lo, hi = 0, len(candidates)
+    if params(plan_for(0)) <= budget:
+        return masks
+    while lo < hi:  # the fewest removals that meet the budget
+        mid = (lo + hi) // 2
+        if params(plan_for(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_for(lo)
+
+
+def _ensure_every_layer_kept(analysis, plan, norms):
+    """Adds back the strongest channel of any layer the plan would empty (merged groups)."""
+    masks = plan.masks()
+    for node in analysis.graph.walk():
+        ref = node.outputs[0]
+        if analysis.kept_positions(ref, analysis.keep_vector(masks)).size:
+            continue
+        candidates = [analysis.channel_position(int(c)) for c in analysis.ids[ref.key]]
+        candidates = [p for p in candidates if p is not None]
+        if not candidates:
+            continue
+        g, i = max(candidates, key=lambda p: float(norms.get(p[0], np.zeros(p[1] + 1))[p[1]]))
+        masks[g][i] = True
+    return surgery.PruningPlan(plan.model, plan.fingerprint, {
+        g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()})
+
+
+def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.PruningPlan:
+    """The teacher's kept channels of the final student: plan1 (student) after plan0 (teacher)."""
+    groups = {}
+    for g, first in plan0.groups.items():
+        keep = first["keep"]
+        if g in plan1.groups:
+            keep = [keep[i] for i in plan1.groups[g]["keep"]]
+        groups[g] = {"size": first["size"], "keep": keep}
+    return surgery.PruningPlan(plan0.model, plan0.fingerprint, groups)
+
+
+def evaluate(model: keras.Model, ds, teacher: keras.Model | None = None) -> dict:
+    """Top-1 accuracy (batches with labels) and agreement with `teacher` (if given)."""
+    correct = agree = total = 0
+    labeled = False
+    for batch in ds:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+        pred = np.argmax(keras.ops.convert_to_numpy(model(x, training=False)), axis=-1)
+        total += len(pred)
+        if y is not None:
+            labeled = True
+            correct += int(np.sum(pred == np.asarray(y)))
+        if teacher is not None:
+            agree += int(np.sum(pred == np.argmax(keras.ops.convert_to_numpy(teacher(x, training=False)), axis=-1)))
+    if total == 0:
+        raise TfSubspaceError("The evaluation data set is empty.")
+    out = {"examples": total}
+    if labeled:
+        out["accuracy"] = correct / total
+    if teacher is not None:
+        out["agreement"] = agree / total
+    return out
+
+
+def format_report(report: dict) -> str:
+    """Markdown: the before/after summary and the per-layer table of a compress() report."""
+    t, s = report["teacher"], report["student"]
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    lines = [
+        f"# Compression of {t['name']}",
+        "",
+        "| | teacher | student |",
+        "|---|---:|---:|",
+        f"| params | {t['params']:,} | {s['params']:,} ({pct(report['params_removed'])} removed) |",
+        f"| MACs / image | {t['macs']:,} | {s['macs']:,} ({pct(report['macs_removed'])} removed) |",
+    ]
+    if "accuracy" in s:
+        lines.append(f"| accuracy | {pct(t.get('accuracy'))} | {pct(s.get('accuracy'))} |")
+    if "agreement" in s:
+        lines.append(f"| top-1 agreement with the teacher | | {pct(s['agreement'])} |")
+    lines += ["", "## Widths per channel group", "", "| group | teacher | subspace | final |", "|---|---:|---:|---:|"]
+    for g, w in report["widths"].items():
+        lines.append(f"| {g} | {w['teacher']} | {w['subspace']} | {w['final']} |")
+    lines += ["", "## Layers", "", surgery.format_report(report["layers"])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,172 @@
+"""LASSO penalties: element-wise L1, group LASSO over output filters, and channel-group LASSO.
+
+`L1` and `GroupLasso` are Keras regularizers for one weight tensor (kernel_regularizer=...),
+serializable with .keras models. `ChannelLasso` is the penalty the compression trainer uses:
+one group norm per prunable channel of the model (tfsubspace.analysis), gathered over every
+layer that produces that channel, scale-invariant where a BatchNormalization follows, with a
+proximal soft-threshold step that sets whole channels to exact zeros.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfsubspace import channels
+from tfsubspace.analysis import ChannelAnalysis
+
+
+def _check_factor(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or value != value:
+        raise ValueError(f"{name} must be a non-negative float. Received: {name}={value!r}")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="tfsubspace")
+class L1(keras.regularizers.Regularizer):
+    """Element-wise LASSO: `loss = l1 * reduce_sum(abs(x))`.
+
+    Example:
+        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.regularizers.L1(1e-4))
+
+    Args:
+        l1: the penalty factor (non-negative float).
+    """
+
+    def __init__(self, l1: float = 0.01):
+        self.l1 = _check_factor("l1", l1)
+
+    def __call__(self, x):
+        return self.l1 * ops.sum(ops.abs(x))
+
+    def get_config(self):
+        return {"l1": self.l1}
+
+
+@keras.saving.register_keras_serializable(package="tfsubspace")
+class GroupLasso(keras.regularizers.Regularizer):
+    """Group LASSO over output filters: `loss = factor * sum_j sqrt(sum_i x[..., i, j]^2)`.
+
+    Each slice along the last axis (one output filter of a Conv kernel, one output unit of
+    a Dense kernel, one entry of a BatchNormalization gamma) is a group, so the penalty drives
+    whole filters to zero rather than single weights.
+
+    Example:
+        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.regularizers.GroupLasso(1e-3))
+
+    Args:
+        factor: the penalty factor (non-negative float).
+        epsilon: added under the square root, so the gradient exists at zero.
+    """
+
+    def __init__(self, factor: float = 0.01, epsilon: float = 1e-12):
+        self.factor = _check_factor("factor", factor)
+        self.epsilon = _check_factor("epsilon", epsilon)
+
+    def __call__(self, x):
+        x = ops.reshape(x, (-1, ops.shape(x)[-1]))
+        return self.factor * ops.sum(ops.sqrt(ops.sum(ops.square(x), axis=0) + self.epsilon))
+
+    def get_config(self):
+        return {"factor": self.factor, "epsilon": self.epsilon}
+
+
+def soft_threshold_groups(x, threshold):
+    """The proximal operator of group LASSO over the last axis: each slice v becomes
+    v * max(0, 1 - threshold / ||v||), so slices with norm <= threshold become exact zeros."""
+    flat = ops.reshape(x, (-1, ops.shape(x)[-1]))
+    norms = ops.sqrt(ops.sum(ops.square(flat), axis=0))
+    scale = ops.maximum(0.0, 1.0 - threshold / ops.maximum(norms, 1e-30))
+    return x * scale
+
+
+class ChannelLasso:
+    """Group LASSO over the prunable channels of a model, one group per channel.
+
+    For each channel of each prunable channel group, its *members* are, for every layer
+    that produces it: the BatchNormalization gamma entry if a BatchNormalization directly
+    follows that layer (the kernel's scale is then free, so only gamma measures the
+    channel), else the layer's output filter (kernel slice and bias). The channel's norm is
+    the L2 norm of all its members together.
+
+    - `penalty()`: sum of the channel norms (add `lambda * penalty()` to the loss).
+    - `proximal(threshold)`: soft-threshold every channel's members jointly, so channels
+      whose norm falls under the threshold become exact zeros (call after each step).
+    - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
+    A zeroed gamma leaves the channel carrying the constant act(beta), which surgery folds
+    into the next layer (apply_plan(..., fold_constants=True)).
+    """
+
+    def __init__(self, analysis: ChannelAnalysis, epsilon: float = 1e-12):
+        self.analysis = analysis
+        self.epsilon = epsilon
+        self.group_sizes: dict[str, int] = {}
+        offset = 0
+        self._offsets = {}
+        for g in analysis.groups.values():
+            if g.prunable:
+                self._offsets[g.name] = offset
+                self.group_sizes[g.name] = g.size
+                offset += g.size
+        self.num_channels = offset
+        # members: (variable, channel index of each slice along its last axis)
+        self.members: list[tuple[keras.Variable, np.ndarray]] = []
+        consumers = analysis.consumers()
+        for node in analysis.graph.walk():
+            handler = channels.handler_for(node.layer)
+            if not isinstance(handler, channels.Producer):
+                continue
+            index = self._channel_index(analysis.ids[node.outputs[0].key])
+            if index is None:
+                continue
+            bn = _following_batchnorm(node, consumers)
+            if bn is not None and bn.scale:
+                self.members.append((bn.gamma, index))
+            else:
+                kernel = node.layer.pointwise_kernel if hasattr(node.layer, "pointwise_kernel") else node.layer.kernel
+                self.members.append((kernel, index))
+                if node.layer.use_bias:
+                    self.members.append((node.layer.bias, index))
+
+    def _channel_index(self, ids: np.ndarray) -> np.ndarray | None:
+        out = np.empty(len(ids), dtype=np.int32)
+        for p, c in enumerate(ids.tolist()):
+            pos = self.analysis.channel_position(c)
+            if pos is None or pos[0] not in self._offsets:
+                return None
+            out[p] = self._offsets[pos[0]] + pos[1]
+        return out
+
+    def _squared_norms(self):
+        parts, segments = [], []
+        for var, index in self.members:
+            flat = ops.reshape(var, (-1, ops.shape(var)[-1]))
+            parts.append(ops.sum(ops.square(flat), axis=0))
+            segments.append(index)
+        return ops.segment_sum(ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)),
+                               num_segments=self.num_channels)
+
+    def penalty(self):
+        """Sum over channels of the L2 norm of the channel's members."""
+        return ops.sum(ops.sqrt(self._squared_norms() + self.epsilon))
+
+    def proximal(self, threshold) -> None:
+        """Soft-thresholds every channel jointly over its members (in place)."""
+        norms = ops.sqrt(self._squared_norms())
+        scale = ops.maximum(0.0, 1.0 - threshold / ops.maximum(norms, 1e-30))
+        for var, index in self.members:
+            var.assign(var * ops.take(scale, ops.convert_to_tensor(index)))
+
+    def norms(self) -> dict[str, np.ndarray]:
+        """The current channel norms, per prunable group."""
+        norms = keras.ops.convert_to_numpy(ops.sqrt(self._squared_norms()))
+        return {name: norms[o:o + self.group_sizes[name]] for name, o in self._offsets.items()}
+
+
+def _following_batchnorm(node, consumers):
+    """The BatchNormalization that alone consumes `node`'s output, if any."""
+    readers = consumers.get(node.outputs[0].key, [])
+    if len(readers) == 1 and isinstance(readers[0].layer, keras.layers.BatchNormalization):
+        return readers[0].layer
+    return None

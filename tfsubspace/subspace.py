@@ -1,0 +1,160 @@
+"""Subspace dimensions of the teacher's latents, from unlabeled data.
+
+For each prunable channel group, the latent is the tensor at its tap (ChannelAnalysis.taps).
+`latent_statistics` streams the data through the teacher once and accumulates each latent's
+channel sums and cross-products (memory grows with the channel counts, not with the data);
+`LatentStatistics.spectrum` gives the eigenvalues of the channel covariance, and
+`choose_dimensions` keeps the smallest k holding a share of the energy (sum of eigenvalues),
+within [min_ratio, 1] of the width and rounded up to a multiple.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import keras
+import numpy as np
+
+from tfsubspace.analysis import ChannelAnalysis
+from tfsubspace.errors import TfSubspaceError
+
+
+@dataclasses.dataclass
+class LatentStatistics:
+    """Streamed first and second moments of one latent's channels."""
+
+    group: str
+    tap: str
+    count: int
+    total: np.ndarray  # (n,) sum of x
+    cross: np.ndarray  # (n, n) sum of x x^T
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.total / max(self.count, 1)
+
+    @property
+    def covariance(self) -> np.ndarray:
+        mean = self.mean
+        return self.cross / max(self.count, 1) - np.outer(mean, mean)
+
+    @property
+    def channel_variance(self) -> np.ndarray:
+        """Per-channel variance: the energy each channel carries on its own."""
+        return np.maximum(np.diag(self.covariance), 0.0)
+
+    def spectrum(self) -> np.ndarray:
+        """Eigenvalues of the channel covariance, largest first (clipped at zero)."""
+        values = np.linalg.eigvalsh(self.covariance)
+        return np.clip(values[::-1], 0.0, None)
+
+
+def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, max_batches: int | None = None,
+                      progress: bool = True) -> dict[str, LatentStatistics]:
+    """Runs `ds` (images, or (images, labels) whose labels are ignored) through `teacher`
+    and accumulates each prunable group's latent statistics at its tap."""
+    taps = analysis.taps()
+    if not taps:
+        raise TfSubspaceError(f"Model {teacher.name!r} has no prunable channel group with a tap.")
+    probe = keras.Model(teacher.inputs, [teacher.get_layer(t).output for t in taps.values()])
+    stats = {}
+    for group, tap in taps.items():
+        n = probe.get_layer(tap).output.shape[-1]
+        stats[group] = LatentStatistics(group, tap, 0, np.zeros(n), np.zeros((n, n)))
+    target = max_batches
+    if target is None and hasattr(ds, "cardinality"):
+        target = int(ds.cardinality()) if int(ds.cardinality()) > 0 else None
+    bar = keras.utils.Progbar(target, unit_name="batch") if progress else None
+    seen = 0
+    for batch in ds:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        outs = probe(x, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for st, out in zip(stats.values(), outs):
+            a = keras.ops.convert_to_numpy(out).astype(np.float64)
+            a = a.reshape(-1, a.shape[-1])
+            st.count += a.shape[0]
+            st.total += a.sum(axis=0)
+            st.cross += a.T @ a
+        seen += 1
+        if bar is not None:
+            bar.update(seen)
+        if max_batches is not None and seen >= max_batches:
+            break
+    if seen == 0:
+        raise TfSubspaceError("The data set is empty: latent statistics need at least one batch of images.")
+    return stats
+
+
+def energy_dimension(spectrum: np.ndarray, energy: float) -> int:
+    """The smallest k whose k largest eigenvalues hold at least `energy` of their sum."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1]. Received: energy={energy}")
+    total = float(np.sum(spectrum))
+    if total <= 0.0:
+        return 1
+    cumulative = np.cumsum(spectrum) / total
+    return int(np.searchsorted(cumulative, energy - 1e-12) + 1)
+
+
+def choose_dimensions(stats: dict[str, LatentStatistics], *, energy: float | None = 0.99,
+                      width_ratio: float | None = None, min_ratio: float = 0.0, multiple: int = 8) -> dict[str, int]:
+    """Subspace dimension k per group: by energy share, or a fixed ratio of the width.
+
+    k is bounded below by ceil(min_ratio * n) and by 1, rounded up to `multiple`, and never
+    exceeds the group's width n.
+    """
+    if (energy is None) == (width_ratio is None):
+        raise ValueError("Give exactly one of energy and width_ratio.")
+    if width_ratio is not None and not 0.0 < width_ratio <= 1.0:
+        raise ValueError(f"width_ratio must be in (0, 1]. Received: width_ratio={width_ratio}")
+    if not 0.0 <= min_ratio <= 1.0:
+        raise ValueError(f"min_ratio must be in [0, 1]. Received: min_ratio={min_ratio}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
+    dims = {}
+    for group, st in stats.items():
+        n = len(st.total)
+        k = math.ceil(width_ratio * n) if width_ratio is not None else energy_dimension(st.spectrum(), energy)
+        k = max(k, math.ceil(min_ratio * n), 1)
+        dims[group] = min(n, math.ceil(k / multiple) * multiple)
+    return dims
+
+
+def top_channels(stats: dict[str, LatentStatistics], dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """Per group, the indices of the k channels of highest variance (sorted)."""
+    return {g: np.sort(np.argsort(-stats[g].channel_variance, kind="stable")[: dims[g]]) for g in dims}
+
+
+def plot_spectra(stats: dict[str, LatentStatistics], dims: dict[str, int], path: str | os.PathLike,
+                 energy: float | None = None) -> None:
+    """PNG: cumulative energy vs dimension for each group, with the chosen k marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfsubspace import fileio
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for group, st in stats.items():
+        spectrum = st.spectrum()
+        total = spectrum.sum() or 1.0
+        cumulative = np.cumsum(spectrum) / total
+        n = len(spectrum)
+        line, = ax.plot(np.arange(1, n + 1) / n, cumulative, label=f"{group} (k={dims[group]}/{n})")
+        k = dims[group]
+        ax.plot([k / n], [cumulative[k - 1]], "o", color=line.get_color())
+    if energy is not None:
+        ax.axhline(energy, color="gray", linestyle="--", linewidth=1, label=f"energy {energy:g}")
+    ax.set_xlabel("dimension / width")
+    ax.set_ylabel("share of latent energy")
+    ax.set_title("Teacher latent spectra per channel group")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
