@@ -89,11 +89,9 @@ class StudentTrainer(keras.Model):
         self._scales = [float(tap_scales.get(t, 1.0)) for t in self.taps]
         self.student_features = keras.Model(
             student.inputs, [student.get_layer(t).output for t in self.taps] + [student.outputs[0]])
-        if teacher is not None:
-            teacher.trainable = False
+        if teacher is not None:  # frozen by leaving it out of trainable_weights, not by mutating it
             self.teacher_features = keras.Model(
                 teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [teacher.outputs[0]])
-            self.teacher_features.trainable = False
         self.adapters = []
         for tap in self.taps:
             s_shape = student.get_layer(tap).output.shape
@@ -128,6 +126,15 @@ class StudentTrainer(keras.Model):
         self.loss_weights_var.assign(np.array(self._stage_weights(stage), "float32"))
 
     # ------------------------------------------------------------ training
+
+    @property
+    def trainable_weights(self):
+        """The student's and the adapters' trainable weights; never the teacher's."""
+        return self.student.trainable_weights + [w for a in self.adapters for w in a.trainable_weights]
+
+    @property
+    def trainable_variables(self):
+        return self.trainable_weights
 
     def call(self, x, training=False):
         return self.student(x, training=training)

@@ -75,6 +75,11 @@ def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, ma
         for st, out in zip(stats.values(), outs):
             a = keras.ops.convert_to_numpy(out).astype(np.float64)
             a = a.reshape(-1, a.shape[-1])
+            if not np.isfinite(a).all():
+                raise FloatingPointError(
+                    f"The teacher's latent at {st.tap!r} holds NaN or infinite values on batch {seen + 1}; "
+                    "check the input data (images as finite floats, e.g. in [0, 1])."
+                )
             st.count += a.shape[0]
             st.total += a.sum(axis=0)
             st.cross += a.T @ a

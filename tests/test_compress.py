@@ -1,0 +1,174 @@
+"""compress() end to end on real MNIST images, its guards, resume after SIGKILL, tf.distribute."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO
+
+import tfsubspace
+from tfsubspace import analysis, data, surgery
+from tfsubspace.errors import UnsupportedModelError
+
+
+def small_teacher():
+    bn = lambda name: keras.layers.BatchNormalization(momentum=0.9, name=name)  # noqa: E731  (few steps)
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = keras.layers.ReLU(name="r1")(bn("b1")(x))
+    x = keras.layers.MaxPooling2D(2, name="p1")(x)
+    x = keras.layers.Conv2D(24, 3, padding="same", use_bias=False, name="c2")(x)
+    x = keras.layers.ReLU(name="r2")(bn("b2")(x))
+    x = keras.layers.Flatten(name="flat")(keras.layers.MaxPooling2D(2, name="p2")(x))
+    x = keras.layers.ReLU(name="r3")(keras.layers.Dense(32, name="fc")(x))
+    return keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="small")
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    train = data.load("mnist", "train", batch_size=32, limit=1024, seed=0)
+    test = data.load("mnist", "test", batch_size=256, limit=512, shuffle=False)
+    teacher = small_teacher()
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    teacher.fit(train, epochs=3, verbose=0)
+    assert teacher.evaluate(test, verbose=0)[1] > 0.8
+    path = tmp_path_factory.mktemp("teacher") / "teacher.keras"
+    teacher.save(path)
+    unlabeled = data.load("mnist", "train", batch_size=32, limit=1024, labels=False, seed=1)
+    return teacher, path, unlabeled, test
+
+
+def test_compress_end_to_end(teacher_and_data, tmp_path):
+    teacher, _, ds, test = teacher_and_data
+    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, eval_ds=test, energy=0.95, multiple=4,
+                                 epochs=3, recover_epochs=1, lasso=2.0, lasso_learning_rate=0.05, verbose=0)
+    report = result.report
+    assert report["student"]["params"] < report["teacher"]["params"]
+    assert report["student"]["agreement"] > 0.5  # chance is 0.1
+    assert report["student"]["accuracy"] > 0.5
+    assert report["surgery"]["max_abs_diff"] <= 1e-4 or not all(f["exact"] for f in report["surgery"]["folds"])
+    widths = report["widths"]
+    assert widths["logits"] == {"teacher": 10, "subspace": 10, "final": 10}
+    assert any(w["final"] < w["subspace"] for w in widths.values()), "LASSO removed no channel"
+    for name in ("plan", "student", "report", "report_md", "spectra"):
+        assert result.paths[name].exists(), name
+    # The composed plan rebuilds the student's architecture from the teacher.
+    rebuilt = surgery.apply_plan(teacher, surgery.PruningPlan.load(result.paths["plan"])).model
+    shapes = lambda m: [tuple(w.shape) for layer in m.layers for w in layer.weights if "kernel" in w.path]  # noqa: E731
+    assert shapes(rebuilt) == shapes(result.student)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    assert all(layer.trainable for layer in teacher.layers)  # compress() left the teacher as it was
+    # A second call with the same work_dir reuses every stage.
+    again = tfsubspace.compress(teacher, ds, work_dir=tmp_path, eval_ds=test, energy=0.95, multiple=4,
+                                epochs=3, recover_epochs=1, lasso=2.0, lasso_learning_rate=0.05, verbose=0)
+    assert again.report["stage_seconds"] == {}
+    assert again.student.count_params() == result.student.count_params()
+
+
+def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
+    teacher, _, ds, _ = teacher_and_data
+    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=0.75, multiple=1, init="random",
+                                 schedule="stage_wise", epochs=2, recover_epochs=0, lasso=0.0,
+                                 target_params=0.3, verbose=0)
+    assert result.student.count_params() <= 0.3 * teacher.count_params() + 64  # folded biases may add a few
+    history = list(csv.DictReader(open(tmp_path / "distill.csv")))
+    assert [row["epoch"] for row in history] == ["0", "1"]
+
+
+def test_bad_input_is_refused_clearly(teacher_and_data):
+    teacher, _, ds, _ = teacher_and_data
+    wrong = tf.data.Dataset.from_tensor_slices(np.zeros((4, 32, 32, 3), "float32")).batch(2)
+    with pytest.raises(ValueError, match=r"yields images of shape \(None, 32, 32, 3\), but model 'small' takes"):
+        tfsubspace.compress(teacher, wrong)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epoch'.*compress\\(\\) options: energy"):
+        tfsubspace.compress(teacher, ds, epoch=3)
+    with pytest.raises(ValueError, match="energy must be in \\(0, 1\\]"):
+        tfsubspace.compress(teacher, ds, energy=1.5)
+    with pytest.raises(TypeError, match="must be a tf.data.Dataset"):
+        tfsubspace.compress(teacher, np.zeros((4, 28, 28, 1)))
+
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    with pytest.raises(UnsupportedModelError, match="subclassed model"):
+        tfsubspace.compress(Sub(), ds)
+
+
+def test_nan_loss_stops_with_a_clear_message(teacher_and_data, tmp_path):
+    teacher, _, _, _ = teacher_and_data
+    images = np.full((64, 28, 28, 1), np.nan, "float32")
+    with pytest.raises(FloatingPointError, match="latent at '.*' holds NaN or infinite values on batch 1"):
+        tfsubspace.compress(teacher, tf.data.Dataset.from_tensor_slices(images).batch(32), verbose=0)
+    images[:32] = 0.5  # finite for the statistics (one batch), NaN in training
+    nan_ds = tf.data.Dataset.from_tensor_slices(images).batch(32)
+    with pytest.raises(FloatingPointError, match="NaN or infinite; nothing was saved"):
+        tfsubspace.compress(teacher, nan_ds, work_dir=tmp_path, width_ratio=0.5, epochs=1, verbose=0,
+                            stats_batches=1, bn_batches=0)
+    assert not (tmp_path / "student_distilled.keras").exists()
+
+
+def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
+    _, teacher_path, _, _ = teacher_and_data
+    work = tmp_path / "work"
+    args = [sys.executable, str(REPO / "scripts" / "compress.py"), f"--teacher={teacher_path}",
+            f"--work_dir={work}", "--examples=2048", "--eval_examples=256", "--batch_size=16",
+            "--epochs=3", "--recover_epochs=1", "--energy=0.9", "--multiple=4", "--verbose=2"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    backup = work / "distill_backup"
+    while not list(backup.glob("epoch-*.weights.h5")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "student_distilled.keras").exists()
+
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "plan_subspace: reusing" in result.stdout and "student_init: reusing" in result.stdout
+    epochs = [int(r["epoch"]) for r in csv.DictReader(open(work / "distill.csv"))]
+    assert epochs == [0, 1, 2]
+    report = json.loads((work / "report.json").read_text())
+    assert report["student"]["params"] < report["teacher"]["params"]
+
+
+def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tfsubspace import analysis, distill, models, regularizers
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            teacher = models.vgg16((8, 8, 1), 3, width=0.125)
+            student = models.vgg16((8, 8, 1), 3, width=0.125)
+            lasso = regularizers.ChannelLasso(analysis.analyze(student))
+            trainer = distill.StudentTrainer(student, teacher, taps=["relu2", "pool5"], lasso=lasso,
+                                             lasso_weight=5.0, lasso_learning_rate=0.1)
+            trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
+        x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
+        ds = tf.data.Dataset.from_tensor_slices(x).batch(16)
+        history = trainer.fit(ds, epochs=2, verbose=0)
+        zeros = sum(int((n == 0).sum()) for n in lasso.norms().values())
+        print("LOSS", history.history["loss"][-1], "ZEROS", zeros)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("LOSS")][0].split()
+    assert np.isfinite(float(line[1]))
+    assert int(line[3]) > 0  # the proximal step ran on the mirrored variables and zeroed channels

@@ -1,0 +1,67 @@
+import keras
+import numpy as np
+import pytest
+
+from tfsubspace import analysis, models, regularizers
+
+
+def test_l1_and_group_lasso_by_hand():
+    x = np.array([[3.0, 0.0], [-4.0, 1.0]], dtype="float32")  # columns are the groups
+    assert float(regularizers.L1(0.5)(x)) == pytest.approx(0.5 * 8.0)
+    assert float(regularizers.GroupLasso(2.0, epsilon=0.0)(x)) == pytest.approx(2.0 * (5.0 + 1.0))
+    kernel = np.zeros((3, 3, 2, 4), "float32")
+    kernel[..., 1] = 1.0  # one filter of 18 ones: norm sqrt(18)
+    assert float(regularizers.GroupLasso(1.0, epsilon=0.0)(kernel)) == pytest.approx(np.sqrt(18.0))
+
+
+def test_regularizers_validate_and_survive_keras_save_load(tmp_path):
+    with pytest.raises(ValueError, match="l1 must be a non-negative float. Received: l1=-1"):
+        regularizers.L1(-1)
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(3, kernel_regularizer=regularizers.GroupLasso(0.25),
+                                 bias_regularizer=regularizers.L1(0.125))(inputs)
+    model = keras.Model(inputs, outputs)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    dense = loaded.layers[-1]
+    assert isinstance(dense.kernel_regularizer, regularizers.GroupLasso)
+    assert dense.kernel_regularizer.get_config() == {"factor": 0.25, "epsilon": 1e-12}
+    assert dense.bias_regularizer.get_config() == {"l1": 0.125}
+
+
+def test_soft_threshold_zeroes_exactly_the_small_groups():
+    x = np.array([[0.1, 3.0, 0.3], [0.1, 4.0, 0.4]], "float32")  # norms: 0.141, 5, 0.5
+    out = keras.ops.convert_to_numpy(regularizers.soft_threshold_groups(x, 0.5))
+    assert np.all(out[:, 0] == 0.0) and np.all(out[:, 2] == 0.0)
+    np.testing.assert_allclose(out[:, 1], np.array([3.0, 4.0]) * (1 - 0.5 / 5.0), rtol=1e-6)
+
+
+def test_channel_lasso_members_norms_and_proximal():
+    model = models.vgg16((8, 8, 1), 3, width=0.125)
+    a = analysis.analyze(model)
+    lasso = regularizers.ChannelLasso(a)
+    # BN follows every conv and fc1: LASSO measures the gammas, never the free-scale kernels.
+    assert all(v.path.endswith("gamma") for v, _ in lasso.members)
+    assert lasso.num_channels == sum(g.size for g in a.groups.values() if g.prunable)
+    bn = model.get_layer("bn3")
+    gamma = np.linspace(0.05, 1.0, bn.gamma.shape[0]).astype("float32")
+    bn.gamma.assign(gamma)
+    assert float(lasso.penalty()) == pytest.approx(
+        sum(float(np.abs(keras.ops.convert_to_numpy(v)).sum()) for v, _ in lasso.members), rel=1e-5)
+    lasso.proximal(0.3)
+    after = lasso.norms()["conv3"]
+    np.testing.assert_array_equal(after == 0.0, gamma <= 0.3)
+    np.testing.assert_allclose(after[gamma > 0.3], gamma[gamma > 0.3] - 0.3, atol=1e-6)
+    assert np.all(keras.ops.convert_to_numpy(model.get_layer("conv3").kernel) != 0)  # kernels untouched
+
+
+def test_channel_lasso_spans_residual_producers_without_bn():
+    inputs = keras.Input((4, 4, 3))
+    a_ = keras.layers.Conv2D(2, 1, name="a")(inputs)
+    b_ = keras.layers.Conv2D(2, 1, use_bias=False, name="b")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Add()([a_, b_]))))
+    model.get_layer("a").set_weights([np.ones((1, 1, 3, 2), "float32"), np.array([1.0, 0.0], "float32")])
+    model.get_layer("b").set_weights([np.full((1, 1, 3, 2), 2.0, "float32")])
+    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    # channel 0: a's filter (3 ones) + a's bias (1) + b's filter (3 twos): sqrt(3 + 1 + 12)
+    np.testing.assert_allclose(lasso.norms()["a"], [4.0, np.sqrt(15.0)], rtol=1e-6)
