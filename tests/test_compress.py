@@ -16,7 +16,7 @@ import tensorflow as tf
 from conftest import REPO
 
 import tfsubspace
-from tfsubspace import analysis, data, surgery
+from tfsubspace import data, surgery
 from tfsubspace.errors import UnsupportedModelError
 
 

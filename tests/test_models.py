@@ -40,7 +40,7 @@ def test_wide_resnet_params_by_hand(depth, k, expected):
     total = 3 * 3 * 3 * 16  # stem
     cin = 16
     for c in (16 * k, 32 * k, 64 * k):
-        for b in range(n):
+        for _ in range(n):
             total += bn(cin) + 3 * 3 * cin * c + bn(c) + 3 * 3 * c * c
             if cin != c:
                 total += cin * c  # 1x1 projection shortcut

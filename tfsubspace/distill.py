@@ -23,11 +23,15 @@ variable trains with the compiled optimizer. With `proximal=False` the LASSO is 
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfsubspace.checkpoint import EpochCheckpoint
 from tfsubspace.regularizers import ChannelLasso
 
 
@@ -230,3 +234,32 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
     stages = max(1, min(stages, len(taps)))
     bounds = np.linspace(0, len(taps), stages + 1).round().astype(int)
     return [taps[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
+                  verbose="auto") -> keras.callbacks.History:
+    """Compiles `trainer` with Adam (cosine decay) and fits it on `ds`, resumably.
+
+    The state after each epoch goes to work_dir/NAME_backup (EpochCheckpoint) and the
+    metrics to work_dir/NAME.csv; a rerun continues after the last finished epoch. A NaN
+    or infinite loss stops the run with FloatingPointError, before anything is saved.
+    """
+    work_dir = Path(work_dir)
+    steps = int(ds.cardinality())
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
+    trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
+    initial_epoch = checkpoint.restore(trainer)
+    callbacks = [checkpoint, keras.callbacks.CSVLogger(str(work_dir / f"{name}.csv"), append=initial_epoch > 0),
+                 keras.callbacks.TerminateOnNaN()]
+    if trainer.stages is not None:
+        callbacks.append(StageSchedule(epochs))
+    history = trainer.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False,
+                          verbose=verbose)
+    if any(not math.isfinite(v) for v in history.history.get("loss", [])) or trainer.stop_training:
+        raise FloatingPointError(
+            f"{name}: the loss became NaN or infinite; nothing was saved. Lower the learning rate "
+            f"({learning_rate:g}) or the LASSO factor ({trainer.lasso_weight:g}) and run again "
+            f"(delete {checkpoint.directory})."
+        )
+    return history

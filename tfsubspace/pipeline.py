@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -32,11 +31,10 @@ import numpy as np
 
 from tfsubspace import fileio, stats, subspace, surgery
 from tfsubspace.analysis import ChannelAnalysis, analyze
-from tfsubspace.checkpoint import EpochCheckpoint
-from tfsubspace.distill import StageSchedule, StudentTrainer, stage_split
-from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
+from tfsubspace.distill import StudentTrainer, fit_resumable, stage_split
+from tfsubspace.errors import TfSubspaceError
 from tfsubspace.regularizers import ChannelLasso
-from tfsubspace.student import INITS, build_student, reestimate_batchnorm
+from tfsubspace.student import INITS, build_student
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -278,38 +276,16 @@ class _Pipeline:
             stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
             lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
         )
-        steps = int(self.ds.cardinality())
-        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
-        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
-        checkpoint = EpochCheckpoint(self.dir / f"{name}_backup")
-        initial_epoch = checkpoint.restore(trainer)
-        callbacks = [checkpoint, keras.callbacks.CSVLogger(str(self.dir / f"{name}.csv"), append=initial_epoch > 0),
-                     keras.callbacks.TerminateOnNaN()]
-        if stages is not None:
-            callbacks.append(StageSchedule(epochs))
-        history = trainer.fit(self.ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                              shuffle=False, verbose=c.verbose)
-        losses = history.history.get("loss", [])
-        if any(not math.isfinite(v) for v in losses) or trainer.stop_training:
-            raise FloatingPointError(
-                f"{name}: the loss became NaN or infinite; nothing was saved. Lower learning_rate "
-                f"({learning_rate:g}) or lasso ({lasso_weight:g}) and run again (delete {checkpoint.directory})."
-            )
+        fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
+                      verbose=c.verbose)
         return student
 
     def _lasso_plan(self, student, plan0, path):
         c = self.config
-        student_analysis = analyze(student)
-        norms = ChannelLasso(student_analysis).norms()
-        masks = {g: n > c.zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
-        for g, mask in masks.items():
-            if not mask.any():
-                mask[int(np.argmax(norms[g]))] = True
+        budget = None
         if c.target_params is not None:
             budget = c.target_params * stats.count_params(self.teacher) if c.target_params <= 1 else c.target_params
-            masks = _meet_budget(student_analysis, norms, masks, budget)
-        plan = surgery.PruningPlan.from_masks(student_analysis, masks).round_up(c.multiple, scores=norms)
-        plan = _ensure_every_layer_kept(student_analysis, plan, norms)
+        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, budget=budget)
         plan.save(path)
         return plan
 
@@ -349,6 +325,23 @@ class _Pipeline:
 
 def _mean_square(st: subspace.LatentStatistics) -> float:
     return float(max(np.trace(st.cross) / max(st.count, 1) / len(st.total), 1e-12))
+
+
+def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multiple: int = 1,
+               budget: float | None = None) -> surgery.PruningPlan:
+    """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
+    under `zero_tolerance`; with a parameter `budget`, also the weakest by normalized norm
+    until it is met. Kept counts are rounded up to `multiple` with the strongest channels;
+    every group and every layer keeps at least one channel."""
+    norms = ChannelLasso(analysis).norms()
+    masks = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
+    for g, mask in masks.items():
+        if not mask.any():
+            mask[int(np.argmax(norms[g]))] = True
+    if budget is not None:
+        masks = _meet_budget(analysis, norms, masks, budget)
+    plan = surgery.PruningPlan.from_masks(analysis, masks).round_up(multiple, scores=norms)
+    return _ensure_every_layer_kept(analysis, plan, norms)
 
 
 def _meet_budget(analysis, norms, masks, budget):

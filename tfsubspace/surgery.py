@@ -26,7 +26,7 @@ import numpy as np
 
 from tfsubspace import channels, fileio, stats
 from tfsubspace.analysis import ChannelAnalysis, analyze
-from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
+from tfsubspace.errors import TfSubspaceError
 from tfsubspace.graph import Graph, substitute
 
 PLAN_FORMAT = "tfsubspace.pruning_plan/1"
