@@ -44,14 +44,21 @@ def test_channel_lasso_members_norms_and_proximal():
     assert all(v.path.endswith("gamma") for v, _ in lasso.members)
     assert lasso.num_channels == sum(g.size for g in a.groups.values() if g.prunable)
     bn = model.get_layer("bn3")
-    gamma = np.linspace(0.05, 1.0, bn.gamma.shape[0]).astype("float32")
+    gamma = np.tile(np.array([0.05, 0.2, 0.6, 1.0], "float32"), 4)  # bn3 has 16 channels
     bn.gamma.assign(gamma)
-    assert float(lasso.penalty()) == pytest.approx(
-        sum(float(np.abs(keras.ops.convert_to_numpy(v)).sum()) for v, _ in lasso.members), rel=1e-5)
-    lasso.proximal(0.3)
+    # every other group has gamma = 1 everywhere: each channel counts 1 (its share of the RMS)
+    expected = lasso.num_channels - 16 + gamma.sum() / np.sqrt(np.mean(gamma**2))
+    assert float(lasso.penalty()) == pytest.approx(expected, rel=1e-5)
+    bn.gamma.assign(gamma * 7.0)  # scale-invariant
+    assert float(lasso.penalty()) == pytest.approx(expected, rel=1e-5)
+    bn.gamma.assign(gamma)
+    lasso.proximal(0.5)  # threshold 0.5 * mean(0.4625) = 0.23125
     after = lasso.norms()["conv3"]
-    np.testing.assert_array_equal(after == 0.0, gamma <= 0.3)
-    np.testing.assert_allclose(after[gamma > 0.3], gamma[gamma > 0.3] - 0.3, atol=1e-6)
+    np.testing.assert_array_equal(after == 0.0, np.tile([True, True, False, False], 4))
+    shrunk = np.maximum(gamma - 0.23125, 0.0)
+    np.testing.assert_allclose(after, shrunk * gamma.mean() / shrunk.mean(), rtol=1e-5)
+    assert after.mean() == pytest.approx(gamma.mean(), rel=1e-5)  # the group's scale is kept
+    np.testing.assert_allclose(lasso.norms()["conv1"], 1.0, rtol=1e-6)  # nothing falls behind there
     assert np.all(keras.ops.convert_to_numpy(model.get_layer("conv3").kernel) != 0)  # kernels untouched
 
 

@@ -3,7 +3,7 @@
 `L1` and `GroupLasso` are Keras regularizers for one weight tensor (kernel_regularizer=...),
 serializable with .keras models. `ChannelLasso` is the penalty the compression trainer uses:
 one group norm per prunable channel of the model (tfsubspace.analysis), gathered over every
-layer that produces that channel, scale-invariant where a BatchNormalization follows, with a
+layer that produces that channel, taken relative to its group (scale-invariant), with a
 proximal soft-threshold step that sets whole channels to exact zeros.
 """
 
@@ -82,17 +82,26 @@ def soft_threshold_groups(x, threshold):
 
 
 class ChannelLasso:
-    """Group LASSO over the prunable channels of a model, one group per channel.
+    """Scale-invariant group LASSO over the prunable channels of a model.
 
     For each channel of each prunable channel group, its *members* are, for every layer
     that produces it: the BatchNormalization gamma entry if a BatchNormalization directly
     follows that layer (the kernel's scale is then free, so only gamma measures the
-    channel), else the layer's output filter (kernel slice and bias). The channel's norm is
-    the L2 norm of all its members together.
+    channel), else the layer's output filter (kernel slice and bias). The channel's norm
+    is the L2 norm of all its members together.
 
-    - `penalty()`: sum of the channel norms (add `lambda * penalty()` to the loss).
-    - `proximal(threshold)`: soft-threshold every channel's members jointly, so channels
-      whose norm falls under the threshold become exact zeros (call after each step).
+    Norms are taken relative to their group's mean norm. A plain penalty on gammas fails
+    in BN networks: scaling every gamma (and beta) of a layer alike leaves the next
+    BatchNormalization's output unchanged, so the penalty can fall with no change to the
+    function, every gamma shrinks alike, and no channel reaches zero before the BN epsilon
+    breaks the network. Relative to the group's mean, only the channels' shares count.
+
+    - `penalty()`: sum over channels of norm / (its group's root-mean-square norm): an L1/L2
+      ratio, unchanged by scaling a group and smallest when few channels carry the group.
+    - `proximal(threshold)`: soft-thresholds each channel's members jointly by
+      threshold * (its group's mean norm), then restores each group's mean norm, so that
+      channels that fall behind their group become exact zeros and the group's scale does
+      not drift (call after each optimizer step).
     - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
     A zeroed gamma leaves the channel carrying the constant act(beta), which surgery folds
     into the next layer (apply_plan(..., fold_constants=True)).
@@ -104,12 +113,16 @@ class ChannelLasso:
         self.group_sizes: dict[str, int] = {}
         offset = 0
         self._offsets = {}
+        group_of_channel = []
         for g in analysis.groups.values():
             if g.prunable:
                 self._offsets[g.name] = offset
                 self.group_sizes[g.name] = g.size
+                group_of_channel += [len(self._offsets) - 1] * g.size
                 offset += g.size
         self.num_channels = offset
+        self._group_of_channel = np.array(group_of_channel, dtype=np.int32)
+        self._group_sizes = np.array(list(self.group_sizes.values()), dtype=np.float32)
         # members: (variable, channel index of each slice along its last axis)
         self.members: list[tuple[keras.Variable, np.ndarray]] = []
         consumers = analysis.consumers()
@@ -138,29 +151,41 @@ class ChannelLasso:
             out[p] = self._offsets[pos[0]] + pos[1]
         return out
 
-    def _squared_norms(self):
+    def _norms(self):
         parts, segments = [], []
         for var, index in self.members:
             flat = ops.reshape(var, (-1, ops.shape(var)[-1]))
             parts.append(ops.sum(ops.square(flat), axis=0))
             segments.append(index)
-        return ops.segment_sum(ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)),
-                               num_segments=self.num_channels)
+        squared = ops.segment_sum(ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)),
+                                  num_segments=self.num_channels)
+        return ops.sqrt(squared + self.epsilon)
+
+    def _group_mean(self, norms):
+        """Each channel's group mean of `norms`."""
+        groups = ops.convert_to_tensor(self._group_of_channel)
+        sums = ops.segment_sum(norms, groups, num_segments=len(self._group_sizes))
+        return ops.take(sums / ops.convert_to_tensor(self._group_sizes), groups)
 
     def penalty(self):
-        """Sum over channels of the L2 norm of the channel's members."""
-        return ops.sum(ops.sqrt(self._squared_norms() + self.epsilon))
+        """Sum over channels of the channel's norm relative to its group's RMS norm."""
+        norms = self._norms()
+        return ops.sum(norms / ops.sqrt(self._group_mean(ops.square(norms))))
 
     def proximal(self, threshold) -> None:
-        """Soft-thresholds every channel jointly over its members (in place)."""
-        norms = ops.sqrt(self._squared_norms())
-        scale = ops.maximum(0.0, 1.0 - threshold / ops.maximum(norms, 1e-30))
+        """Soft-thresholds every channel by threshold * its group's mean norm (in place), then
+        restores each group's mean norm."""
+        norms = self._norms()
+        mean = self._group_mean(norms)
+        shrink = ops.maximum(0.0, 1.0 - threshold * mean / ops.maximum(norms, 1e-30))
+        restore = mean / ops.maximum(self._group_mean(norms * shrink), 1e-30)
+        factor = shrink * restore
         for var, index in self.members:
-            var.assign(var * ops.take(scale, ops.convert_to_tensor(index)))
+            var.assign(var * ops.take(factor, ops.convert_to_tensor(index)))
 
     def norms(self) -> dict[str, np.ndarray]:
-        """The current channel norms, per prunable group."""
-        norms = keras.ops.convert_to_numpy(ops.sqrt(self._squared_norms()))
+        """The current channel norms, per prunable group (exact zeros included)."""
+        norms = keras.ops.convert_to_numpy(ops.sqrt(ops.maximum(ops.square(self._norms()) - self.epsilon, 0.0)))
         return {name: norms[o:o + self.group_sizes[name]] for name, o in self._offsets.items()}
 
 
