@@ -29,9 +29,14 @@ data: install
 test: data
 	$(PY) -m pytest -q tests
 
-demo: data
-	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 \
-		--output=$(RUNS)/demo/teacher.keras --verbose=2
+# The demo: train a LeNet-5 teacher on MNIST (once), then compress it without labels and
+# print the before/after table. Both steps resume if interrupted.
+demo: $(RUNS)/demo/teacher.keras
+	$(PY) scripts/compress.py --teacher=$< --dataset=mnist --work_dir=$(RUNS)/demo/compress \
+		--energy=0.95 --epochs=3 --recover_epochs=1 --lasso=1.0 --verbose=2
+
+$(RUNS)/demo/teacher.keras: | data
+	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 --output=$@ --verbose=2
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info

@@ -72,3 +72,15 @@ def test_channel_lasso_spans_residual_producers_without_bn():
     lasso = regularizers.ChannelLasso(analysis.analyze(model))
     # channel 0: a's filter (3 ones) + a's bias (1) + b's filter (3 twos): sqrt(3 + 1 + 12)
     np.testing.assert_allclose(lasso.norms()["a"], [4.0, np.sqrt(15.0)], rtol=1e-6)
+
+
+def test_proximal_restores_the_scale_only_where_it_is_free():
+    inputs = keras.Input((3,))
+    x = keras.layers.Dense(4, use_bias=False, name="d")(inputs)  # no BN after it: its scale matters
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    kernel = np.zeros((3, 4), "float32")
+    kernel[0] = [0.1, 0.2, 1.0, 2.0]  # channel norms; mean 0.825
+    model.get_layer("d").kernel.assign(kernel)
+    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    lasso.proximal(0.5)  # threshold 0.4125: the first two die, the others lose 0.4125, no restore
+    np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 1.0 - 0.4125, 2.0 - 0.4125], rtol=1e-5)

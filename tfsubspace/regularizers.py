@@ -99,9 +99,10 @@ class ChannelLasso:
     - `penalty()`: sum over channels of norm / (its group's root-mean-square norm): an L1/L2
       ratio, unchanged by scaling a group and smallest when few channels carry the group.
     - `proximal(threshold)`: soft-thresholds each channel's members jointly by
-      threshold * (its group's mean norm), then restores each group's mean norm, so that
-      channels that fall behind their group become exact zeros and the group's scale does
-      not drift (call after each optimizer step).
+      threshold * (its group's mean norm), so that channels that fall behind their group
+      become exact zeros. In a group measured by BN gammas alone (scale-free), the group's
+      mean norm is then restored, so its scale does not drift; elsewhere the scale matters
+      to the function and the loss holds it (call after each optimizer step).
     - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
     A zeroed gamma leaves the channel carrying the constant act(beta), which surgery folds
     into the next layer (apply_plan(..., fold_constants=True)).
@@ -125,6 +126,7 @@ class ChannelLasso:
         self._group_sizes = np.array(list(self.group_sizes.values()), dtype=np.float32)
         # members: (variable, channel index of each slice along its last axis)
         self.members: list[tuple[keras.Variable, np.ndarray]] = []
+        scale_free = np.ones(len(self._group_sizes), dtype=bool)  # per group: BN gammas only
         consumers = analysis.consumers()
         for node in analysis.graph.walk():
             handler = channels.handler_for(node.layer)
@@ -141,6 +143,8 @@ class ChannelLasso:
                 self.members.append((kernel, index))
                 if node.layer.use_bias:
                     self.members.append((node.layer.bias, index))
+                scale_free[self._group_of_channel[index]] = False
+        self._scale_free = scale_free[self._group_of_channel]  # per channel
 
     def _channel_index(self, ids: np.ndarray) -> np.ndarray | None:
         out = np.empty(len(ids), dtype=np.int32)
@@ -179,7 +183,7 @@ class ChannelLasso:
         mean = self._group_mean(norms)
         shrink = ops.maximum(0.0, 1.0 - threshold * mean / ops.maximum(norms, 1e-30))
         restore = mean / ops.maximum(self._group_mean(norms * shrink), 1e-30)
-        factor = shrink * restore
+        factor = shrink * ops.where(ops.convert_to_tensor(self._scale_free), restore, 1.0)
         for var, index in self.members:
             var.assign(var * ops.take(factor, ops.convert_to_tensor(index)))
 
