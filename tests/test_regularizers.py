@@ -40,8 +40,8 @@ def test_channel_lasso_members_norms_and_proximal():
     model = models.vgg16((8, 8, 1), 3, width=0.125)
     a = analysis.analyze(model)
     lasso = regularizers.ChannelLasso(a)
-    # BN follows every conv and fc1: LASSO measures the gammas, never the free-scale kernels.
-    assert all(v.path.endswith("gamma") for v, _ in lasso.members)
+    # BN follows every conv and fc1: LASSO measures gamma and beta, never the free-scale kernels.
+    assert {v.path.rsplit("/", 1)[1] for v, _ in lasso.members} == {"gamma", "beta"}
     assert lasso.num_channels == sum(g.size for g in a.groups.values() if g.prunable)
     bn = model.get_layer("bn3")
     gamma = np.tile(np.array([0.05, 0.2, 0.6, 1.0], "float32"), 4)  # bn3 has 16 channels

@@ -148,6 +148,11 @@ class StudentTrainer(keras.Model):
         return [m for m in (*self._trackers.values(), self._accuracy, self._agreement) if m is not None]
 
     @staticmethod
+    def _features(model, x, training=False) -> list:
+        out = model(x, training=training)
+        return list(out) if isinstance(out, (list, tuple)) else [out]  # one output comes alone
+
+    @staticmethod
     def _split(data):
         if isinstance(data, (tuple, list)):
             return data[0], (data[1] if len(data) > 1 else None)
@@ -176,9 +181,9 @@ class StudentTrainer(keras.Model):
         x, y = self._split(data)
         if self.label_weight > 0 and y is None:
             raise ValueError("label_weight > 0 needs (images, labels) batches.")
-        t_out = self.teacher_features(x, training=False) if self.teacher is not None else None
+        t_out = self._features(self.teacher_features, x) if self.teacher is not None else None
         with tf.GradientTape() as tape:
-            s_out = self.student_features(x, training=True)
+            s_out = self._features(self.student_features, x, training=True)
             latent, kd, label = self._loss_terms(s_out, t_out, y)
             total = latent + kd + label
             penalty = self.lasso.penalty() if self.lasso is not None else ops.convert_to_tensor(0.0)
@@ -198,8 +203,8 @@ class StudentTrainer(keras.Model):
 
     def test_step(self, data):
         x, y = self._split(data)
-        t_out = self.teacher_features(x, training=False) if self.teacher is not None else None
-        s_out = self.student_features(x, training=False)
+        t_out = self._features(self.teacher_features, x) if self.teacher is not None else None
+        s_out = self._features(self.student_features, x)
         latent, kd, label = self._loss_terms(s_out, t_out, y if self.label_weight > 0 else None)
         penalty = self.lasso.penalty() if self.lasso is not None else ops.convert_to_tensor(0.0)
         self._update(latent + kd + label, latent, kd, label, penalty, s_out[-1], t_out, y)

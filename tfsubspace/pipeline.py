@@ -297,6 +297,11 @@ class _Pipeline:
         fileio.write_json(self.dir / "surgery.json", self.surgery)
         self.log(f"prune: slim model matches within {result.max_abs_diff:.2e}; "
                  f"{sum(f['positions'] for f in result.folds)} constant channel inputs folded")
+        inexact = [f["layer"] for f in result.folds if not f["exact"]]
+        if inexact:
+            print(f"[tfsubspace] WARNING: constants of removed channels fold only approximately into "
+                  f"{', '.join(inexact)} ('same' padding borders); the pruned student differs from the "
+                  f"trained one by up to {result.max_abs_diff:.3g} before recovery.", flush=True)
         return self._save(result.model, path)
 
     # ------------------------------------------------------------ report

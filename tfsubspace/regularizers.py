@@ -85,10 +85,11 @@ class ChannelLasso:
     """Scale-invariant group LASSO over the prunable channels of a model.
 
     For each channel of each prunable channel group, its *members* are, for every layer
-    that produces it: the BatchNormalization gamma entry if a BatchNormalization directly
-    follows that layer (the kernel's scale is then free, so only gamma measures the
-    channel), else the layer's output filter (kernel slice and bias). The channel's norm
-    is the L2 norm of all its members together.
+    that produces it: the gamma and beta entries if a BatchNormalization directly follows
+    that layer (the kernel's scale is then free, so the BN measures the channel; with beta
+    in the group a zeroed channel outputs act(0), which is 0 for ReLU and the like, so that
+    removing it changes nothing), else the layer's output filter (kernel slice and bias).
+    The channel's norm is the L2 norm of all its members together.
 
     Norms are taken relative to their group's mean norm. A plain penalty on gammas fails
     in BN networks: scaling every gamma (and beta) of a layer alike leaves the next
@@ -100,12 +101,12 @@ class ChannelLasso:
       ratio, unchanged by scaling a group and smallest when few channels carry the group.
     - `proximal(threshold)`: soft-thresholds each channel's members jointly by
       threshold * (its group's mean norm), so that channels that fall behind their group
-      become exact zeros. In a group measured by BN gammas alone (scale-free), the group's
+      become exact zeros. In a group measured by BN parameters alone (scale-free), the group's
       mean norm is then restored, so its scale does not drift; elsewhere the scale matters
       to the function and the loss holds it (call after each optimizer step).
     - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
-    A zeroed gamma leaves the channel carrying the constant act(beta), which surgery folds
-    into the next layer (apply_plan(..., fold_constants=True)).
+    A channel whose activation of zero is not zero carries a constant once zeroed, which
+    surgery folds into the next layer (apply_plan(..., fold_constants=True)).
     """
 
     def __init__(self, analysis: ChannelAnalysis, epsilon: float = 1e-12):
@@ -126,7 +127,7 @@ class ChannelLasso:
         self._group_sizes = np.array(list(self.group_sizes.values()), dtype=np.float32)
         # members: (variable, channel index of each slice along its last axis)
         self.members: list[tuple[keras.Variable, np.ndarray]] = []
-        scale_free = np.ones(len(self._group_sizes), dtype=bool)  # per group: BN gammas only
+        scale_free = np.ones(len(self._group_sizes), dtype=bool)  # per group: measured by BNs only
         consumers = analysis.consumers()
         for node in analysis.graph.walk():
             handler = channels.handler_for(node.layer)
@@ -138,6 +139,8 @@ class ChannelLasso:
             bn = _following_batchnorm(node, consumers)
             if bn is not None and bn.scale:
                 self.members.append((bn.gamma, index))
+                if bn.center:
+                    self.members.append((bn.beta, index))
             else:
                 kernel = node.layer.pointwise_kernel if hasattr(node.layer, "pointwise_kernel") else node.layer.kernel
                 self.members.append((kernel, index))
