@@ -67,10 +67,12 @@ def main(argv):
     }
     results = Path(_RESULTS.value)
     fileio.write_json(results / "surgery.json", {"meta": meta, "rows": rows})
+    load = ", ".join(f"{v:.1f}" for v in meta["load_average_at_end"])
     lines = [
         "# Surgery time on the reference models",
         "",
-        f"`{meta['command']}` on {meta['machine']}; median of {meta['repeats']} runs (min-max). "
+        f"`{meta['command']}` on {meta['machine']}; median of {meta['repeats']} runs (min-max); "
+        f"load average at the end {load} (other jobs were running when it is above 0). "
         "Surgery = rebuild + weight slicing + masked-model check on a batch of 4; the plan keeps "
         "a random half of every prunable group.",
         "",
