@@ -34,6 +34,8 @@ test: data
 demo: $(RUNS)/demo/teacher.keras
 	$(PY) scripts/compress.py --teacher=$< --dataset=mnist --work_dir=$(RUNS)/demo/compress \
 		--energy=0.95 --epochs=3 --recover_epochs=1 --lasso=1.0 --verbose=2
+	$(PY) scripts/benchmark.py --models=teacher=$<,student=$(RUNS)/demo/compress/student.keras \
+		--dataset=mnist --out_dir=$(RUNS)/demo/tflite
 
 $(RUNS)/demo/teacher.keras: | data
 	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 --output=$@ --verbose=2

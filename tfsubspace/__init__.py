@@ -52,6 +52,12 @@ _LAZY = {
     "build_student": ("tfsubspace.student", "build_student"),
     "latent_statistics": ("tfsubspace.subspace", "latent_statistics"),
     "choose_dimensions": ("tfsubspace.subspace", "choose_dimensions"),
+    "export": ("tfsubspace.export", "export"),
+    "edgetpu_check": ("tfsubspace.export", "edgetpu_check"),
+    "micro_arena_bytes": ("tfsubspace.export", "micro_arena_bytes"),
+    "write_c_array": ("tfsubspace.export", "write_c_array"),
+    "benchmark": ("tfsubspace.edgebench", "benchmark"),
+    "BenchEntry": ("tfsubspace.edgebench", "BenchEntry"),
 }
 
 __all__ = sorted(

@@ -1,0 +1,65 @@
+"""Exports a Keras model to .tflite (float32, float16, dynamic-range, full int8), checked.
+
+    python scripts/export_tflite.py --model=runs/demo/compress/student.keras --dataset=mnist \
+        --out_dir=runs/demo/tflite --c_array
+
+Each file is run with the LiteRT interpreter against the Keras model on test images (max abs
+error, top-1 agreement). A full-int8 file under --min_agreement is reported as failed and the
+command exits with status 2. --c_array writes model_data.cc/.h for TFLite Micro firmware;
+--edgetpu prints the Edge TPU compatibility report of the int8 file.
+"""
+
+import sys
+
+from absl import app, flags
+
+from tfsubspace.export import MODES
+
+_MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", required=True)
+_UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in --model.")
+_DATASET = flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"],
+                             "Images for int8 calibration (train split) and the checks (test split).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
+_MODES = flags.DEFINE_multi_enum("modes", list(MODES), list(MODES), "Export modes.")
+_OUT = flags.DEFINE_string("out_dir", None, "Where the .tflite files go.", required=True)
+_NAME = flags.DEFINE_string("name", None, "File name prefix (default: the model's name).")
+_IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Input/output type of the int8 model.")
+_CALIB = flags.DEFINE_integer("calibration_examples", 300, "Calibration images.", lower_bound=1)
+_CHECK = flags.DEFINE_integer("check_examples", 500, "Images for the checks.", lower_bound=1)
+_MIN_AGREE = flags.DEFINE_float("min_agreement", 0.98, "Least top-1 agreement of a quantized file.",
+                                lower_bound=0.0, upper_bound=1.0)
+_C_ARRAY = flags.DEFINE_boolean("c_array", False, "Write model_data.cc/.h of the int8 file (TFLite Micro).")
+_EDGETPU = flags.DEFINE_boolean("edgetpu", False, "Print the Edge TPU report of the int8 file.")
+
+
+def main(argv):
+    del argv
+    from tfsubspace import data, export, load_model
+
+    model = load_model(_MODEL.value, safe_mode=not _UNSAFE.value)
+    calibration = data.load(_DATASET.value, "train", batch_size=100, labels=False, seed=0, data_dir=_DATA_DIR.value)
+    checks = data.load(_DATASET.value, "test", batch_size=100, shuffle=False, labels=False, data_dir=_DATA_DIR.value)
+    results = export.export(model, _OUT.value, modes=_MODES.value, calibration_ds=calibration, check_ds=checks,
+                            calibration_examples=_CALIB.value, check_examples=_CHECK.value,
+                            min_agreement=_MIN_AGREE.value, io_dtype=_IO.value, name=_NAME.value)
+    print(f"{'mode':<8} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
+    for r in results:
+        print(f"{r.mode:<8} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
+              + ("" if r.passed else "  FAILED"))
+    int8 = next((r for r in results if r.mode == "int8"), None)
+    if int8 is not None and (_C_ARRAY.value or _EDGETPU.value):
+        if _C_ARRAY.value:
+            arena = export.micro_arena_bytes(int8.path)
+            for path in export.write_c_array(int8.path, _OUT.value, arena_bytes=arena):
+                print(f"wrote {path} (TFLite Micro arena: {arena} bytes)")
+        if _EDGETPU.value:
+            print(export.format_edgetpu_report(export.edgetpu_check(int8.path)))
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        print(f"ERROR: {r.path}: {r.message}", file=sys.stderr)
+    if failed:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
