@@ -1,0 +1,163 @@
+"""TFLite export, its checks, the Edge TPU report, TFLite Micro arena, C arrays, benchmarks."""
+
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import REPO
+
+from tfsubspace import edgebench, export, fileio
+from tfsubspace.errors import TfSubspaceError
+
+
+def tiny_model(activation="relu"):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 1))
+    x = keras.layers.Conv2D(4, 3, use_bias=False)(inputs)
+    x = keras.layers.Activation(activation)(keras.layers.BatchNormalization()(x))
+    x = keras.layers.MaxPooling2D()(x)
+    outputs = keras.layers.Dense(5)(keras.layers.Flatten()(x))
+    return keras.Model(inputs, outputs, name="tiny")
+
+
+def images(n=64, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, size=(n, 12, 12, 1)).astype("float32")
+
+
+def as_ds(x, labels=None):
+    return tf.data.Dataset.from_tensor_slices(x if labels is None else (x, labels)).batch(16)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tflite")
+    model = tiny_model()
+    return model, export.export(model, out, calibration_ds=as_ds(images(200)), check_ds=as_ds(images(64, 1)))
+
+
+def test_every_mode_is_written_and_checked(exported):
+    model, results = exported
+    assert [r.mode for r in results] == list(export.MODES)
+    by_mode = {r.mode: r for r in results}
+    assert by_mode["float32"].max_abs_error < 1e-4 and by_mode["float32"].agreement == 1.0
+    assert by_mode["int8"].passed and by_mode["int8"].agreement >= 0.98
+    assert by_mode["int8"].size_bytes < by_mode["float16"].size_bytes < by_mode["float32"].size_bytes
+    for r in results:
+        assert r.path.read_bytes()[4:8] == b"TFL3" and r.examples == 64
+    runner = export.TFLiteRunner(by_mode["int8"].path)
+    assert runner.input["dtype"] == np.int8 and list(runner.input["shape"]) == [1, 12, 12, 1]
+
+
+def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
+    model = tiny_model()
+    results = export.export(model, tmp_path, modes=("int8",), calibration_ds=as_ds(np.zeros((32, 12, 12, 1), "float32")),
+                            check_ds=as_ds(images(64)), min_agreement=0.98)
+    assert not results[0].passed
+    assert "quantization-aware training" in results[0].message and "calibrate on more" in results[0].message
+    assert results[0].path.exists()  # written, but marked failed
+
+
+def test_uint8_io_and_bad_arguments(tmp_path):
+    model = tiny_model()
+    result = export.export(model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), io_dtype="uint8")[0]
+    assert export.TFLiteRunner(result.path).input["dtype"] == np.uint8 and result.agreement > 0.9
+    with pytest.raises(ValueError, match="Unknown export mode 'int4'"):
+        export.export(model, tmp_path, modes=("int4",), calibration_ds=as_ds(images()))
+    with pytest.raises(ValueError, match="needs check_ds"):
+        export.export(model, tmp_path)
+    with pytest.raises(ValueError, match="needs calibration images"):
+        export.convert(model, "int8")
+
+
+def test_edgetpu_report(exported, tmp_path):
+    _, results = exported
+    by_mode = {r.mode: r for r in results}
+    report = export.edgetpu_check(by_mode["int8"].path)
+    assert report["compatible"], report["problems"]
+    assert {row["op"] for row in report["operators"]} >= {"CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED"}
+    floats = export.edgetpu_check(by_mode["float32"].path)
+    assert not floats["compatible"] and any("FLOAT32, not 8-bit integer" in p for p in floats["problems"])
+    exp_model = tiny_model("exponential")
+    path = export.export(exp_model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), min_agreement=0.0)[0].path
+    report = export.edgetpu_check(path)
+    assert "operator EXP is not supported by the Edge TPU" in report["problems"]
+    assert "EXP                          1          Not supported by the Edge TPU" in export.format_edgetpu_report(report)
+
+
+def test_micro_arena_and_c_array(exported, tmp_path):
+    _, results = exported
+    by_mode = {r.mode: r for r in results}
+    float_arena = export.micro_arena_bytes(by_mode["float32"].path)
+    int8_arena = export.micro_arena_bytes(by_mode["int8"].path)
+    assert 0 < int8_arena < float_arena
+    header, source = export.write_c_array(by_mode["int8"].path, tmp_path, arena_bytes=int8_arena)
+    data = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", source.read_text()))
+    assert data == by_mode["int8"].path.read_bytes()
+    assert f"g_model_len = {len(data)};" in source.read_text()
+    assert f"constexpr int g_model_arena_size = {int8_arena};" in header.read_text()
+
+
+def test_corrupt_files_are_named(tmp_path):
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(TfSubspaceError, match="bad.tflite is not a TFLite flatbuffer"):
+        export.TFLiteRunner(bad)
+    keras_file = tmp_path / "m.keras"
+    tiny_model().save(keras_file)
+    truncated = tmp_path / "t.keras"
+    truncated.write_bytes(keras_file.read_bytes()[:500])
+    with pytest.raises(TfSubspaceError, match="t.keras is not a .keras model file"):
+        fileio.load_model(truncated)
+    with pytest.raises(FileNotFoundError, match="nope.keras"):
+        fileio.load_model(tmp_path / "nope.keras")
+
+
+def test_benchmark_side_by_side(exported, tmp_path):
+    model, results = exported
+    by_mode = {r.mode: r for r in results}
+    small = keras.Model(model.inputs, model.outputs, name="same")
+    entries = [edgebench.BenchEntry("a", by_mode["float32"].path, "float32", model),
+               edgebench.BenchEntry("a", by_mode["int8"].path, "int8", model),
+               edgebench.BenchEntry("b", by_mode["float32"].path, "float32", small),
+               edgebench.BenchEntry("c", by_mode["dynamic"].path, "dynamic")]
+    x = images(40, 2)
+    labels = keras.ops.convert_to_numpy(model(x)).argmax(-1)
+    report = edgebench.benchmark(entries, eval_ds=as_ds(x, labels), reference=model, runs=5, warmup=1)
+    rows = report["rows"]
+    assert [r["label"] for r in rows] == ["a", "a", "b", "c"]
+    assert rows[0]["speedup_vs_first"] == 1.0 and rows[1]["speedup_vs_first"] == 1.0
+    assert rows[2]["speedup_vs_first"] == pytest.approx(rows[0]["latency"]["median_ms"] / rows[2]["latency"]["median_ms"])
+    assert rows[0]["accuracy"] == 1.0 and rows[0]["agreement"] == 1.0 and rows[0]["params"] == model.count_params()
+    assert "micro_arena_bytes" in rows[1] and "micro_arena_bytes" not in rows[3]  # TFLM runs no dynamic-range model
+    lat = rows[0]["latency"]
+    assert lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["max_ms"] and lat["runs"] == 5
+    table = edgebench.format_table(report)
+    assert "| a | int8 |" in table and "5 timed runs" in table
+    for path in edgebench.plot(report, tmp_path):
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scripts_end_to_end(tmp_path):
+    model_path = tmp_path / "m.keras"
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x)), name="m").save(model_path)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "export_tflite.py"), f"--model={model_path}",
+                             f"--out_dir={out}", "--c_array", "--edgetpu", "--check_examples=100",
+                             "--calibration_examples=100", "--min_agreement=0.5"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
+    assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in export.MODES}
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), f"--models=one={model_path},two={model_path}",
+                             f"--out_dir={tmp_path / 'bench'}", "--runs=5", "--warmup=1", "--eval_examples=100"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| two | int8 |" in result.stdout and (tmp_path / "bench" / "benchmark.json").exists()
