@@ -92,6 +92,7 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
         labels = np.concatenate(ys)[:eval_examples] if ys else None
         if reference is not None:
             reference_logits = keras.ops.convert_to_numpy(reference.predict(images, batch_size=256, verbose=0))
+    load_before = os.getloadavg()
     rows = []
     for entry in entries:
         row = {"label": entry.label, "mode": entry.mode, "file": str(entry.path),
@@ -111,6 +112,7 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
                    f"{platform.python_version()}",
         "settings": {"threads": threads, "warmup": warmup, "runs": runs, "interpreter": "ai_edge_litert"},
+        "load_average_before": [round(v, 2) for v in load_before],
         "rows": rows,
     }
 
@@ -128,7 +130,8 @@ def format_table(report: dict) -> str:
     s = report["settings"]
     lines = [
         f"LiteRT interpreter, {s['threads']} thread(s), {s['warmup']} warm-up and {s['runs']} timed runs of "
-        f"one image; machine: {report['machine']}.",
+        f"one image; machine: {report['machine']}; load average before the run "
+        f"{', '.join(str(v) for v in report.get('load_average_before', []))}.",
         "",
         "| model | mode | params | MACs | file | latency median (p90) | speed-up | MCU arena | accuracy | agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
