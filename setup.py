@@ -18,6 +18,7 @@ setup(
         "numpy>=1.26",
         "absl-py>=2.1",
         "matplotlib>=3.8",
+        "tensorboard>=2.20",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu==2.21.*"],

@@ -47,6 +47,7 @@ _TARGET = flags.DEFINE_float("target_params", None, "Parameter budget: a ratio o
 _STATS_BATCHES = flags.DEFINE_integer("stats_batches", _D.stats_batches, "Batches for latent statistics.", lower_bound=1)
 _BN_BATCHES = flags.DEFINE_integer("bn_batches", _D.bn_batches, "Batches for BN re-estimation.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
+_TENSORBOARD = flags.DEFINE_string("tensorboard_dir", None, "TensorBoard log directory (none if unset).")
 _VERBOSE = flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Progress output.")
 
 for _name in ("learning_rate", "recover_learning_rate", "temperature", "lasso_learning_rate"):
@@ -73,7 +74,7 @@ def main(argv):
         recover_learning_rate=_RECOVER_LR.value, tap_weight=_TAP_WEIGHT.value, kd_weight=_KD_WEIGHT.value,
         temperature=_TEMPERATURE.value, lasso=_LASSO.value, lasso_learning_rate=_LASSO_LR.value,
         target_params=_TARGET.value, stats_batches=_STATS_BATCHES.value, bn_batches=_BN_BATCHES.value,
-        seed=_SEED.value, verbose=_VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value),
+        seed=_SEED.value, tensorboard_dir=_TENSORBOARD.value, verbose=_VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value),
     )
     print(open(result.paths["report_md"], encoding="utf-8").read())
     print(f"student: {result.paths['student']}")

@@ -79,7 +79,8 @@ def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
     teacher, _, ds, _ = teacher_and_data
     result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=0.75, multiple=1, init="random",
                                  schedule="stage_wise", epochs=2, recover_epochs=0, lasso=0.0,
-                                 target_params=0.3, verbose=0)
+                                 target_params=0.3, tensorboard_dir=str(tmp_path / "tb"), verbose=0)
+    assert list((tmp_path / "tb" / "distill").rglob("events.out.tfevents.*"))
     assert result.student.count_params() <= 0.3 * teacher.count_params() + 64  # folded biases may add a few
     history = list(csv.DictReader(open(tmp_path / "distill.csv")))
     assert [row["epoch"] for row in history] == ["0", "1"]

@@ -81,3 +81,11 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, env):
         epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
     assert epochs == [0, 1, 2, 3]
     assert out.exists() and not backup.exists()
+
+
+def test_tensorboard_logs(tmp_path, env):
+    out, tb = tmp_path / "t.keras", tmp_path / "tb"
+    result = run(["--model=lenet5", "--epochs=1", "--batch_size=128", "--verbose=0", f"--output={out}",
+                  f"--tensorboard_dir={tb}"], env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list(tb.rglob("events.out.tfevents.*"))

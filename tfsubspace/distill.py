@@ -242,11 +242,12 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
 
 
 def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
-                  verbose="auto") -> keras.callbacks.History:
+                  verbose="auto", tensorboard_dir=None) -> keras.callbacks.History:
     """Compiles `trainer` with Adam (cosine decay) and fits it on `ds`, resumably.
 
     The state after each epoch goes to work_dir/NAME_backup (EpochCheckpoint) and the
-    metrics to work_dir/NAME.csv; a rerun continues after the last finished epoch. A NaN
+    metrics to work_dir/NAME.csv (and to TensorBoard under tensorboard_dir/NAME when given);
+    a rerun continues after the last finished epoch. A NaN
     or infinite loss stops the run with FloatingPointError, before anything is saved.
     """
     work_dir = Path(work_dir)
@@ -259,6 +260,8 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
                  keras.callbacks.TerminateOnNaN()]
     if trainer.stages is not None:
         callbacks.append(StageSchedule(epochs))
+    if tensorboard_dir is not None:
+        callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
     history = trainer.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False,
                           verbose=verbose)
     if any(not math.isfinite(v) for v in history.history.get("loss", [])) or trainer.stop_training:

@@ -63,6 +63,7 @@ class CompressionConfig:
     stats_batches: int = 100
     bn_batches: int = 50
     seed: int = 0
+    tensorboard_dir: str | None = None
     verbose: int | str = "auto"
 
     def validate(self) -> None:
@@ -138,6 +139,7 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) 
             or a count: the weakest channels by normalized LASSO norm are removed until met.
         stats_batches / bn_batches: batches for the latent statistics / the BN re-estimation.
         seed: random seed.
+        tensorboard_dir: write TensorBoard logs of the training stages there.
 
     Returns:
         CompressionResult(student, plan, report, paths).
@@ -277,7 +279,7 @@ class _Pipeline:
             lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
         )
         fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
-                      verbose=c.verbose)
+                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir)
         return student
 
     def _lasso_plan(self, student, plan0, path):
