@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -98,7 +99,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
             raise DataFileError(f"{path}: corrupt or truncated gzip stream ({e}).") from None
     if len(raw) < 4:
         raise DataFileError(f"{path}: too short for an IDX header ({len(raw)} bytes).")

@@ -127,18 +127,25 @@ class TFLiteRunner:
         from ai_edge_litert.interpreter import Interpreter
 
         content = model if isinstance(model, bytes) else _read_tflite(model)
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+        self.source = "the TFLite model" if isinstance(model, bytes) else str(model)
+        try:  # a corrupt flatbuffer surfaces as ValueError (UnicodeDecodeError too) or RuntimeError
+            self.interpreter = Interpreter(model_content=content, num_threads=threads)
+            self.interpreter.allocate_tensors()
+            self.input = self.interpreter.get_input_details()[0]
+            self.output = self.interpreter.get_output_details()[0]
+        except (ValueError, RuntimeError, IndexError) as e:
+            raise TfSubspaceError(f"Cannot load {self.source}: {e}") from None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Outputs (float32) for a batch of images, one invoke per image."""
         outs = []
-        for image in images:
-            self.interpreter.set_tensor(self.input["index"], _quantize(image[np.newaxis], self.input))
-            self.interpreter.invoke()
-            outs.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
+        try:
+            for image in images:
+                self.interpreter.set_tensor(self.input["index"], _quantize(image[np.newaxis], self.input))
+                self.interpreter.invoke()
+                outs.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
+        except (ValueError, RuntimeError) as e:
+            raise TfSubspaceError(f"Running {self.source} failed: {e}") from None
         return np.concatenate(outs)
 
     def invoke(self) -> None:
