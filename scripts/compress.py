@@ -44,6 +44,8 @@ _LASSO_LR = flags.DEFINE_float("lasso_learning_rate", _D.lasso_learning_rate, "S
                                lower_bound=0.0)
 _TARGET = flags.DEFINE_float("target_params", None, "Parameter budget: a ratio of the teacher's (<= 1) or a count.",
                              lower_bound=0.0)
+_TARGET_MACS = flags.DEFINE_float("target_macs", None, "MAC budget per image: a ratio of the teacher's (<= 1) or a count.",
+                                  lower_bound=0.0)
 _STATS_BATCHES = flags.DEFINE_integer("stats_batches", _D.stats_batches, "Batches for latent statistics.", lower_bound=1)
 _BN_BATCHES = flags.DEFINE_integer("bn_batches", _D.bn_batches, "Batches for BN re-estimation.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
@@ -73,7 +75,7 @@ def main(argv):
         epochs=_EPOCHS.value, recover_epochs=_RECOVER.value, learning_rate=_LR.value,
         recover_learning_rate=_RECOVER_LR.value, tap_weight=_TAP_WEIGHT.value, kd_weight=_KD_WEIGHT.value,
         temperature=_TEMPERATURE.value, lasso=_LASSO.value, lasso_learning_rate=_LASSO_LR.value,
-        target_params=_TARGET.value, stats_batches=_STATS_BATCHES.value, bn_batches=_BN_BATCHES.value,
+        target_params=_TARGET.value, target_macs=_TARGET_MACS.value, stats_batches=_STATS_BATCHES.value, bn_batches=_BN_BATCHES.value,
         seed=_SEED.value, tensorboard_dir=_TENSORBOARD.value, verbose=_VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value),
     )
     print(open(result.paths["report_md"], encoding="utf-8").read())

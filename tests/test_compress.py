@@ -86,6 +86,14 @@ def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
     assert [row["epoch"] for row in history] == ["0", "1"]
 
 
+def test_mac_budget(teacher_and_data, tmp_path):
+    teacher, _, ds, _ = teacher_and_data
+    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=1,
+                                 recover_epochs=0, lasso=0.0, target_macs=0.4, verbose=0)
+    assert result.report["student"]["macs"] <= 0.4 * result.report["teacher"]["macs"]
+    assert result.report["macs_removed"] >= 0.6
+
+
 def test_bad_input_is_refused_clearly(teacher_and_data):
     teacher, _, ds, _ = teacher_and_data
     wrong = tf.data.Dataset.from_tensor_slices(np.zeros((4, 32, 32, 3), "float32")).batch(2)

@@ -221,6 +221,22 @@ def test_constant_channels_fold_into_consumer_bias():
     assert np.max(np.abs(keras.ops.convert_to_numpy(plain.model(x) - model(x)))) > 1e-2
 
 
+def test_a_channel_dead_in_the_original_is_no_constant_once_others_are_masked():
+    inputs = L.Input((1,))
+    h1 = L.Dense(2, name="h1")(inputs)  # h1 = (x, 3 + 0.01 x)
+    h2 = L.Dense(2, activation="relu", name="h2")(h1)  # h2_0 = relu(x - h1_1): dead, unless h1_1 is masked
+    model = keras.Model(inputs, L.Dense(1, name="out")(h2))
+    model.get_layer("h1").set_weights([np.array([[1.0, 0.01]], "float32"), np.array([0.0, 3.0], "float32")])
+    model.get_layer("h2").set_weights([np.array([[1.0, 1.0], [-1.0, 0.0]], "float32"), np.zeros(2, "float32")])
+    model.get_layer("out").set_weights([np.ones((2, 1), "float32"), np.zeros(1, "float32")])
+    a = analysis.analyze(model)
+    plan = PruningPlan.from_masks(a, {"h1": [0], "h2": [1]})
+    x = np.linspace(0.0, 1.0, 8, dtype="float32")[:, None]
+    assert np.all(keras.ops.convert_to_numpy(model.get_layer("h2")(model.get_layer("h1")(x)))[:, 0] == 0)
+    result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
+    assert result.max_abs_diff <= 1e-6 and result.folds == []
+
+
 def test_inexact_fold_is_reported():
     rng = np.random.default_rng(5)
     inputs = L.Input((6, 6, 2))

@@ -60,6 +60,7 @@ class CompressionConfig:
     lasso_learning_rate: float = 0.01
     zero_tolerance: float = 1e-6
     target_params: float | None = None
+    target_macs: float | None = None
     stats_batches: int = 100
     bn_batches: int = 50
     seed: int = 0
@@ -97,6 +98,8 @@ class CompressionConfig:
             raise ValueError("tap_weight and kd_weight are both 0: the student would learn nothing.")
         if self.target_params is not None and not self.target_params > 0:
             fail("target_params", "a positive ratio (<= 1) or parameter count")
+        if self.target_macs is not None and not self.target_macs > 0:
+            fail("target_macs", "a positive ratio (<= 1) or MAC count")
         if self.stats_batches < 1:
             fail("stats_batches", "a positive integer")
 
@@ -137,6 +140,7 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) 
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
         target_params: a parameter budget for the student, as a ratio of the teacher's (<= 1)
             or a count: the weakest channels by normalized LASSO norm are removed until met.
+        target_macs: the same as a budget of multiply-accumulates per image (both may be set).
         stats_batches / bn_batches: batches for the latent statistics / the BN re-estimation.
         seed: random seed.
         tensorboard_dir: write TensorBoard logs of the training stages there.
@@ -284,10 +288,12 @@ class _Pipeline:
 
     def _lasso_plan(self, student, plan0, path):
         c = self.config
-        budget = None
-        if c.target_params is not None:
-            budget = c.target_params * stats.count_params(self.teacher) if c.target_params <= 1 else c.target_params
-        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, budget=budget)
+        def absolute(target, teacher_value):
+            return None if target is None else (target * teacher_value if target <= 1 else target)
+
+        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple,
+                          budget=absolute(c.target_params, stats.count_params(self.teacher)),
+                          macs_budget=absolute(c.target_macs, stats.count_macs(self.teacher)))
         plan.save(path)
         return plan
 
@@ -335,24 +341,28 @@ def _mean_square(st: subspace.LatentStatistics) -> float:
 
 
 def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multiple: int = 1,
-               budget: float | None = None) -> surgery.PruningPlan:
+               budget: float | None = None, macs_budget: float | None = None) -> surgery.PruningPlan:
     """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
-    under `zero_tolerance`; with a parameter `budget`, also the weakest by normalized norm
-    until it is met. Kept counts are rounded up to `multiple` with the strongest channels;
+    under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
+    the weakest by normalized norm until both are met. Kept counts are rounded up to `multiple` with the strongest channels;
     every group and every layer keeps at least one channel."""
     norms = ChannelLasso(analysis).norms()
     masks = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
     for g, mask in masks.items():
         if not mask.any():
             mask[int(np.argmax(norms[g]))] = True
-    if budget is not None:
-        masks = _meet_budget(analysis, norms, masks, budget)
-    plan = surgery.PruningPlan.from_masks(analysis, masks).round_up(multiple, scores=norms)
-    return _ensure_every_layer_kept(analysis, plan, norms)
+
+    def finish(trial):
+        plan = surgery.PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=norms)
+        return _ensure_every_layer_kept(analysis, plan, norms)
+
+    if budget is not None or macs_budget is not None:
+        masks = _meet_budget(analysis, norms, masks, budget, macs_budget, finish)
+    return finish(masks)
 
 
-def _meet_budget(analysis, norms, masks, budget):
-    """Removes the channels of lowest normalized norm until the plan fits `budget` params."""
+def _meet_budget(analysis, norms, masks, budget, macs_budget, finish):
+    """Removes the channels of lowest normalized norm until the plan fits the budgets."""
     normalized = {g: n / max(float(n[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, n in norms.items()}
     candidates = sorted((float(normalized[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
 
@@ -365,16 +375,21 @@ def _meet_budget(analysis, norms, masks, budget):
                 m[int(np.argmax(norms[g]))] = True
         return trial
 
-    def params(trial):
-        plan = _ensure_every_layer_kept(analysis, surgery.PruningPlan.from_masks(analysis, trial), norms)
-        return surgery.plan_params(analysis, plan)
+    def fits(trial):
+        plan = finish(trial)
+        if budget is not None and surgery.plan_params(analysis, plan) > budget:
+            return False
+        if macs_budget is not None:  # MACs need the spatial sizes: count them on the slim model
+            slim = surgery.apply_plan(analysis.model, plan, analysis=analysis).model
+            return stats.count_macs(slim) <= macs_budget
+        return True
 
     lo, hi = 0, len(candidates)
-    if params(plan_for(0)) <= budget:
+    if fits(plan_for(0)):
         return masks
-    while lo < hi:  # the fewest removals that meet the budget
+    while lo < hi:  # the fewest removals that meet the budgets
         mid = (lo + hi) // 2
-        if params(plan_for(mid)) <= budget:
+        if fits(plan_for(mid)):
             hi = mid
         else:
             lo = mid + 1

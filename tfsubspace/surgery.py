@@ -200,14 +200,25 @@ def _run_inputs(analysis: ChannelAnalysis, x) -> dict:
 def _constant_channels(analysis: ChannelAnalysis, kept: np.ndarray, x):
     """Which removed channels carry a constant in the original model, and the constants.
 
-    Runs the original on `x` and looks at the input of every Conv/Dense: a position whose
-    value is the same over the batch and every pixel carries a constant. Returns (per global
-    channel: removed and constant at every Conv/Dense input it reaches; per producer path:
-    the constant at each input position, NaN where it varies).
+    A removed channel carries a constant when every layer producing it has an all-zero
+    filter for it (so that its value depends on no input, whatever else is masked): e.g.
+    act(beta) after a BatchNormalization. The constants are read off a run of the original
+    on `x` at the input of every Conv/Dense, where they must indeed be the same over the
+    batch and every pixel. Returns (per global channel: removed and constant; per producer
+    path: the constant at each input position, NaN where it varies).
     """
+    constant = ~kept
+    for node in analysis.graph.walk():
+        if isinstance(channels.handler_for(node.layer), channels.Producer):
+            layer = node.layer
+            kernel = layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+            kernel = keras.ops.convert_to_numpy(kernel)
+            live = np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)
+            if isinstance(channels.handler_for(layer), channels.TransposeProducer):
+                live = np.any(np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2]) != 0, axis=0)
+            constant[analysis.ids[node.outputs[0].key][live]] = False
     values = _run_inputs(analysis, x)
     _run(analysis.graph, values, lambda node, out: out)
-    constant = ~kept
     per_node = {}
     for node in analysis.graph.walk():
         if not isinstance(channels.handler_for(node.layer), channels.Producer):
