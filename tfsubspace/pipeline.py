@@ -189,6 +189,7 @@ class _Pipeline:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         self.paths: dict[str, Path] = {}
+        self.surgery: dict | None = None  # the prune stage's check, from this run or its file
 
     def log(self, message: str) -> None:
         if self.config.verbose:
@@ -317,7 +318,7 @@ class _Pipeline:
     def _report(self, student, plan0, plan1) -> dict:
         teacher_eval = evaluate(self.teacher, self.eval_ds) if self.eval_ds is not None else {}
         student_eval = evaluate(student, self.eval_ds, self.teacher) if self.eval_ds is not None else {}
-        surgery_info = self.__dict__.get("surgery")
+        surgery_info = self.surgery
         if surgery_info is None and (self.dir / "surgery.json").exists():
             surgery_info = json.loads((self.dir / "surgery.json").read_text())
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
