@@ -57,6 +57,11 @@ def _activation_name(layer) -> str:
     return getattr(activation, "__name__", str(activation))
 
 
+def _with_bias(layer, kernels: list[np.ndarray], keep_out: np.ndarray) -> list[np.ndarray]:
+    """`kernels` followed by the bias cut to the kept outputs, if the layer has one."""
+    return kernels + ([layer.bias.numpy()[keep_out]] if layer.use_bias else [])
+
+
 def _rebuilt(layer, **changes):
     config = layer.get_config()
     config.update(changes)
@@ -156,11 +161,7 @@ class Producer(Handler):
         return _rebuilt(layer, **changes)
 
     def slice_weights(self, layer, keep_in, keep_out):
-        kernel = layer.kernel.numpy()
-        sliced = [kernel[..., keep_in[0], :][..., keep_out]]
-        if layer.use_bias:
-            sliced.append(layer.bias.numpy()[keep_out])
-        return sliced
+        return _with_bias(layer, [layer.kernel.numpy()[..., keep_in[0], :][..., keep_out]], keep_out)
 
     def count_params(self, layer, n_in, n_out):
         kernel = math.prod(getattr(layer, "kernel_size", ()))
@@ -188,11 +189,7 @@ class TransposeProducer(Producer):
     """Conv2DTranspose and friends: the kernel is (..., out, in)."""
 
     def slice_weights(self, layer, keep_in, keep_out):
-        kernel = layer.kernel.numpy()
-        sliced = [kernel[..., keep_in[0]][..., keep_out, :]]
-        if layer.use_bias:
-            sliced.append(layer.bias.numpy()[keep_out])
-        return sliced
+        return _with_bias(layer, [layer.kernel.numpy()[..., keep_in[0]][..., keep_out, :]], keep_out)
 
     def fold_constants(self, layer, constants, keep_in):
         return None
@@ -206,12 +203,7 @@ class Depthwise(Handler):
         return np.repeat(in_ids[0], layer.depth_multiplier)
 
     def slice_weights(self, layer, keep_in, keep_out):
-        kernel = layer.kernel.numpy()  # (..., in, multiplier)
-        channels = keep_in[0]
-        sliced = [kernel[..., channels, :]]
-        if layer.use_bias:
-            sliced.append(layer.bias.numpy()[keep_out])
-        return sliced
+        return _with_bias(layer, [layer.kernel.numpy()[..., keep_in[0], :]], keep_out)  # kernel: (..., in, mult)
 
     def count_params(self, layer, n_in, n_out):
         kernel = math.prod(layer.kernel_size)
@@ -226,10 +218,7 @@ class Separable(Producer):
         pointwise = layer.pointwise_kernel.numpy()  # (1.., in * multiplier, filters)
         m = layer.depth_multiplier
         rows = (keep_in[0][:, None] * m + np.arange(m)[None, :]).reshape(-1)
-        sliced = [depthwise[..., keep_in[0], :], pointwise[..., rows, :][..., keep_out]]
-        if layer.use_bias:
-            sliced.append(layer.bias.numpy()[keep_out])
-        return sliced
+        return _with_bias(layer, [depthwise[..., keep_in[0], :], pointwise[..., rows, :][..., keep_out]], keep_out)
 
     def count_params(self, layer, n_in, n_out):
         kernel = math.prod(layer.kernel_size)
