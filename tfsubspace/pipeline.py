@@ -56,7 +56,7 @@ class CompressionConfig:
     tap_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 4.0
-    lasso: float = 1e-3
+    lasso: float = 0.25
     lasso_learning_rate: float = 0.01
     zero_tolerance: float = 1e-6
     target_params: float | None = None
