@@ -52,10 +52,10 @@ def test_channel_lasso_members_norms_and_proximal():
     bn.gamma.assign(gamma * 7.0)  # scale-invariant
     assert float(lasso.penalty()) == pytest.approx(expected, rel=1e-5)
     bn.gamma.assign(gamma)
-    lasso.proximal(0.5)  # threshold 0.5 * mean(0.4625) = 0.23125
+    lasso.proximal(0.5)  # threshold 0.5 * mean(0.4625) = 0.23125; the strongest (1.0) is spared
     after = lasso.norms()["conv3"]
     np.testing.assert_array_equal(after == 0.0, np.tile([True, True, False, False], 4))
-    shrunk = np.maximum(gamma - 0.23125, 0.0)
+    shrunk = np.where(gamma == gamma.max(), gamma, np.maximum(gamma - 0.23125, 0.0))
     np.testing.assert_allclose(after, shrunk * gamma.mean() / shrunk.mean(), rtol=1e-5)
     assert after.mean() == pytest.approx(gamma.mean(), rel=1e-5)  # the group's scale is kept
     np.testing.assert_allclose(lasso.norms()["conv1"], 1.0, rtol=1e-6)  # nothing falls behind there
@@ -82,5 +82,7 @@ def test_proximal_restores_the_scale_only_where_it_is_free():
     kernel[0] = [0.1, 0.2, 1.0, 2.0]  # channel norms; mean 0.825
     model.get_layer("d").kernel.assign(kernel)
     lasso = regularizers.ChannelLasso(analysis.analyze(model))
-    lasso.proximal(0.5)  # threshold 0.4125: the first two die, the others lose 0.4125, no restore
-    np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 1.0 - 0.4125, 2.0 - 0.4125], rtol=1e-5)
+    lasso.proximal(0.5)  # threshold 0.4125: the first two die, 1.0 loses 0.4125, the strongest is spared
+    np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 1.0 - 0.4125, 2.0], rtol=1e-5)
+    lasso.proximal(100.0)  # however strong the LASSO, a group keeps its strongest channel
+    np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 0.0, 2.0], rtol=1e-5)

@@ -101,9 +101,11 @@ class ChannelLasso:
       ratio, unchanged by scaling a group and smallest when few channels carry the group.
     - `proximal(threshold)`: soft-thresholds each channel's members jointly by
       threshold * (its group's mean norm), so that channels that fall behind their group
-      become exact zeros. In a group measured by BN parameters alone (scale-free), the group's
-      mean norm is then restored, so its scale does not drift; elsewhere the scale matters
-      to the function and the loss holds it (call after each optimizer step).
+      become exact zeros. The strongest channel of each group is never thresholded, so no
+      group (and no layer) dies whole and gradients keep flowing. In a group measured by BN
+      parameters alone (scale-free), the group's mean norm is then restored, so its scale
+      does not drift; elsewhere the scale matters to the function and the loss holds it
+      (call after each optimizer step).
     - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
     A channel whose activation of zero is not zero carries a constant once zeroed, which
     surgery folds into the next layer (apply_plan(..., fold_constants=True)).
@@ -174,6 +176,11 @@ class ChannelLasso:
         sums = ops.segment_sum(norms, groups, num_segments=len(self._group_sizes))
         return ops.take(sums / ops.convert_to_tensor(self._group_sizes), groups)
 
+    def _group_max(self, norms):
+        """Each channel's group maximum of `norms`."""
+        groups = ops.convert_to_tensor(self._group_of_channel)
+        return ops.take(ops.segment_max(norms, groups, num_segments=len(self._group_sizes)), groups)
+
     def penalty(self):
         """Sum over channels of the channel's norm relative to its group's RMS norm."""
         norms = self._norms()
@@ -185,6 +192,7 @@ class ChannelLasso:
         norms = self._norms()
         mean = self._group_mean(norms)
         shrink = ops.maximum(0.0, 1.0 - threshold * mean / ops.maximum(norms, 1e-30))
+        shrink = ops.where(norms >= self._group_max(norms), 1.0, shrink)  # the strongest survives
         restore = mean / ops.maximum(self._group_mean(norms * shrink), 1e-30)
         factor = shrink * ops.where(ops.convert_to_tensor(self._scale_free), restore, 1.0)
         for var, index in self.members:
