@@ -16,7 +16,7 @@ import tensorflow as tf
 from conftest import REPO
 
 import tfsubspace
-from tfsubspace import data, surgery
+from tfsubspace import analysis, data, surgery
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -181,3 +181,22 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     line = [l for l in result.stdout.splitlines() if l.startswith("LOSS")][0].split()
     assert np.isfinite(float(line[1]))
     assert int(line[3]) > 0  # the proximal step ran on the mirrored variables and zeroed channels
+
+
+def test_adapters_start_as_the_least_squares_map(teacher_and_data):
+    teacher, _, ds, _ = teacher_and_data
+    a = analysis.analyze(teacher)
+    student = surgery.apply_plan(teacher, surgery.PruningPlan.from_masks(a, {"c2": np.arange(24) < 12})).model
+    trainer = tfsubspace.StudentTrainer(student, teacher, taps=["r1", "p2", "r3"])
+    trainer.fit_adapters(ds, batches=4)
+    x = next(iter(ds))
+    s_out = trainer._features(trainer.student_features, x)
+    t_out = trainer._features(trainer.teacher_features, x)
+    # r1 (all 16 channels kept): the map is the identity; p2 (12 of 24 kept): the best linear fit
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(trainer.adapters[0](s_out[0])),
+                               keras.ops.convert_to_numpy(t_out[0]), atol=2e-2)  # up to the small ridge
+    fitted = keras.ops.convert_to_numpy(trainer.adapters[1](s_out[1]))
+    target = keras.ops.convert_to_numpy(t_out[1])
+    selection = np.zeros_like(target)
+    selection[..., :12] = keras.ops.convert_to_numpy(s_out[1])  # keeping the 12 channels as they are
+    assert np.mean((fitted - target) ** 2) < np.mean((selection - target) ** 2)

@@ -52,8 +52,6 @@ class StudentTrainer(keras.Model):
         taps: layer names whose outputs are matched (same name in teacher and student).
         tap_weight: weight w_l of every tap's latent loss.
         tap_scales: per tap, the teacher latent's mean square (defaults to 1).
-        adapter_init: per tap, the teacher channel each student channel started from; the
-            adapter then starts as that selection (exact for a sliced student).
         stages: None to train all taps at once (end to end), or a list of lists of taps:
             stage s trains only its taps, the output distillation joins in the last stage
             (stage-wise, greedy). The StageSchedule callback moves through the stages.
@@ -64,7 +62,7 @@ class StudentTrainer(keras.Model):
         lasso_learning_rate: the SGD learning rate of the LASSO'd variables (proximal only).
     """
 
-    def __init__(self, student, teacher=None, *, taps=(), tap_scales=None, adapter_init=None, stages=None,
+    def __init__(self, student, teacher=None, *, taps=(), tap_scales=None, stages=None,
                  tap_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 4.0, label_weight: float = 0.0,
                  lasso: ChannelLasso | None = None, lasso_weight: float = 0.0, proximal: bool = True,
                  lasso_learning_rate: float = 0.01, **kwargs):
@@ -102,11 +100,6 @@ class StudentTrainer(keras.Model):
             n = teacher.get_layer(tap).output.shape[-1]
             adapter = _adapter(len(s_shape), n, name=f"adapter_{tap}")
             adapter.build(s_shape)
-            if adapter_init and tap in adapter_init:
-                kernel = np.zeros(adapter.kernel.shape, dtype="float32")
-                for i, j in enumerate(adapter_init[tap]):
-                    kernel[..., i, int(j)] = 1.0
-                adapter.kernel.assign(kernel)
             self.adapters.append(adapter)
         initial = [self.tap_weight] * len(self.taps) + [self.kd_weight]
         if stages is not None:
@@ -118,6 +111,36 @@ class StudentTrainer(keras.Model):
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy") if self.label_weight else None
         self._agreement = keras.metrics.Mean(name="agreement") if teacher is not None else None
         self.built = True  # every sub-layer is built above
+
+    def fit_adapters(self, ds, batches: int = 20, ridge: float = 1e-4) -> None:
+        """Sets every adapter to the least-squares linear map (with bias) from the student's
+        latent to the teacher's, over `batches` batches of `ds` (every pixel a sample).
+
+        Training then starts from the best linear reconstruction of the teacher's latents
+        rather than from a random map, whose gradients would first wreck the student.
+        """
+        if not self.adapters or self.teacher is None:
+            return
+        grams = [None] * len(self.adapters)
+        crosses = [None] * len(self.adapters)
+        for batch in ds.take(batches):
+            x, _ = self._split(batch)
+            s_out = self._features(self.student_features, x)
+            t_out = self._features(self.teacher_features, x)
+            for i in range(len(self.adapters)):
+                s = keras.ops.convert_to_numpy(s_out[i]).astype(np.float64)
+                t = keras.ops.convert_to_numpy(t_out[i]).astype(np.float64)
+                s = np.concatenate([s.reshape(-1, s.shape[-1]), np.ones((s.size // s.shape[-1], 1))], axis=1)
+                t = t.reshape(-1, t.shape[-1])
+                grams[i] = s.T @ s + (grams[i] if grams[i] is not None else 0.0)
+                crosses[i] = s.T @ t + (crosses[i] if crosses[i] is not None else 0.0)
+        for adapter, gram, cross in zip(self.adapters, grams, crosses):
+            if gram is None:
+                return
+            reg = ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
+            solution = np.linalg.solve(gram + reg, cross)
+            adapter.kernel.assign(solution[:-1].reshape(adapter.kernel.shape).astype("float32"))
+            adapter.bias.assign(solution[-1].astype("float32"))
 
     # ------------------------------------------------------------ stages
 

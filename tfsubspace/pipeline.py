@@ -218,17 +218,17 @@ class _Pipeline:
             keras.models.load_model)
         student = self._stage(
             "student_distilled", self.dir / "student_distilled.keras",
-            lambda p: self._save(self._train(student, plan0, "distill", c.epochs, c.learning_rate, c.lasso), p),
+            lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
             keras.models.load_model)
-        plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, plan0, p),
+        plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p),
                             surgery.PruningPlan.load)
         student = self._stage("student_pruned", self.dir / "student_pruned.keras",
                               lambda p: self._prune(student, plan1, p), keras.models.load_model)
         if c.recover_epochs:
             student = self._stage(
                 "student", self.dir / "student.keras",
-                lambda p: self._save(self._train(student, _compose(plan0, plan1), "recover", c.recover_epochs,
-                                                 c.recover_learning_rate, 0.0), p),
+                lambda p: self._save(self._train(student, "recover", c.recover_epochs, c.recover_learning_rate, 0.0),
+                                     p),
                 keras.models.load_model)
         else:
             self.paths["student"] = self.paths["student_pruned"]
@@ -264,30 +264,28 @@ class _Pipeline:
         plan.save(path)
         return plan
 
-    def _train(self, student, plan0, name, epochs, learning_rate, lasso_weight):
+    def _train(self, student, name, epochs, learning_rate, lasso_weight):
         c = self.config
         taps = self.analysis.taps()
         student_analysis = analyze(student)
         spectra = json.loads((self.dir / "spectra.json").read_text())
         tap_layers = [taps[g] for g in taps if g in spectra] if c.tap_weight > 0 else []
         scales = {spectra[g]["tap"]: spectra[g]["mean_square"] for g in taps if g in spectra}
-        adapter_init = None
-        if plan0 is not None and c.init == "teacher":
-            adapter_init = {taps[g]: plan0.groups[g]["keep"] for g in taps if g in spectra}
         stages = None
         if c.schedule == "stage_wise" and tap_layers:
             stages = stage_split(tap_layers, epochs)
         lasso = ChannelLasso(student_analysis) if lasso_weight > 0 else None
         trainer = StudentTrainer(
-            student, self.teacher, taps=tap_layers, tap_scales=scales, adapter_init=adapter_init,
+            student, self.teacher, taps=tap_layers, tap_scales=scales,
             stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
             lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
         )
+        trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones
         fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
                       verbose=c.verbose, tensorboard_dir=c.tensorboard_dir)
         return student
 
-    def _lasso_plan(self, student, plan0, path):
+    def _lasso_plan(self, student, path):
         c = self.config
         def absolute(target, teacher_value):
             return None if target is None else (target * teacher_value if target <= 1 else target)
