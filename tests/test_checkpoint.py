@@ -43,3 +43,14 @@ def test_backup_removed_after_success(tmp_path):
     x = np.zeros((8, 4), "float32")
     tiny_model().fit(x, np.zeros(8, "int32"), epochs=1, callbacks=[EpochCheckpoint(tmp_path / "b")], verbose=0)
     assert not (tmp_path / "b").exists()
+
+
+def test_history_logger_cuts_rows_a_resumed_run_repeats(tmp_path):
+    from tfsubspace.checkpoint import history_logger
+
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss\n0,1.0\n1,0.5\n2,0.4\n")  # epoch 2 was logged, then the run was killed
+    history_logger(path, initial_epoch=2)
+    assert path.read_text() == "epoch,loss\n0,1.0\n1,0.5\n"
+    history_logger(path, initial_epoch=0)
+    assert not path.exists()

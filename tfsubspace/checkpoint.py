@@ -9,6 +9,8 @@ written to a temporary file and renamed into place; the older one is removed onl
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import shutil
 from pathlib import Path
@@ -75,3 +77,23 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.delete_on_success and not getattr(self.model, "stop_training", False):
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def history_logger(path, initial_epoch: int) -> keras.callbacks.CSVLogger:
+    """A CSVLogger for a run that starts at `initial_epoch`: a fresh file for a fresh run;
+    on resume, the file cut to the epochs before `initial_epoch`.
+
+    Put it before the EpochCheckpoint in the callback list: an epoch is then logged before it
+    is saved, and a kill between the two only leaves a row that the resumed run rewrites.
+    """
+    path = Path(path)
+    if initial_epoch == 0 or not path.exists():
+        path.unlink(missing_ok=True)
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < initial_epoch]
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows(kept)
+        fileio.write_text(path, buffer.getvalue())
+    return keras.callbacks.CSVLogger(str(path), append=True)

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfsubspace.checkpoint import EpochCheckpoint
+from tfsubspace.checkpoint import EpochCheckpoint, history_logger
 from tfsubspace.regularizers import ChannelLasso
 
 
@@ -279,8 +279,7 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
     trainer.compile(optimizer=keras.optimizers.Adam(schedule))
     checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
     initial_epoch = checkpoint.restore(trainer)
-    callbacks = [checkpoint, keras.callbacks.CSVLogger(str(work_dir / f"{name}.csv"), append=initial_epoch > 0),
-                 keras.callbacks.TerminateOnNaN()]
+    callbacks = [history_logger(work_dir / f"{name}.csv", initial_epoch), checkpoint, keras.callbacks.TerminateOnNaN()]
     if trainer.stages is not None:
         callbacks.append(StageSchedule(epochs))
     if tensorboard_dir is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 
 from tfsubspace import fileio, stats
-from tfsubspace.checkpoint import EpochCheckpoint
+from tfsubspace.checkpoint import EpochCheckpoint, history_logger
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -87,10 +87,8 @@ def train_classifier(
         work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = EpochCheckpoint(work_dir / "backup")
         initial_epoch = checkpoint.restore(model)
-        if initial_epoch == 0:  # a fresh run, not a resumed one
-            (work_dir / "history.csv").unlink(missing_ok=True)
+        callbacks.append(history_logger(work_dir / "history.csv", initial_epoch))
         callbacks.append(checkpoint)
-        callbacks.append(keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True))
     if tensorboard_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir)))
     callbacks.append(keras.callbacks.TerminateOnNaN())
