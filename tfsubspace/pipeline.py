@@ -29,7 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import fileio, stats, subspace, surgery
+from tfsubspace import fileio, ranking, stats, subspace, surgery
 from tfsubspace.analysis import ChannelAnalysis, analyze
 from tfsubspace.distill import StudentTrainer, fit_resumable, stage_split
 from tfsubspace.errors import TfSubspaceError
@@ -343,73 +343,11 @@ def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multi
                budget: float | None = None, macs_budget: float | None = None) -> surgery.PruningPlan:
     """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
     under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
-    the weakest by normalized norm until both are met. Kept counts are rounded up to `multiple` with the strongest channels;
-    every group and every layer keeps at least one channel."""
+    the weakest by normalized norm until both are met (tfsubspace.ranking.plan_for_budget)."""
     norms = ChannelLasso(analysis).norms()
-    masks = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
-    for g, mask in masks.items():
-        if not mask.any():
-            mask[int(np.argmax(norms[g]))] = True
-
-    def finish(trial):
-        plan = surgery.PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=norms)
-        return _ensure_every_layer_kept(analysis, plan, norms)
-
-    if budget is not None or macs_budget is not None:
-        masks = _meet_budget(analysis, norms, masks, budget, macs_budget, finish)
-    return finish(masks)
-
-
-def _meet_budget(analysis, norms, masks, budget, macs_budget, finish):
-    """Removes the channels of lowest normalized norm until the plan fits the budgets."""
-    normalized = {g: n / max(float(n[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, n in norms.items()}
-    candidates = sorted((float(normalized[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
-
-    def plan_for(count):
-        trial = {g: m.copy() for g, m in masks.items()}
-        for _, g, i in candidates[:count]:
-            trial[g][i] = False
-        for g, m in trial.items():
-            if not m.any():
-                m[int(np.argmax(norms[g]))] = True
-        return trial
-
-    def fits(trial):
-        plan = finish(trial)
-        if budget is not None and surgery.plan_params(analysis, plan) > budget:
-            return False
-        if macs_budget is not None:  # MACs need the spatial sizes: count them on the slim model
-            slim = surgery.apply_plan(analysis.model, plan, analysis=analysis).model
-            return stats.count_macs(slim) <= macs_budget
-        return True
-
-    lo, hi = 0, len(candidates)
-    if fits(plan_for(0)):
-        return masks
-    while lo < hi:  # the fewest removals that meet the budgets
-        mid = (lo + hi) // 2
-        if fits(plan_for(mid)):
-            hi = mid
-        else:
-            lo = mid + 1
-    return plan_for(lo)
-
-
-def _ensure_every_layer_kept(analysis, plan, norms):
-    """Adds back the strongest channel of any layer the plan would empty (merged groups)."""
-    masks = plan.masks()
-    for node in analysis.graph.walk():
-        ref = node.outputs[0]
-        if analysis.kept_positions(ref, analysis.keep_vector(masks)).size:
-            continue
-        candidates = [analysis.channel_position(int(c)) for c in analysis.ids[ref.key]]
-        candidates = [p for p in candidates if p is not None]
-        if not candidates:
-            continue
-        g, i = max(candidates, key=lambda p: float(norms.get(p[0], np.zeros(p[1] + 1))[p[1]]))
-        masks[g][i] = True
-    return surgery.PruningPlan(plan.model, plan.fingerprint, {
-        g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()})
+    alive = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
+    return ranking.plan_for_budget(analysis, norms, params=budget, macs=macs_budget, compare="normalized",
+                                   multiple=multiple, keep=alive)
 
 
 def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.PruningPlan:

@@ -114,51 +114,26 @@ class ChannelLasso:
     def __init__(self, analysis: ChannelAnalysis, epsilon: float = 1e-12):
         self.analysis = analysis
         self.epsilon = epsilon
-        self.group_sizes: dict[str, int] = {}
-        offset = 0
-        self._offsets = {}
-        group_of_channel = []
-        for g in analysis.groups.values():
-            if g.prunable:
-                self._offsets[g.name] = offset
-                self.group_sizes[g.name] = g.size
-                group_of_channel += [len(self._offsets) - 1] * g.size
-                offset += g.size
-        self.num_channels = offset
-        self._group_of_channel = np.array(group_of_channel, dtype=np.int32)
+        index = ChannelIndex(analysis)
+        self.index = index
+        self.group_sizes = index.group_sizes
+        self.num_channels = index.num_channels
+        self._group_of_channel = index.group_of_channel
         self._group_sizes = np.array(list(self.group_sizes.values()), dtype=np.float32)
         # members: (variable, channel index of each slice along its last axis)
         self.members: list[tuple[keras.Variable, np.ndarray]] = []
         scale_free = np.ones(len(self._group_sizes), dtype=bool)  # per group: measured by BNs only
-        consumers = analysis.consumers()
-        for node in analysis.graph.walk():
-            handler = channels.handler_for(node.layer)
-            if not isinstance(handler, channels.Producer):
-                continue
-            index = self._channel_index(analysis.ids[node.outputs[0].key])
-            if index is None:
-                continue
-            bn = _following_batchnorm(node, consumers)
+        for node, bn, channel_index in index.producers():
             if bn is not None and bn.scale:
-                self.members.append((bn.gamma, index))
+                self.members.append((bn.gamma, channel_index))
                 if bn.center:
-                    self.members.append((bn.beta, index))
+                    self.members.append((bn.beta, channel_index))
             else:
-                kernel = node.layer.pointwise_kernel if hasattr(node.layer, "pointwise_kernel") else node.layer.kernel
-                self.members.append((kernel, index))
+                self.members.append((_kernel(node.layer), channel_index))
                 if node.layer.use_bias:
-                    self.members.append((node.layer.bias, index))
-                scale_free[self._group_of_channel[index]] = False
+                    self.members.append((node.layer.bias, channel_index))
+                scale_free[self._group_of_channel[channel_index]] = False
         self._scale_free = scale_free[self._group_of_channel]  # per channel
-
-    def _channel_index(self, ids: np.ndarray) -> np.ndarray | None:
-        out = np.empty(len(ids), dtype=np.int32)
-        for p, c in enumerate(ids.tolist()):
-            pos = self.analysis.channel_position(c)
-            if pos is None or pos[0] not in self._offsets:
-                return None
-            out[p] = self._offsets[pos[0]] + pos[1]
-        return out
 
     def _norms(self):
         parts, segments = [], []
@@ -201,7 +176,95 @@ class ChannelLasso:
     def norms(self) -> dict[str, np.ndarray]:
         """The current channel norms, per prunable group (exact zeros included)."""
         norms = keras.ops.convert_to_numpy(ops.sqrt(ops.maximum(ops.square(self._norms()) - self.epsilon, 0.0)))
-        return {name: norms[o:o + self.group_sizes[name]] for name, o in self._offsets.items()}
+        return self.index.split(norms)
+
+
+class BatchNormL1:
+    """Network Slimming's sparsity term (Liu et al., ICCV 2017): `loss = sum |gamma|` over the
+    BatchNormalization layers of the prunable channels.
+
+    The same interface as ChannelLasso (`members`, `penalty()`, `proximal()`, `norms()`), so
+    StudentTrainer trains with either. Liu et al. add the penalty's subgradient to the loss
+    (StudentTrainer(..., proximal=False)); `proximal(threshold)` is the plain soft-threshold
+    of every gamma. `norms()` gives |gamma| per channel (the mean over the channel's BNs),
+    the score Network Slimming prunes by with one global threshold.
+    """
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.analysis = analysis
+        self.index = ChannelIndex(analysis)
+        self.members: list[tuple[keras.Variable, np.ndarray]] = []
+        for node in analysis.graph.walk():
+            if isinstance(node.layer, keras.layers.BatchNormalization) and node.layer.scale:
+                channel_index = self.index.of(analysis.ids[node.outputs[0].key])
+                if channel_index is not None:
+                    self.members.append((node.layer.gamma, channel_index))
+        if not self.members:
+            raise ValueError(f"Model {analysis.model.name!r} has no BatchNormalization on a prunable channel: "
+                             "Network Slimming needs BN scales to rank channels.")
+
+    def penalty(self):
+        return sum(ops.sum(ops.abs(var)) for var, _ in self.members)
+
+    def proximal(self, threshold) -> None:
+        for var, _ in self.members:
+            var.assign(ops.sign(var) * ops.maximum(ops.abs(var) - threshold, 0.0))
+
+    def norms(self) -> dict[str, np.ndarray]:
+        total = np.zeros(self.index.num_channels)
+        count = np.zeros(self.index.num_channels)
+        for var, channel_index in self.members:
+            np.add.at(total, channel_index, np.abs(keras.ops.convert_to_numpy(var)))
+            np.add.at(count, channel_index, 1)
+        return self.index.split(total / np.maximum(count, 1))
+
+
+class ChannelIndex:
+    """Numbers the prunable channels of a model 0..num_channels-1, group after group, and finds
+    the layers that produce them."""
+
+    def __init__(self, analysis: ChannelAnalysis):
+        self.analysis = analysis
+        self.offsets: dict[str, int] = {}
+        self.group_sizes: dict[str, int] = {}
+        group_of_channel = []
+        for g in analysis.groups.values():
+            if g.prunable:
+                self.offsets[g.name] = len(group_of_channel)
+                self.group_sizes[g.name] = g.size
+                group_of_channel += [len(self.offsets) - 1] * g.size
+        self.num_channels = len(group_of_channel)
+        self.group_of_channel = np.array(group_of_channel, dtype=np.int32)
+
+    def of(self, ids: np.ndarray) -> np.ndarray | None:
+        """The flat index of each channel id, or None if any is not prunable."""
+        out = np.empty(len(ids), dtype=np.int32)
+        for p, c in enumerate(ids.tolist()):
+            pos = self.analysis.channel_position(c)
+            if pos is None or pos[0] not in self.offsets:
+                return None
+            out[p] = self.offsets[pos[0]] + pos[1]
+        return out
+
+    def split(self, values: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-channel values cut into their groups."""
+        return {name: values[o:o + self.group_sizes[name]] for name, o in self.offsets.items()}
+
+    def producers(self):
+        """(node, the BatchNormalization that alone reads its output or None, flat channel index)
+        for every layer that produces prunable channels."""
+        consumers = self.analysis.consumers()
+        for node in self.analysis.graph.walk():
+            if not isinstance(channels.handler_for(node.layer), channels.Producer):
+                continue
+            channel_index = self.of(self.analysis.ids[node.outputs[0].key])
+            if channel_index is not None:
+                yield node, _following_batchnorm(node, consumers), channel_index
+
+
+def _kernel(layer):
+    """The weight whose last axis is the layer's output channels."""
+    return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
 
 
 def _following_batchnorm(node, consumers):

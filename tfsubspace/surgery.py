@@ -244,6 +244,7 @@ def apply_plan(
     tolerance: float = 1e-4,
     fold_constants: bool = False,
     analysis: ChannelAnalysis | None = None,
+    verify: bool = True,
 ) -> SurgeryResult:
     """Builds the slim model of `plan` and verifies it against the masked original.
 
@@ -255,6 +256,9 @@ def apply_plan(
         fold_constants: fold the constants that removed channels carry into the biases of
             the Conv/Dense layers that read them (see the module docs). The reference then
             lets those channels through unmasked, as the original model has them.
+        analysis: the model's ChannelAnalysis, if already made.
+        verify: False skips the masked-model check and the layer report (for searches
+            that only need the slim model's shape; max_abs_diff is then NaN).
 
     Raises:
         PlanError: the plan does not fit the model.
@@ -293,6 +297,8 @@ def apply_plan(
     slim = _rebuild(analysis.graph, analysis, kept, deltas, built, weights)
     for layer, values in weights:
         layer.set_weights(values)
+    if not verify:
+        return SurgeryResult(slim, plan, float("nan"), [], folds)
 
     reference = masked_predict(model, plan, check_batch, analysis, keep_constant)
     produced = slim(check_batch, training=False)

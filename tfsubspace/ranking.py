@@ -1,0 +1,120 @@
+"""Channel scores and pruning plans that meet a parameter or MAC budget.
+
+Every pruning method in tfsubspace ends the same way: a score per prunable channel, then the
+lowest-scored channels removed until the model fits a budget. How scores compare across
+groups is the method's choice (`compare`):
+- "normalized": each score over its group's mean (tfsubspace's LASSO: channels compete
+  with their own layer, relative shares count);
+- "rank": each score's rank within its group (Li et al.'s L1-norm filter pruning with one
+  pruning ratio for every layer);
+- "raw": scores as they are, one global threshold (Network Slimming's BN scales).
+Kept counts are rounded up to a multiple with the strongest channels, and every group and
+every layer keeps at least one channel.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from tfsubspace import stats, surgery
+from tfsubspace.analysis import ChannelAnalysis
+from tfsubspace.regularizers import ChannelIndex, _kernel
+
+COMPARE = ("normalized", "rank", "raw")
+
+
+def filter_l1_norms(analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
+    """Per prunable channel, the L1 norm of its output filters (summed over the layers that
+    produce it): the score of Li et al., "Pruning Filters for Efficient ConvNets" (ICLR 2017)."""
+    index = ChannelIndex(analysis)
+    total = np.zeros(index.num_channels)
+    for node, _, channel_index in index.producers():
+        kernel = keras.ops.convert_to_numpy(_kernel(node.layer))
+        np.add.at(total, channel_index, np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0))
+    return index.split(total)
+
+
+def plan_for_budget(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], *, params: float | None = None,
+                    macs: float | None = None, compare: str = "normalized", multiple: int = 1,
+                    keep: dict[str, np.ndarray] | None = None) -> surgery.PruningPlan:
+    """The plan that removes the fewest lowest-scored channels for the model to have at most
+    `params` parameters and `macs` MACs per image (absolute counts; None: no limit).
+
+    `keep` (boolean masks per group) starts from channels already chosen (others are gone);
+    groups missing from `scores` are kept whole.
+    """
+    if compare not in COMPARE:
+        raise ValueError(f"compare must be one of {COMPARE}. Received: compare={compare!r}")
+    scores = {g: np.asarray(s, dtype=np.float64) for g, s in scores.items()}
+    masks = {g: (np.ones(len(s), bool) if keep is None else np.array(keep[g], bool)) for g, s in scores.items()}
+    for g, mask in masks.items():
+        if not mask.any():
+            mask[int(np.argmax(scores[g]))] = True
+
+    def finish(trial):
+        plan = surgery.PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=scores)
+        return ensure_every_layer_kept(analysis, plan, scores)
+
+    if params is not None or macs is not None:
+        masks = _meet_budget(analysis, _comparable(scores, masks, compare), masks, params, macs, finish)
+    return finish(masks)
+
+
+def _comparable(scores, masks, compare):
+    if compare == "raw":
+        return scores
+    if compare == "rank":  # quantile within the group: every group loses the same share
+        return {g: (np.argsort(np.argsort(s, kind="stable"), kind="stable") + 1) / len(s) for g, s in scores.items()}
+    return {g: s / max(float(s[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, s in scores.items()}
+
+
+def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
+    """Removes the channels of lowest comparable score until the plan fits the budgets."""
+    candidates = sorted((float(comparable[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
+
+    def plan_for(count):
+        trial = {g: m.copy() for g, m in masks.items()}
+        for _, g, i in candidates[:count]:
+            trial[g][i] = False
+        for g, m in trial.items():
+            if not m.any():
+                m[int(np.argmax(np.where(masks[g], comparable[g], -np.inf)))] = True
+        return trial
+
+    def fits(trial):
+        plan = finish(trial)
+        if budget is not None and surgery.plan_params(analysis, plan) > budget:
+            return False
+        if macs_budget is not None:  # MACs need the spatial sizes: count them on the slim model
+            slim = surgery.apply_plan(analysis.model, plan, analysis=analysis, verify=False).model
+            return stats.count_macs(slim) <= macs_budget
+        return True
+
+    lo, hi = 0, len(candidates)
+    if fits(plan_for(0)):
+        return masks
+    while lo < hi:  # the fewest removals that meet the budgets
+        mid = (lo + hi) // 2
+        if fits(plan_for(mid)):
+            hi = mid
+        else:
+            lo = mid + 1
+    return plan_for(lo)
+
+
+def ensure_every_layer_kept(analysis, plan, scores):
+    """Adds back the strongest channel of any layer the plan would empty (merged groups)."""
+    masks = plan.masks()
+    for node in analysis.graph.walk():
+        ref = node.outputs[0]
+        if analysis.kept_positions(ref, analysis.keep_vector(masks)).size:
+            continue
+        candidates = [analysis.channel_position(int(c)) for c in analysis.ids[ref.key]]
+        candidates = [p for p in candidates if p is not None]
+        if not candidates:
+            continue
+        g, i = max(candidates, key=lambda p: float(scores.get(p[0], np.zeros(p[1] + 1))[p[1]]))
+        masks[g][i] = True
+    return surgery.PruningPlan(plan.model, plan.fingerprint, {
+        g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()})
