@@ -1,12 +1,25 @@
-"""Baselines in the same harness as compress(), to check the paper's claims at equal size.
+"""Peer methods, in the same harness as compress(), for comparisons at equal size.
 
-- `train_scratch`: the student architecture, randomly initialised, trained with labels
-  (optionally with the same channel LASSO, then pruned and recovered like compress()).
-- `train_kd_only`: the student architecture, randomly initialised, trained by output
-  distillation alone (Hinton et al.), no latent matching and no labels.
+Every method trains with StudentTrainer and fit_resumable, as compress() does, so only the
+signal and the choice of channels differ; each returns the trained model, saves it as
+work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
 
-Each trains with StudentTrainer and fit_resumable, as compress() does, so only the signal
-differs; each returns the trained model and its work files resume like compress()'s.
+- `train_scratch`: the student architecture, freshly initialised, trained with labels
+  (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019); optionally with the
+  channel LASSO, then pruned and recovered like compress().
+- `train_kd`: output distillation (Hinton et al., "Distilling the Knowledge in a Neural
+  Network", 2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy;
+  alpha = 1 uses no labels.
+- `fitnets`: hint training of the student's middle layer on the teacher's through a 1x1
+  regressor, then distillation with labels (Romero et al., "FitNets", ICLR 2015).
+- `l1_filter_pruning`: the teacher's filters of smallest L1 norm removed, one pruning ratio
+  for every layer, then fine-tuning with labels (Li et al., "Pruning Filters for Efficient
+  ConvNets", ICLR 2017).
+- `network_slimming`: training with L1 on the BatchNormalization scales, the channels of
+  smallest scale removed under one global threshold, then fine-tuning with labels (Liu et
+  al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
+The pruning methods take a parameter budget (absolute count) and meet it with
+tfsubspace.ranking.plan_for_budget.
 """
 
 from __future__ import annotations
@@ -15,11 +28,11 @@ from pathlib import Path
 
 import keras
 
-from tfsubspace import fileio, surgery
+from tfsubspace import fileio, ranking, surgery
 from tfsubspace.analysis import analyze
 from tfsubspace.distill import StudentTrainer, fit_resumable
 from tfsubspace.pipeline import lasso_plan
-from tfsubspace.regularizers import ChannelLasso
+from tfsubspace.regularizers import BatchNormL1, ChannelLasso
 
 
 def fresh_copy(model: keras.Model) -> keras.Model:
@@ -27,43 +40,135 @@ def fresh_copy(model: keras.Model) -> keras.Model:
     return keras.models.clone_model(model)
 
 
+def trained_copy(model: keras.Model) -> keras.Model:
+    """The same architecture with a copy of the weights (the original stays untouched)."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _finished(work_dir, name):
+    """The saved model of a finished run, or None (and the work directory made)."""
+    final = Path(work_dir) / f"{name}.keras"
+    if final.exists():
+        return fileio.load_model(final)
+    Path(work_dir).mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _first_images(ds):
+    batch = next(iter(ds))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verbose):
+    if epochs:
+        trainer = StudentTrainer(model, None, label_weight=1.0)
+        fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
+                      verbose=verbose)
+    return model
+
+
 def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
                   lasso: float = 0.0, lasso_learning_rate: float = 0.01, recover_epochs: int = 0,
                   multiple: int = 1, verbose="auto") -> keras.Model:
     """Trains `student` (in place) on (images, labels); with `lasso` > 0, prunes the channels
     LASSO zeroed and trains `recover_epochs` more epochs with labels. Returns the model."""
-    work_dir = Path(work_dir)
-    final = work_dir / "scratch.keras"
-    if final.exists():
-        return fileio.load_model(final)
-    work_dir.mkdir(parents=True, exist_ok=True)
+    if (done := _finished(work_dir, "scratch")) is not None:
+        return done
     channel_lasso = ChannelLasso(analyze(student)) if lasso > 0 else None
     trainer = StudentTrainer(student, None, label_weight=1.0, lasso=channel_lasso, lasso_weight=lasso,
                              lasso_learning_rate=lasso_learning_rate)
     fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
                   name="scratch", verbose=verbose)
     if lasso > 0:
-        batch = next(iter(labeled_ds))[0]
         plan = lasso_plan(analyze(student), multiple=multiple)
-        student = surgery.apply_plan(student, plan, check_batch=batch, fold_constants=True).model
-        if recover_epochs:
-            trainer = StudentTrainer(student, None, label_weight=1.0)
-            fit_resumable(trainer, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3,
-                          work_dir=work_dir, name="scratch_recover", verbose=verbose)
-    fileio.save_model(student, final)
+        student = surgery.apply_plan(student, plan, check_batch=_first_images(labeled_ds), fold_constants=True).model
+        _fine_tune(student, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3, work_dir=work_dir,
+                   name="scratch_recover", verbose=verbose)
+    fileio.save_model(student, Path(work_dir) / "scratch.keras")
     return student
 
 
-def train_kd_only(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, work_dir,
-                  learning_rate: float = 1e-3, temperature: float = 4.0, verbose="auto") -> keras.Model:
-    """Trains `student` (in place) to match `teacher`'s softened outputs; returns it."""
-    work_dir = Path(work_dir)
-    final = work_dir / "kd.keras"
-    if final.exists():
-        return fileio.load_model(final)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    trainer = StudentTrainer(student, teacher, kd_weight=1.0, temperature=temperature)
+def train_kd(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
+             temperature: float = 4.0, alpha: float = 1.0, verbose="auto") -> keras.Model:
+    """Trains `student` (in place) on alpha * distillation + (1 - alpha) * cross-entropy
+    (alpha < 1 needs (images, labels) batches); returns it."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1]. Received: alpha={alpha!r}")
+    if (done := _finished(work_dir, "kd")) is not None:
+        return done
+    trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
     fit_resumable(trainer, ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="kd",
                   verbose=verbose)
-    fileio.save_model(student, final)
+    fileio.save_model(student, Path(work_dir) / "kd.keras")
     return student
+
+
+def train_kd_only(student, teacher, ds, **kwargs) -> keras.Model:
+    """Output distillation alone, no labels (train_kd with alpha=1)."""
+    return train_kd(student, teacher, ds, alpha=1.0, **kwargs)
+
+
+def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: int, work_dir, hint: str | None = None,
+            hint_epochs: int | None = None, learning_rate: float = 1e-3, temperature: float = 4.0, alpha: float = 0.9,
+            verbose="auto") -> keras.Model:
+    """FitNets: `hint_epochs` (default half) of matching the teacher's `hint` layer (default:
+    the middle one of the latents compress() would tap), then distillation with labels."""
+    if (done := _finished(work_dir, "fitnets")) is not None:
+        return done
+    taps = list(analyze(teacher).taps().values())
+    hint = hint or taps[len(taps) // 2]
+    hint_epochs = max(1, epochs // 2) if hint_epochs is None else hint_epochs
+    trainer = StudentTrainer(student, teacher, taps=[hint], kd_weight=0.0)
+    trainer.fit_adapters(labeled_ds)
+    fit_resumable(trainer, labeled_ds, epochs=hint_epochs, learning_rate=learning_rate, work_dir=work_dir,
+                  name="fitnets_hint", verbose=verbose)
+    if epochs > hint_epochs:
+        trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
+        fit_resumable(trainer, labeled_ds, epochs=epochs - hint_epochs, learning_rate=learning_rate,
+                      work_dir=work_dir, name="fitnets_kd", verbose=verbose)
+    fileio.save_model(student, Path(work_dir) / "fitnets.keras")
+    return student
+
+
+def l1_filter_pruning(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
+                      learning_rate: float = 3e-4, multiple: int = 1, verbose="auto") -> keras.Model:
+    """Li et al.: removes the filters of smallest L1 norm, the same share of every layer,
+    until at most `params` parameters remain; fine-tunes `epochs` epochs with labels."""
+    if (done := _finished(work_dir, "l1_filter")) is not None:
+        return done
+    analysis = analyze(teacher)
+    plan = ranking.plan_for_budget(analysis, ranking.filter_l1_norms(analysis), params=params, compare="rank",
+                                   multiple=multiple)
+    plan.save(Path(work_dir) / "plan.json")
+    slim = surgery.apply_plan(teacher, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
+    _fine_tune(slim, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="l1_filter_tune",
+               verbose=verbose)
+    fileio.save_model(slim, Path(work_dir) / "l1_filter.keras")
+    return slim
+
+
+def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
+                     sparsity_epochs: int | None = None, l1: float = 1e-4, learning_rate: float = 1e-3,
+                     finetune_learning_rate: float = 3e-4, multiple: int = 1, verbose="auto") -> keras.Model:
+    """Liu et al.: `sparsity_epochs` (default half) of training a copy of `teacher` with labels
+    plus l1 * sum |gamma|, removal of the channels of smallest |gamma| under one global
+    threshold until at most `params` parameters remain, then fine-tuning for the rest."""
+    if (done := _finished(work_dir, "slimming")) is not None:
+        return done
+    sparsity_epochs = max(1, epochs // 2) if sparsity_epochs is None else sparsity_epochs
+    model = trained_copy(teacher)
+    trainer = StudentTrainer(model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1,
+                             proximal=False)
+    fit_resumable(trainer, labeled_ds, epochs=sparsity_epochs, learning_rate=learning_rate, work_dir=work_dir,
+                  name="slimming_sparsity", verbose=verbose)
+    analysis = analyze(model)
+    plan = ranking.plan_for_budget(analysis, BatchNormL1(analysis).norms(), params=params, compare="raw",
+                                   multiple=multiple)
+    plan.save(Path(work_dir) / "plan.json")
+    slim = surgery.apply_plan(model, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
+    _fine_tune(slim, labeled_ds, epochs=epochs - sparsity_epochs, learning_rate=finetune_learning_rate,
+               work_dir=work_dir, name="slimming_tune", verbose=verbose)
+    fileio.save_model(slim, Path(work_dir) / "slimming.keras")
+    return slim

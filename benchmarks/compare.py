@@ -1,0 +1,369 @@
+"""The comparison: tfsubspace against the peer methods, at the same parameter budgets.
+
+    python benchmarks/compare.py --suite=cpu
+
+For each teacher and data set of the suite (teachers from benchmarks/teachers.py, in
+--teachers_dir) and each budget (share of the teacher's parameters removed):
+- tfsubspace: compress() end to end (energy 0.99 subspaces, latent + output distillation,
+  channel LASSO, pruned to the budget, recovery), no labels;
+- tfsubspace_stagewise: the same with stage-wise latent learning;
+- l1_filter: Li et al., L1-norm filter pruning of the teacher (one ratio for all layers)
+  + fine-tuning with labels;
+- slimming: Liu et al., Network Slimming (L1 on BN scales, global threshold) + fine-tuning;
+- kd: Hinton et al., distillation (alpha 0.9) with labels, tfsubspace's student architecture
+  freshly initialised;
+- fitnets: Romero et al., hint training of the middle layer, then distillation with labels,
+  same architecture;
+- scratch: the same architecture trained from scratch with labels (Liu et al. 2019);
+- tfmot: TFMOT magnitude pruning to the budget's sparsity + fine-tuning with labels, in its
+  own process under the tfmot environment (`make tfmot`); unstructured, so its .tflite does
+  not shrink: its gzip-compressed size is reported beside the real one.
+Every method gets the same number of epochs (--epochs) and seed. Each row is exported to
+float32 and int8 .tflite (checked against its Keras model) and timed with the LiteRT
+interpreter next to its teacher in the same process. Finished rows are skipped and
+interrupted runs resume (work files under --runs_dir). Results: --results_dir/SUITE/*.json,
+a Markdown table and plots.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+SUITES = {
+    "cpu": {"teachers": ["vgg16_w0.25", "wrn_16_4"], "datasets": ["mnist", "fashion_mnist"]},
+    "gpu": {"teachers": ["vgg16_w1.0", "wrn_28_10"],
+            "datasets": ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"]},
+}
+METHODS = ("tfsubspace", "tfsubspace_stagewise", "l1_filter", "slimming", "kd", "fitnets", "scratch", "tfmot")
+
+_SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and data sets.")
+_TEACHERS = flags.DEFINE_list("teachers", None, "Override the suite's teachers (e.g. vgg16_w0.25).")
+_DATASETS = flags.DEFINE_list("datasets", None, "Override the suite's data sets.")
+_BUDGETS = flags.DEFINE_list("budgets", ["0.81", "0.9", "0.95"], "Shares of the teacher's parameters removed.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
+_EPOCHS = flags.DEFINE_integer("epochs", 4, "Training epochs per method (tfsubspace: latent learning + recovery).",
+                               lower_bound=2)
+_RECOVER = flags.DEFINE_integer("recover_epochs", 1, "Of --epochs, tfsubspace's recovery epochs.", lower_bound=0)
+_LASSO = flags.DEFINE_float("lasso", 0.25, "tfsubspace's channel LASSO factor.", lower_bound=0)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every method.")
+_TRAIN_LIMIT = flags.DEFINE_integer("train_limit", None, "Use only this many training images (all by default).")
+_TEACHERS_DIR = flags.DEFINE_string("teachers_dir", "runs/teachers", "Where benchmarks/teachers.py wrote the teachers.")
+_RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
+_RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
+_TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot environment.")
+_LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed LiteRT invokes per file.", lower_bound=1)
+
+
+def main(argv):
+    del argv
+    from tfsubspace import data
+    from tfsubspace.errors import DatasetNotAvailableError
+
+    for budget in _BUDGETS.value:
+        if not 0 < float(budget) < 1:
+            raise app.UsageError(f"--budgets: each must be in (0, 1). Received: {budget}")
+    if _RECOVER.value >= _EPOCHS.value:
+        raise app.UsageError("--recover_epochs must be smaller than --epochs.")
+    unknown = set(_METHODS.value) - set(METHODS)
+    if unknown:
+        raise app.UsageError(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}.")
+    suite = SUITES[_SUITE.value]
+    out_dir = Path(_RESULTS.value) / _SUITE.value
+    started = time.time()
+    for teacher_name in _TEACHERS.value or suite["teachers"]:
+        for dataset in _DATASETS.value or suite["datasets"]:
+            path = Path(_TEACHERS_DIR.value) / f"{teacher_name}_{dataset}.keras"
+            if not path.exists():
+                print(f"skip {teacher_name} on {dataset}: no teacher at {path} (benchmarks/teachers.py trains it)")
+                continue
+            try:
+                data.load(dataset, "test", batch_size=1, limit=1)
+            except DatasetNotAvailableError as e:
+                print(f"skip {dataset}: {e}")
+                continue
+            Pair(path, teacher_name, dataset, out_dir).run()
+    write_report(out_dir, wall_time_s=time.time() - started)
+
+
+class Pair:
+    """One teacher on one data set: its row, then every method at every budget."""
+
+    def __init__(self, teacher_path, teacher_name, dataset, out_dir):
+        from tfsubspace import data, evaluate, fileio, stats
+
+        self.teacher = fileio.load_model(teacher_path)
+        self.teacher_path = Path(teacher_path)
+        self.name, self.dataset, self.out_dir = teacher_name, dataset, out_dir
+        limit = _TRAIN_LIMIT.value
+        self.labeled = data.load(dataset, "train", batch_size=128, seed=_SEED.value, limit=limit)
+        self.unlabeled = data.load(dataset, "train", batch_size=128, labels=False, seed=_SEED.value, limit=limit)
+        self.test = data.load(dataset, "test", batch_size=512, shuffle=False)
+        self.runs = Path(_RUNS.value) / _SUITE.value / f"{teacher_name}_{dataset}"
+        self.teacher_params = stats.count_params(self.teacher)
+        self.teacher_macs = stats.count_macs(self.teacher)
+        self.teacher_eval = evaluate(self.teacher, self.test)
+        self.test_images, self.test_labels = _arrays(self.test)
+        self.teacher_tflite = self.edge_numbers(self.teacher, self.runs / "teacher")
+
+    def run(self):
+        self.record("teacher", 0.0, self.teacher, 0.0, tflite={m: dict(e) for m, e in self.teacher_tflite.items()})
+        for budget in map(float, _BUDGETS.value):
+            self.run_budget(budget)
+
+    def run_budget(self, budget):
+        import keras
+
+        from tfsubspace import baselines, surgery
+        from tfsubspace import compress as tfsubspace_compress
+
+        work = self.runs / f"budget{budget:g}"
+        params = int((1 - budget) * self.teacher_params)
+        total, recover = _EPOCHS.value, _RECOVER.value
+
+        def compress(schedule):
+            keras.utils.set_random_seed(_SEED.value)
+            return tfsubspace_compress(
+                self.teacher, self.unlabeled, work_dir=work / schedule, energy=0.99, epochs=total - recover,
+                recover_epochs=recover, lasso=_LASSO.value, target_params=1 - budget, schedule=schedule,
+                seed=_SEED.value, verbose=2)
+
+        arch = None  # tfsubspace's student architecture, for the methods that train a given one
+
+        def student():
+            nonlocal arch
+            if arch is None:
+                arch = surgery.apply_plan(self.teacher, compress("end_to_end").plan).model
+            return baselines.fresh_copy(arch)
+
+        runs = {
+            "tfsubspace": lambda: compress("end_to_end").student,
+            "tfsubspace_stagewise": lambda: compress("stage_wise").student,
+            "l1_filter": lambda: baselines.l1_filter_pruning(
+                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "l1_filter", verbose=2),
+            "slimming": lambda: baselines.network_slimming(
+                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "slimming", verbose=2),
+            "kd": lambda: baselines.train_kd(
+                student(), self.teacher, self.labeled, epochs=total, alpha=0.9, work_dir=work / "kd", verbose=2),
+            "fitnets": lambda: baselines.fitnets(
+                student(), self.teacher, self.labeled, epochs=total, work_dir=work / "fitnets", verbose=2),
+            "scratch": lambda: baselines.train_scratch(
+                student(), self.labeled, epochs=total, work_dir=work / "scratch", verbose=2),
+        }
+        for method in _METHODS.value:
+            if self.done(method, budget):
+                continue
+            started = time.time()
+            if method == "tfmot":
+                self.run_tfmot(budget, work / "tfmot", started)
+                continue
+            keras.utils.set_random_seed(_SEED.value)
+            model = runs[method]()
+            self.record(method, budget, model, time.time() - started, edge_dir=work / method / "tflite")
+
+    def run_tfmot(self, budget, work, started):
+        from tfsubspace import bridge
+
+        python = Path(_TFMOT_PYTHON.value)
+        if not python.exists():
+            print(f"skip tfmot: no tfmot environment at {python} (make tfmot makes it)")
+            return
+        spec = bridge.save_spec(self.teacher, work / "spec")
+        command = [str(python), "benchmarks/tfmot_prune.py", f"--spec={spec}", f"--dataset={self.dataset}",
+                   f"--sparsity={budget}", f"--epochs={_EPOCHS.value}", f"--seed={_SEED.value}", f"--out_dir={work}"]
+        if _TRAIN_LIMIT.value:
+            command.append(f"--train_limit={_TRAIN_LIMIT.value}")
+        subprocess.run(command, check=True)
+        result = json.loads((work / "result.json").read_text())
+        tflite = {mode: self.time_file(work / f"{mode}.tflite") for mode in ("float32", "int8")}
+        for mode in tflite:
+            tflite[mode]["gzip_bytes"] = result[f"{mode}_gzip_bytes"]
+        # the dense model keeps every parameter; the nonzero ones are what sparsity saves
+        extra = {"tfmot": result, "accuracy": result["accuracy"], "params": result["params"],
+                 "nonzero_params": result["nonzero_params"]}
+        self.record("tfmot", budget, None, time.time() - started, tflite=tflite, extra=extra)
+
+    # ------------------------------------------------------------ measurements
+
+    def edge_numbers(self, model, out_dir) -> dict:
+        """float32 and int8 files of `model`, checked, sized, timed and scored on the test split."""
+        from tfsubspace import export_tflite
+
+        exported = export_tflite(model, out_dir, modes=("float32", "int8"), calibration_ds=self.unlabeled,
+                                 check_ds=self.test, name="model")
+        out = {}
+        for e in exported:
+            out[e.mode] = {**self.time_file(e.path), "check_max_abs_error": e.max_abs_error,
+                           "check_agreement": e.agreement, "check_passed": e.passed}
+        return out
+
+    def time_file(self, path) -> dict:
+        from tfsubspace.export import TFLiteRunner
+
+        logits = TFLiteRunner(path)(self.test_images)
+        return {"path": str(path), "bytes": Path(path).stat().st_size,
+                "accuracy": float((logits.argmax(-1) == self.test_labels).mean())}
+
+    def time_with_teacher(self, tflite) -> dict:
+        """Per mode, the teacher's and this file's latency, timed one right after the other
+        (the ratio then holds even when the machine's load changes during a long run)."""
+        from tfsubspace.edgebench import measure_latency
+
+        out = {}
+        for mode, entry in tflite.items():
+            teacher = measure_latency(self.teacher_tflite[mode]["path"], threads=1, warmup=20, runs=_LATENCY_RUNS.value)
+            entry["latency"] = measure_latency(entry["path"], threads=1, warmup=20, runs=_LATENCY_RUNS.value)
+            out[mode] = {"teacher_median_ms": teacher["median_ms"], "median_ms": entry["latency"]["median_ms"],
+                         "speedup": teacher["median_ms"] / entry["latency"]["median_ms"]}
+        return out
+
+    def done(self, method, budget) -> bool:
+        return self.row_path(method, budget).exists()
+
+    def row_path(self, method, budget):
+        return self.out_dir / f"{self.name}_{self.dataset}_{budget:g}_{method}.json"
+
+    def record(self, method, budget, model, seconds, *, edge_dir=None, tflite=None, extra=None):
+        from tfsubspace import evaluate, fileio, stats
+
+        row = {"teacher": self.name, "dataset": self.dataset, "method": method, "budget": budget,
+               "epochs": _EPOCHS.value if method != "teacher" else None, "seed": _SEED.value,
+               "teacher_params": self.teacher_params, "teacher_macs": self.teacher_macs,
+               "teacher_accuracy": self.teacher_eval["accuracy"], "train_limit": _TRAIN_LIMIT.value}
+        if model is not None:
+            row.update(params=stats.count_params(model), macs=stats.count_macs(model), **evaluate(model, self.test))
+            tflite = tflite or self.edge_numbers(model, edge_dir)
+        else:  # TFMOT: a dense model with zeros, same MACs as the teacher when run
+            row.update(macs=self.teacher_macs)
+        row.update(extra or {})
+        row["tflite"] = tflite
+        row["params_removed"] = 1 - row.get("nonzero_params", row["params"]) / self.teacher_params
+        row["drop"] = self.teacher_eval["accuracy"] - row["accuracy"]
+        row["load_average"] = os.getloadavg()
+        for mode, timing in self.time_with_teacher(tflite).items():
+            row[f"speedup_{mode}"] = timing["speedup"]
+            row[f"teacher_latency_{mode}_ms"] = timing["teacher_median_ms"]
+        row.update(wall_time_s=round(seconds, 1), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                   command=" ".join(["python", *sys.argv]), code=code_version())
+        fileio.write_json(self.row_path(method, budget), row)
+        print(f"{self.name} {self.dataset} {budget:g} {method}: accuracy {100 * row['accuracy']:.2f}% "
+              f"(teacher {100 * row['teacher_accuracy']:.2f}%), {100 * row['params_removed']:.1f}% removed", flush=True)
+
+
+def _arrays(ds):
+    import numpy as np
+
+    images, labels = [], []
+    for x, y in ds:
+        images.append(np.asarray(x))
+        labels.append(np.asarray(y))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def code_version() -> str:
+    """The commit in use, with -dirty when tracked files had uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           check=False)
+    return (head.stdout.strip() or "unknown") + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------- report
+
+def write_report(out_dir: Path, wall_time_s: float | None = None):
+    """compare.md (one table per teacher and data set) and plots, from every row JSON."""
+    from tfsubspace import fileio
+
+    rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.name != "run.json"]
+    if not rows:
+        return
+    if wall_time_s is not None:
+        runs_file = out_dir / "run.json"
+        log = json.loads(runs_file.read_text()) if runs_file.exists() else []
+        log.append({"command": " ".join(["python", *sys.argv]), "wall_time_s": round(wall_time_s),
+                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "finished": time.strftime("%Y-%m-%d %H:%M")})
+        fileio.write_json(runs_file, log)
+    order = {m: i for i, m in enumerate(("teacher", *METHODS))}
+    rows.sort(key=lambda r: (r["teacher"], r["dataset"], r["budget"], -r["accuracy"], order.get(r["method"], 99)))
+    lines = ["# tfsubspace against its peers at equal parameter budgets", "",
+             f"Generated by `python benchmarks/compare.py --suite={out_dir.name}` from the row files beside this one. "
+             "One seed; accuracy on the full test split (Keras float32 model; the int8 column is the int8 .tflite "
+             "file run by LiteRT); drop = teacher - method, in points; latency is the median of one-image LiteRT "
+             "invokes on 1 thread (200 after 20 warm-up), each timed right after the teacher's file in the same process "
+             "(speed-up = teacher / method). "
+             "TFMOT's params are its nonzero weights; its files stay dense (gzip size in brackets).", ""]
+    pairs = sorted({(r["teacher"], r["dataset"]) for r in rows})
+    for teacher, dataset in pairs:
+        group = [r for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)]
+        lines += [f"## {teacher} on {dataset}", "",
+                  "| budget | method | params | removed | MACs | accuracy | drop | int8 acc. | float32 file | "
+                  "int8 file | float32 latency | int8 latency | speed-up f32 / int8 | epochs | wall time |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in group:
+            t = r["tflite"]
+            gz = lambda m: f" ({t[m]['gzip_bytes'] / 1024:.0f})" if "gzip_bytes" in t[m] else ""  # noqa: B023,E731
+            best = r["method"] != "teacher" and r["accuracy"] == max(
+                x["accuracy"] for x in group if x["budget"] == r["budget"] and x["method"] != "teacher")
+            acc = f"{100 * r['accuracy']:.2f}%"
+            lines.append(
+                f"| {100 * r['budget']:.0f}% | {r['method']} | {r.get('nonzero_params', r['params']):,} | "
+                f"{100 * r['params_removed']:.1f}% | {r['macs'] / 1e6:.1f}M | {f'**{acc}**' if best else acc} | "
+                f"{100 * r['drop']:+.2f} | {100 * t['int8']['accuracy']:.2f}% | {t['float32']['bytes'] / 1024:.0f} KiB"
+                f"{gz('float32')} | {t['int8']['bytes'] / 1024:.0f} KiB{gz('int8')} | "
+                f"{t['float32']['latency']['median_ms']:.3f} ms | {t['int8']['latency']['median_ms']:.3f} ms | "
+                f"{r['speedup_float32']:.2f}x / {r['speedup_int8']:.2f}x | {r['epochs'] or '-'} | "
+                f"{r['wall_time_s'] / 60:.1f} min |")
+        lines.append("")
+    lines.append(f"Machine: {rows[0]['machine']}. Code: {', '.join(sorted({r['code'] for r in rows}))}.")
+    runs_file = out_dir / "run.json"
+    if runs_file.exists():
+        for run in json.loads(runs_file.read_text()):
+            lines.append(f"Run `{run['command']}`: {run['wall_time_s'] / 3600:.2f} h, finished {run['finished']}.")
+    lines += ["", *[f"![{t} {d}]({t}_{d}_accuracy.png)" for t, d in pairs]]
+    fileio.write_text(out_dir.parent / f"{out_dir.name}.md", "\n".join(lines) + "\n")
+    for teacher, dataset in pairs:
+        plot(rows, teacher, dataset, out_dir / f"{teacher}_{dataset}_accuracy.png")
+
+
+def plot(rows, teacher, dataset, path):
+    """Accuracy against parameters and against int8 latency, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tfsubspace import fileio
+
+    group = [r for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in sorted({r["method"] for r in group} - {"teacher"}):
+        points = sorted((r for r in group if r["method"] == method), key=lambda r: r["budget"])
+        axes[0].plot([r.get("nonzero_params", r["params"]) for r in points], [100 * r["accuracy"] for r in points],
+                     marker="o", label=method)
+        axes[1].plot([r["tflite"]["int8"]["latency"]["median_ms"] for r in points],
+                     [100 * r["tflite"]["int8"]["accuracy"] for r in points], marker="o", label=method)
+    teacher_row = next((r for r in group if r["method"] == "teacher"), None)
+    for ax in axes:
+        if teacher_row:
+            ax.axhline(100 * teacher_row["accuracy"], color="gray", linestyle="--", label="teacher")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("parameters (nonzero for TFMOT)")
+    axes[0].set_title(f"{teacher} on {dataset}: accuracy vs size")
+    axes[1].set_xlabel("int8 LiteRT latency, 1 thread (ms)")
+    axes[1].set_title("int8 .tflite accuracy vs latency")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    app.run(main)
