@@ -1,7 +1,7 @@
 """Exports a Keras model to .tflite (float32, float16, dynamic-range, full int8), checked.
 
     python scripts/export_tflite.py --model=runs/demo/compress/student.keras --dataset=mnist \
-        --out_dir=runs/demo/tflite --c_array
+        --out_dir=runs/demo/tflite --c_array [--qat]
 
 Each file is run with the LiteRT interpreter against the Keras model on test images (max abs
 error, top-1 agreement). A full-int8 file under --min_agreement is reported as failed and the
@@ -30,6 +30,14 @@ _MIN_AGREE = flags.DEFINE_float("min_agreement", 0.98, "Least top-1 agreement of
                                 lower_bound=0.0, upper_bound=1.0)
 _C_ARRAY = flags.DEFINE_boolean("c_array", False, "Write model_data.cc/.h of the int8 file (TFLite Micro).")
 _EDGETPU = flags.DEFINE_boolean("edgetpu", False, "Print the Edge TPU report of the int8 file.")
+_QAT = flags.DEFINE_boolean("qat", False, "Also write an int8 file made by quantization-aware training "
+                            "(needs the tfmot environment: make tfmot).")
+_QAT_TEACHER = flags.DEFINE_string("qat_teacher", None, "Teacher (.keras) whose soft outputs QAT matches "
+                                   "(default: the float model itself).")
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 2, "Quantization-aware training epochs.", lower_bound=1)
+_QAT_EXAMPLES = flags.DEFINE_integer("qat_examples", 10000, "Training images for QAT (no labels).", lower_bound=1)
+_TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", None, "Python of the tfmot environment "
+                                    "(default: $TFSUBSPACE_TFMOT_PYTHON or .venv-tfmot/bin/python).")
 
 
 def main(argv):
@@ -42,9 +50,15 @@ def main(argv):
     results = export.export(model, _OUT.value, modes=_MODES.value, calibration_ds=calibration, check_ds=checks,
                             calibration_examples=_CALIB.value, check_examples=_CHECK.value,
                             min_agreement=_MIN_AGREE.value, io_dtype=_IO.value, name=_NAME.value)
-    print(f"{'mode':<8} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
+    if _QAT.value:
+        teacher = load_model(_QAT_TEACHER.value, safe_mode=not _UNSAFE.value) if _QAT_TEACHER.value else None
+        results.append(export.export_qat(model, _OUT.value, calibration, teacher=teacher, epochs=_QAT_EPOCHS.value,
+                                         train_examples=_QAT_EXAMPLES.value, check_ds=checks,
+                                         check_examples=_CHECK.value, min_agreement=_MIN_AGREE.value,
+                                         name=_NAME.value, python=_TFMOT_PYTHON.value))
+    print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
     for r in results:
-        print(f"{r.mode:<8} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
+        print(f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
               + ("" if r.passed else "  FAILED"))
     int8 = next((r for r in results if r.mode == "int8"), None)
     if int8 is not None and (_C_ARRAY.value or _EDGETPU.value):
