@@ -36,7 +36,7 @@ data: install
 		|| (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(PY) scripts/fetch_data.py
 
-test: data
+test: data tfmot
 	$(PY) -m pytest -q tests
 
 # The demo: train a LeNet-5 teacher on MNIST (once), then compress it without labels and

@@ -112,7 +112,8 @@ class Pair:
         self.teacher_tflite = self.edge_numbers(self.teacher, self.runs / "teacher")
 
     def run(self):
-        self.record("teacher", 0.0, self.teacher, 0.0, tflite={m: dict(e) for m, e in self.teacher_tflite.items()})
+        if not self.done("teacher", 0.0):
+            self.record("teacher", 0.0, self.teacher, 0.0, tflite={m: dict(e) for m, e in self.teacher_tflite.items()})
         for budget in map(float, _BUDGETS.value):
             self.run_budget(budget)
 

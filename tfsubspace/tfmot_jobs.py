@@ -105,7 +105,12 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
 def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | os.PathLike, *, epochs: int = 2,
                                 learning_rate: float = 1e-4, temperature: float = 4.0, verbose="auto") -> Path:
     """Fine-tunes the student with fake quantization against the teacher's softened outputs
-    (no labels), then writes it as a full-int8 .tflite (int8 input and output)."""
+    (no labels), then writes it as a full-int8 .tflite (int8 input and output).
+
+    Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
+    layers are frozen: in training mode they would normalize by batch statistics and drift
+    their moving averages (seen: a Conv-BN-ReLU student fell from 87% to 55% top-1 agreement
+    in two epochs; frozen, it reached 99%)."""
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
@@ -114,6 +119,9 @@ def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | 
     student = build_tf_keras(student_spec)
     teacher = build_tf_keras(teacher_spec)
     teacher.trainable = False
+    for layer in student.layers:  # frozen BN runs on its moving statistics, as the int8 model will
+        if isinstance(layer, tf_keras.layers.BatchNormalization):
+            layer.trainable = False
     quantized = tfmot.quantization.keras.quantize_model(student)
     _calibrate_ranges(quantized, student, _images(ds))
     quantized.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature))

@@ -1,0 +1,210 @@
+"""The peer methods and their harness: channel scores, budgeted plans, Network Slimming's L1,
+the tf_keras bridge, TFMOT jobs in their own process, and benchmarks/compare.py end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import REPO
+
+from tfsubspace import analysis, baselines, bridge, data, export, ranking, stats, surgery
+from tfsubspace.regularizers import BatchNormL1
+
+TFMOT_PYTHON = os.environ.get("TFSUBSPACE_TFMOT_PYTHON", str(REPO / ".venv-tfmot" / "bin" / "python"))
+
+
+def two_conv_model():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, name="c1")(inputs)
+    x = keras.layers.ReLU(name="r1")(keras.layers.BatchNormalization(name="b1")(x))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="c2")(x)
+    x = keras.layers.ReLU(name="r2")(keras.layers.BatchNormalization(name="b2")(x))
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(x), name="two_conv")
+
+
+def test_filter_l1_norms_are_the_filters_l1_norms():
+    model = two_conv_model()
+    norms = ranking.filter_l1_norms(analysis.analyze(model))
+    by_size = {len(v): v for v in norms.values()}
+    for layer, size in (("c1", 4), ("c2", 6)):
+        kernel = model.get_layer(layer).get_weights()[0]
+        np.testing.assert_allclose(by_size[size], np.abs(kernel).sum(axis=(0, 1, 2)), rtol=1e-6)
+
+
+def test_plan_for_budget_meets_it_with_each_way_of_comparing():
+    model = two_conv_model()
+    a = analysis.analyze(model)
+    rng = np.random.default_rng(0)
+    scores = {g: rng.random(len(v)) * (100 if len(v) == 6 else 1) for g, v in ranking.filter_l1_norms(a).items()}
+    full = stats.count_params(model)
+    for compare in ranking.COMPARE:
+        plan = ranking.plan_for_budget(a, scores, params=0.5 * full, compare=compare)
+        slim = surgery.apply_plan(model, plan, analysis=a).model
+        assert stats.count_params(slim) <= 0.5 * full, compare
+    raw = ranking.plan_for_budget(a, scores, params=0.5 * full, compare="raw")
+    small = next(g for g, s in scores.items() if len(s) == 4)
+    assert len(raw.groups[small]["keep"]) == 1  # one global threshold: the weakly scored group goes first
+    rank = ranking.plan_for_budget(a, scores, params=0.5 * full, compare="rank")
+    shares = [len(rank.groups[g]["keep"]) / len(s) for g, s in scores.items()]
+    assert max(shares) - min(shares) <= 0.34  # the same share of every group, up to rounding
+    with pytest.raises(ValueError, match="compare must be one of"):
+        ranking.plan_for_budget(a, scores, params=10, compare="global")
+
+
+def test_batchnorm_l1_scores_are_gammas_and_its_proximal_step_soft_thresholds():
+    model = two_conv_model()
+    b1 = model.get_layer("b1")
+    b1.gamma.assign(np.array([0.5, -0.05, 2.0, 0.0], "float32"))
+    lasso = BatchNormL1(analysis.analyze(model))
+    norms = lasso.norms()
+    np.testing.assert_allclose(next(v for v in norms.values() if len(v) == 4), [0.5, 0.05, 2.0, 0.0], rtol=1e-6)
+    assert float(lasso.penalty()) == pytest.approx(2.55 + 6.0)  # b2's gammas start at 1
+    lasso.proximal(0.1)
+    np.testing.assert_allclose(b1.gamma.numpy(), [0.4, 0.0, 1.9, 0.0], rtol=1e-6)
+    plain = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
+                              keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="no BatchNormalization"):
+        BatchNormL1(analysis.analyze(plain))
+
+
+@pytest.fixture(scope="module")
+def mnist_small():
+    train = data.load("mnist", "train", batch_size=32, limit=256, seed=0)
+    return train
+
+
+def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
+    from test_compress import small_teacher
+
+    keras.utils.set_random_seed(0)
+    teacher = small_teacher()
+    budget = int(0.4 * stats.count_params(teacher))
+    for name, run in {
+        "l1_filter": lambda: baselines.l1_filter_pruning(teacher, mnist_small, params=budget, epochs=1,
+                                                         work_dir=tmp_path / "l1", verbose=0),
+        "slimming": lambda: baselines.network_slimming(teacher, mnist_small, params=budget, epochs=2,
+                                                       work_dir=tmp_path / "slim", verbose=0),
+    }.items():
+        slim = run()
+        assert stats.count_params(slim) <= budget, name
+        assert (tmp_path / {"l1_filter": "l1", "slimming": "slim"}[name] / f"{name}.keras").exists()
+    student = baselines.fresh_copy(slim)
+    for name, run in {
+        "kd": lambda s: baselines.train_kd(s, teacher, mnist_small, epochs=1, alpha=0.9, work_dir=tmp_path / "kd",
+                                           verbose=0),
+        "fitnets": lambda s: baselines.fitnets(s, teacher, mnist_small, epochs=2, work_dir=tmp_path / "fit",
+                                               verbose=0),
+        "scratch": lambda s: baselines.train_scratch(s, mnist_small, epochs=1, work_dir=tmp_path / "scratch",
+                                                     verbose=0),
+    }.items():
+        before = [w.copy() for w in student.get_weights()]
+        trained = run(baselines.fresh_copy(student))
+        assert stats.count_params(trained) == stats.count_params(student), name
+        assert any(not np.allclose(a, b) for a, b in zip(before, trained.get_weights())), name
+    assert (tmp_path / "fit" / "fitnets_hint.csv").exists() and (tmp_path / "fit" / "fitnets_kd.csv").exists()
+    with pytest.raises(ValueError, match="alpha"):
+        baselines.train_kd(student, teacher, mnist_small, epochs=1, alpha=1.5, work_dir=tmp_path / "bad")
+
+
+def test_tfmot_environment_exists():
+    assert os.path.exists(TFMOT_PYTHON), f"{TFMOT_PYTHON} is missing: `make tfmot` builds it (make test does)."
+
+
+def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
+    from tfsubspace import models
+
+    x = np.random.default_rng(0).standard_normal((3, 16, 16, 1)).astype("float32")
+    for name, model in (("vgg", models.vgg16((16, 16, 1), 10, width=0.0625)),
+                        ("wrn", models.wide_resnet((16, 16, 1), 10, depth=10, widen_factor=1))):
+        for layer in model.layers:  # non-trivial BN statistics
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.moving_mean.assign(np.random.default_rng(1).normal(size=layer.moving_mean.shape))
+        bridge.save_spec(model, tmp_path / name)
+        np.save(tmp_path / name / "x.npy", x)
+        np.save(tmp_path / name / "keras3.npy", keras.ops.convert_to_numpy(model(x, training=False)))
+    code = ("import sys, numpy as np; from tfsubspace.bridge import build_tf_keras\n"
+            "for d in sys.argv[1:]:\n"
+            "    m = build_tf_keras(d)\n"
+            "    np.save(d + '/tf_keras.npy', m(np.load(d + '/x.npy'), training=False).numpy())\n")
+    subprocess.run([TFMOT_PYTHON, "-c", code, str(tmp_path / "vgg"), str(tmp_path / "wrn")], check=True, cwd=REPO)
+    for name in ("vgg", "wrn"):
+        np.testing.assert_allclose(np.load(tmp_path / name / "tf_keras.npy"), np.load(tmp_path / name / "keras3.npy"),
+                                   atol=1e-4, err_msg=name)
+
+
+def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
+    from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
+
+    odd = keras.Sequential([keras.Input((4,)), keras.layers.LayerNormalization(name="norm"), keras.layers.Dense(2)])
+    with pytest.raises(UnsupportedModelError, match="'norm'.*LayerNormalization"):
+        bridge.save_spec(odd, tmp_path / "odd")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "spec.json").write_text(json.dumps({"format": "something else"}))
+    np.savez(tmp_path / "bad" / "weights.npz")
+    with pytest.raises(TfSubspaceError, match="not a tfsubspace layer spec"):
+        bridge.load_spec(tmp_path / "bad")
+
+
+def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
+    from test_compress import small_teacher
+
+    keras.utils.set_random_seed(0)
+    model = small_teacher()
+    train = data.load("mnist", "train", batch_size=32, limit=512, seed=0)
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(train, epochs=1, verbose=0)
+    test = data.load("mnist", "test", batch_size=100, limit=200, shuffle=False, labels=False)
+    result = export.export_qat(model, tmp_path, train, epochs=1, train_examples=512, check_ds=test,
+                               python=TFMOT_PYTHON, verbose=0)
+    assert result.mode == "int8_qat" and result.path.exists()
+    assert result.agreement >= 0.95, result
+    runner = export.TFLiteRunner(result.path)
+    assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
+    assert list(runner.input["shape_signature"]) == [1, 28, 28, 1]  # static batch 1, as export() writes
+    with pytest.raises(export.ExportError, match="make tfmot"):
+        export.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
+
+
+def test_comparison_harness_runs_every_method(tmp_path):
+    """benchmarks/compare.py on a tiny teacher, a few steps per method: every row, the table, the plot."""
+    from test_compress import small_teacher
+
+    keras.utils.set_random_seed(0)
+    teacher = small_teacher()
+    train = data.load("mnist", "train", batch_size=32, limit=512, seed=0)
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.fit(train, epochs=1, verbose=0)
+    (tmp_path / "teachers").mkdir()
+    teacher.save(tmp_path / "teachers" / "small_mnist.keras")
+    results = tmp_path / "results"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    command = [sys.executable, "benchmarks/compare.py", "--teachers=small", "--datasets=mnist", "--budgets=0.6",
+               "--epochs=2", "--recover_epochs=1", "--train_limit=256", "--latency_runs=3",
+               f"--teachers_dir={tmp_path / 'teachers'}", f"--runs_dir={tmp_path / 'runs'}",
+               f"--results_dir={results}", f"--tfmot_python={TFMOT_PYTHON}"]
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (results / "cpu").glob("small_mnist_*.json")}
+    methods = ("teacher", "tfsubspace", "tfsubspace_stagewise", "l1_filter", "slimming", "kd", "fitnets", "scratch",
+               "tfmot")
+    assert sorted(rows) == sorted(methods)
+    for method, row in rows.items():
+        assert 0 <= row["accuracy"] <= 1 and row["tflite"]["int8"]["bytes"] > 0, method
+        if method not in ("teacher", "tfmot"):
+            assert row["params"] <= 0.4 * row["teacher_params"] + 1, method
+            assert row["tflite"]["float32"]["check_max_abs_error"] < 1e-4, method
+            assert row["speedup_float32"] > 0
+    assert rows["tfmot"]["params"] == rows["teacher"]["params"]  # dense: sparsity saves nothing uncompressed
+    assert rows["tfmot"]["nonzero_params"] < 0.5 * rows["teacher"]["params"]
+    table = (results / "cpu.md").read_text()
+    assert all(f"| {m} |" in table for m in methods)
+    assert (results / "cpu" / "small_mnist_accuracy.png").stat().st_size > 1000
+    # a second run finds every row done and trains nothing
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "accuracy" not in again.stdout
