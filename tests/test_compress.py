@@ -200,3 +200,21 @@ def test_adapters_start_as_the_least_squares_map(teacher_and_data):
     selection = np.zeros_like(target)
     selection[..., :12] = keras.ops.convert_to_numpy(s_out[1])  # keeping the 12 channels as they are
     assert np.mean((fitted - target) ** 2) < np.mean((selection - target) ** 2)
+
+
+def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data, tmp_path):
+    """With target_params, LASSO shrinks only the channels the budget would remove, so by the end
+    of training they are exact zeros and pruning to the budget removes (almost) nothing alive."""
+    teacher, _, ds, _ = teacher_and_data
+    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=2,
+                                 recover_epochs=0, lasso=2.5, target_params=0.3, verbose=0)
+    assert result.student.count_params() <= 0.3 * teacher.count_params() + 64
+    distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
+    norms = tfsubspace.regularizers.ChannelLasso(analysis.analyze(distilled)).norms()
+    plan = surgery.PruningPlan.load(tmp_path / "plan_lasso.json")
+    removed = np.concatenate([np.delete(norms[g], plan.groups[g]["keep"]) for g in norms])
+    kept = np.concatenate([norms[g][plan.groups[g]["keep"]] for g in norms])
+    assert removed.size > 0
+    assert np.mean(removed == 0) >= 0.9, (np.mean(removed == 0), removed)
+    assert np.all(kept > 0)
+    # (unaimed, the same LASSO leaves none of them at zero here: checked when this test was written)

@@ -86,3 +86,21 @@ def test_proximal_restores_the_scale_only_where_it_is_free():
     np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 1.0 - 0.4125, 2.0], rtol=1e-5)
     lasso.proximal(100.0)  # however strong the LASSO, a group keeps its strongest channel
     np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 0.0, 2.0], rtol=1e-5)
+
+
+def test_channel_lasso_targets_limit_the_proximal_step():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="c")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(x)))
+    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    group = next(iter(lasso.group_sizes))
+    model.get_layer("bn").gamma.assign(np.array([1.0, 0.2, 0.3, 2.0], "float32"))
+    lasso.set_targets({group: np.array([False, True, False, False]), "out_not_prunable": np.ones(2, bool)})
+    lasso.proximal(10.0)  # strong enough to zero every thresholded channel
+    gamma = model.get_layer("bn").gamma.numpy()
+    assert gamma[1] == 0 and np.all(gamma[[0, 2, 3]] != 0)
+    lasso.set_targets(None)
+    lasso.proximal(10.0)
+    assert np.count_nonzero(model.get_layer("bn").gamma.numpy()) == 1  # the strongest always survives

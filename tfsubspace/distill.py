@@ -264,8 +264,33 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
     return [taps[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class BudgetTargets(keras.callbacks.Callback):
+    """Aims a ChannelLasso at a budget: every `every` steps, marks the channels that
+    `choose(norms)` (a function from the current channel norms to keep-masks, e.g. the plan
+    that meets a parameter budget) would remove, and restricts the proximal step to them.
+    LASSO then drives exactly those channels to zero while the rest of the network learns
+    to do without them, so pruning to the budget afterwards removes zeros only."""
+
+    def __init__(self, lasso: ChannelLasso, choose, every: int = 50):
+        super().__init__()
+        self.lasso, self.choose, self.every = lasso, choose, every
+
+    def _update(self):
+        keep = self.choose(self.lasso.norms())
+        self.lasso.set_targets({g: ~np.asarray(m, bool) for g, m in keep.items()})
+
+    def on_train_begin(self, logs=None):
+        self._steps = 0
+        self._update()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        if self._steps % self.every == 0:
+            self._update()
+
+
 def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
-                  verbose="auto", tensorboard_dir=None) -> keras.callbacks.History:
+                  verbose="auto", tensorboard_dir=None, callbacks=()) -> keras.callbacks.History:
     """Compiles `trainer` with Adam (cosine decay) and fits it on `ds`, resumably.
 
     The state after each epoch goes to work_dir/NAME_backup (EpochCheckpoint) and the
@@ -279,7 +304,9 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
     trainer.compile(optimizer=keras.optimizers.Adam(schedule))
     checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
     initial_epoch = checkpoint.restore(trainer)
+    extra_callbacks = callbacks
     callbacks = [history_logger(work_dir / f"{name}.csv", initial_epoch), checkpoint, keras.callbacks.TerminateOnNaN()]
+    callbacks += list(extra_callbacks)
     if trainer.stages is not None:
         callbacks.append(StageSchedule(epochs))
     if tensorboard_dir is not None:

@@ -31,7 +31,7 @@ import numpy as np
 
 from tfsubspace import fileio, ranking, stats, subspace, surgery
 from tfsubspace.analysis import ChannelAnalysis, analyze
-from tfsubspace.distill import StudentTrainer, fit_resumable, stage_split
+from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
 from tfsubspace.errors import TfSubspaceError
 from tfsubspace.regularizers import ChannelLasso
 from tfsubspace.student import INITS, build_student
@@ -139,7 +139,10 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) 
             tfsubspace.distill): each step soft-thresholds channels by this times `lasso`.
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
         target_params: a parameter budget for the student, as a ratio of the teacher's (<= 1)
-            or a count: the weakest channels by normalized LASSO norm are removed until met.
+            or a count. During training, LASSO is aimed at it: every 50 steps the channels of
+            lowest normalized norm that the budget would remove become the only ones the
+            proximal step shrinks (distill.BudgetTargets), so they reach zero while the rest
+            adapts; whatever is still over budget at the end is removed by the same ranking.
         target_macs: the same as a budget of multiply-accumulates per image (both may be set).
         stats_batches / bn_batches: batches for the latent statistics / the BN re-estimation.
         seed: random seed.
@@ -281,18 +284,21 @@ class _Pipeline:
             lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
         )
         trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones
+        extra = []
+        if lasso is not None and c.target_params is not None:
+            budget = _absolute(c.target_params, stats.count_params(self.teacher))
+            alive = lambda n: {g: v > c.zero_tolerance * max(1.0, float(v.max(initial=0.0))) for g, v in n.items()}  # noqa: E731
+            extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
+                student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks()))
         fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
-                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir)
+                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra)
         return student
 
     def _lasso_plan(self, student, path):
         c = self.config
-        def absolute(target, teacher_value):
-            return None if target is None else (target * teacher_value if target <= 1 else target)
-
         plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple,
-                          budget=absolute(c.target_params, stats.count_params(self.teacher)),
-                          macs_budget=absolute(c.target_macs, stats.count_macs(self.teacher)))
+                          budget=_absolute(c.target_params, stats.count_params(self.teacher)),
+                          macs_budget=_absolute(c.target_macs, stats.count_macs(self.teacher)))
         plan.save(path)
         return plan
 
@@ -333,6 +339,11 @@ class _Pipeline:
             "stage_seconds": self.timings,
             "layers": surgery.layer_report(self.teacher, student),
         }
+
+
+def _absolute(target, teacher_value):
+    """A budget as a count: ratios (<= 1) are of the teacher's value."""
+    return None if target is None else (target * teacher_value if target <= 1 else target)
 
 
 def _mean_square(st: subspace.LatentStatistics) -> float:

@@ -107,6 +107,8 @@ class ChannelLasso:
       does not drift; elsewhere the scale matters to the function and the loss holds it
       (call after each optimizer step).
     - `norms()`: the channel norms per group, as numpy arrays (for pruning decisions).
+    - `set_targets(masks)`: thresholds only the marked channels (BudgetTargets marks the
+      ones a parameter budget would remove, so that they, and only they, reach zero).
     A channel whose activation of zero is not zero carries a constant once zeroed, which
     surgery folds into the next layer (apply_plan(..., fold_constants=True)).
     """
@@ -134,6 +136,22 @@ class ChannelLasso:
                     self.members.append((node.layer.bias, channel_index))
                 scale_free[self._group_of_channel[channel_index]] = False
         self._scale_free = scale_free[self._group_of_channel]  # per channel
+        # per channel: 1 where the proximal step applies, 0 where it does not (see set_targets)
+        self.targets = keras.Variable(np.ones(self.num_channels, "float32"), trainable=False, name="lasso_targets")
+
+    def set_targets(self, masks: dict[str, np.ndarray] | None) -> None:
+        """Restricts the proximal step to the channels marked True per prunable group (None:
+        all; groups not given, or not prunable, are left alone)."""
+        if masks is None:
+            self.targets.assign(np.ones(self.num_channels, "float32"))
+            return
+        flat = np.zeros(self.num_channels, "float32")
+        for name, mask in masks.items():
+            if name not in self.index.offsets:
+                continue
+            o = self.index.offsets[name]
+            flat[o:o + self.group_sizes[name]] = np.asarray(mask, "float32")
+        self.targets.assign(flat)
 
     def _norms(self):
         parts, segments = [], []
@@ -166,7 +184,7 @@ class ChannelLasso:
         restores each group's mean norm."""
         norms = self._norms()
         mean = self._group_mean(norms)
-        shrink = ops.maximum(0.0, 1.0 - threshold * mean / ops.maximum(norms, 1e-30))
+        shrink = ops.maximum(0.0, 1.0 - threshold * self.targets * mean / ops.maximum(norms, 1e-30))
         shrink = ops.where(norms >= self._group_max(norms), 1.0, shrink)  # the strongest survives
         restore = mean / ops.maximum(self._group_mean(norms * shrink), 1e-30)
         factor = shrink * ops.where(ops.convert_to_tensor(self._scale_free), restore, 1.0)
