@@ -137,7 +137,7 @@ def test_benchmark_side_by_side(exported, tmp_path):
     lat = rows[0]["latency"]
     assert lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["max_ms"] and lat["runs"] == 5
     table = edgebench.format_table(report)
-    assert "| a | int8 |" in table and "5 timed runs" in table
+    assert "| a | int8 |" in table and "5 timed invokes" in table
     for path in edgebench.plot(report, tmp_path):
         assert path.read_bytes()[:4] == b"\x89PNG"
 
@@ -161,3 +161,25 @@ def test_scripts_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| two | int8 |" in result.stdout and (tmp_path / "bench" / "benchmark.json").exists()
+
+
+def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
+    model = tiny_model()
+    results = export.export(model, tmp_path, modes=("float32", "int8"), calibration_ds=as_ds(images(200)),
+                            check_ds=as_ds(images(50, 1)), batch_size=8)
+    assert [r.path.name for r in results] == ["tiny_float32_b8.tflite", "tiny_int8_b8.tflite"]
+    assert all(r.passed and r.examples == 50 for r in results)  # 50 images: six full batches and a padded one
+    runner = export.TFLiteRunner(results[0].path)
+    assert runner.batch_size == 8
+    x = images(11, 2)
+    np.testing.assert_allclose(runner(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)
+    single = export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(16, 1)))[0]
+    entries = [edgebench.BenchEntry("b1", single.path, "float32", model),
+               edgebench.BenchEntry("b8", results[0].path, "float32", model)]
+    report = edgebench.benchmark(entries, eval_ds=as_ds(images(20, 3)), runs=3, warmup=1)
+    assert [r["batch"] for r in report["rows"]] == [1, 8]
+    assert report["rows"][1]["speedup_vs_first"] == 1.0  # compared within its own batch size
+    assert report["rows"][1]["latency"]["per_image_ms"] == pytest.approx(report["rows"][1]["latency"]["median_ms"] / 8)
+    assert "micro_arena_bytes" not in report["rows"][1]
+    with pytest.raises(ValueError, match="batch_size"):
+        export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(4)), batch_size=0)

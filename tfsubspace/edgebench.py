@@ -96,12 +96,13 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
     rows = []
     for entry in entries:
         row = {"label": entry.label, "mode": entry.mode, "file": str(entry.path),
-               "size_bytes": os.path.getsize(entry.path)}
+               "size_bytes": os.path.getsize(entry.path), "batch": TFLiteRunner(entry.path).batch_size}
         if entry.keras_model is not None:
             row["params"] = stats.count_params(entry.keras_model)
             row["macs"] = stats.count_macs(entry.keras_model)
         row["latency"] = measure_latency(entry.path, threads=threads, warmup=warmup, runs=runs)
-        if micro and entry.mode in ("float32", "int8"):
+        row["latency"]["per_image_ms"] = row["latency"]["median_ms"] / row["batch"]
+        if micro and entry.mode in ("float32", "int8") and row["batch"] == 1:
             row["micro_arena_bytes"] = micro_arena_bytes(entry.path)
         if images is not None:
             row.update(_accuracy(entry.path, images, labels, reference_logits))
@@ -118,10 +119,11 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
 
 
 def _speedups(rows):
-    """Latency ratio of each row to the first row of the same mode (the baseline, e.g. the teacher)."""
+    """Latency ratio of each row to the first row of the same mode and batch (the baseline, e.g.
+    the teacher)."""
     first = {}
     for row in rows:
-        base = first.setdefault(row["mode"], row)
+        base = first.setdefault((row["mode"], row.get("batch", 1)), row)
         row["speedup_vs_first"] = base["latency"]["median_ms"] / row["latency"]["median_ms"]
 
 
@@ -129,12 +131,13 @@ def format_table(report: dict) -> str:
     """A Markdown table of a benchmark() report."""
     s = report["settings"]
     lines = [
-        f"LiteRT interpreter, {s['threads']} thread(s), {s['warmup']} warm-up and {s['runs']} timed runs of "
-        f"one image; machine: {report['machine']}; load average before the run "
+        f"LiteRT interpreter, {s['threads']} thread(s), {s['warmup']} warm-up and {s['runs']} timed invokes "
+        f"(one batch each); machine: {report['machine']}; load average before the run "
         f"{', '.join(str(v) for v in report.get('load_average_before', []))}.",
         "",
-        "| model | mode | params | MACs | file | latency median (p90) | speed-up | MCU arena | accuracy | agreement |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | mode | batch | params | MACs | file | latency median (p90) | per image | speed-up | MCU arena "
+        "| accuracy | agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lat = r["latency"]
@@ -142,8 +145,9 @@ def format_table(report: dict) -> str:
         pct = lambda k: f"{100 * r[k]:.2f}%" if k in r else "-"  # noqa: E731
         arena = f"{r['micro_arena_bytes'] / 1024:.1f} KiB" if "micro_arena_bytes" in r else "-"
         lines.append(
-            f"| {r['label']} | {r['mode']} | {count('params')} | {count('macs')} | {r['size_bytes'] / 1024:.1f} KiB | "
-            f"{lat['median_ms']:.3f} ms ({lat['p90_ms']:.3f}) | {r['speedup_vs_first']:.2f}x | {arena} | "
+            f"| {r['label']} | {r['mode']} | {r.get('batch', 1)} | {count('params')} | {count('macs')} | "
+            f"{r['size_bytes'] / 1024:.1f} KiB | {lat['median_ms']:.3f} ms ({lat['p90_ms']:.3f}) | "
+            f"{lat.get('per_image_ms', lat['median_ms']):.4f} ms | {r['speedup_vs_first']:.2f}x | {arena} | "
             f"{pct('accuracy')} | {pct('agreement')} |"
         )
     return "\n".join(lines) + "\n"

@@ -106,9 +106,11 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
         if calibration is None or not len(calibration):
             raise ValueError("Full int8 export needs calibration images (a representative data set).")
 
+        batch = model.inputs[0].shape[0] or 1  # the model's fixed batch: calibrate in batches of it
+
         def representative():
-            for image in calibration:
-                yield [image[np.newaxis]]
+            for start in range(0, len(calibration) - batch + 1, batch):
+                yield [calibration[start:start + batch]]
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -137,17 +139,26 @@ class TFLiteRunner:
         except (ValueError, RuntimeError, IndexError) as e:
             raise TfSubspaceError(f"Cannot load {self.source}: {e}") from None
 
+    @property
+    def batch_size(self) -> int:
+        """The file's fixed input batch size."""
+        return int(self.input["shape"][0]) or 1
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        """Outputs (float32) for a batch of images, one invoke per image."""
-        outs = []
+        """Outputs (float32) for a batch of images, one invoke per `batch_size` images (the last
+        chunk padded with zeros)."""
+        outs, n, b = [], len(images), self.batch_size
         try:
-            for image in images:
-                self.interpreter.set_tensor(self.input["index"], _quantize(image[np.newaxis], self.input))
+            for start in range(0, n, b):
+                chunk = images[start:start + b]
+                if len(chunk) < b:
+                    chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+                self.interpreter.set_tensor(self.input["index"], _quantize(chunk, self.input))
                 self.interpreter.invoke()
                 outs.append(_dequantize(self.interpreter.get_tensor(self.output["index"]), self.output))
         except (ValueError, RuntimeError) as e:
             raise TfSubspaceError(f"Running {self.source} failed: {e}") from None
-        return np.concatenate(outs)
+        return np.concatenate(outs)[:n]
 
     def invoke(self) -> None:
         self.interpreter.invoke()
@@ -188,13 +199,15 @@ def check(tflite: bytes | str | os.PathLike, model: keras.Model, images: np.ndar
 
 def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calibration_ds=None, check_ds=None,
            calibration_examples: int = 300, check_examples: int = 500, min_agreement: float = 0.98,
-           io_dtype: str = "int8", name: str | None = None) -> list[ExportedModel]:
+           io_dtype: str = "int8", name: str | None = None, batch_size: int = 1) -> list[ExportedModel]:
     """Exports `model` to `out_dir`/NAME_MODE.tflite for each mode and checks each file.
 
     Args:
         calibration_ds: images (or (images, labels)) for int8 calibration.
         check_ds: images for the checks (defaults to calibration_ds).
         min_agreement: top-1 agreement with the Keras model below which a quantized file fails.
+        batch_size: the files' fixed input batch (1 for microcontrollers and the Edge TPU;
+            files of other batch sizes are named NAME_MODE_bBATCH.tflite).
     Returns:
         One ExportedModel per mode; a failed int8 file is still written, marked failed.
     """
@@ -208,7 +221,9 @@ def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calib
     check_ds = check_ds if check_ds is not None else calibration_ds
     if check_ds is None:
         raise ValueError("export() needs check_ds (or calibration_ds): every file is checked against the model.")
-    fixed = with_batch_size(model, 1)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={batch_size!r}")
+    fixed = with_batch_size(model, batch_size)
     calibration = _images(calibration_ds, calibration_examples) if calibration_ds is not None else None
     images = _images(check_ds, check_examples)
     out_dir = Path(out_dir)
@@ -216,7 +231,8 @@ def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calib
     results = []
     for mode in modes:
         content = convert(fixed, mode, calibration=calibration, io_dtype=io_dtype)
-        path = fileio.write_bytes(out_dir / f"{name}_{mode}.tflite", content)
+        suffix = "" if batch_size == 1 else f"_b{batch_size}"
+        path = fileio.write_bytes(out_dir / f"{name}_{mode}{suffix}.tflite", content)
         error, agreement = check(content, model, images)
         passed, message = agreement >= min_agreement, ""
         if not passed:
