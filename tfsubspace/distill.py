@@ -23,6 +23,7 @@ variable trains with the compiled optimizer. With `proximal=False` the LASSO is 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -31,6 +32,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfsubspace import distribute
 from tfsubspace.checkpoint import EpochCheckpoint, history_logger
 from tfsubspace.regularizers import ChannelLasso
 
@@ -211,6 +213,8 @@ class StudentTrainer(keras.Model):
             total = latent + kd + label
             penalty = self.lasso.penalty() if self.lasso is not None else ops.convert_to_tensor(0.0)
             objective = total if (self.proximal or self.lasso is None) else total + self.lasso_weight * penalty
+            # optimizers sum the replicas' gradients: each replica contributes its share of the mean
+            objective = objective / tf.distribute.get_strategy().num_replicas_in_sync
         variables = self.trainable_variables
         grads = tape.gradient(objective, variables)
         if self.proximal:
@@ -290,18 +294,21 @@ class BudgetTargets(keras.callbacks.Callback):
 
 
 def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
-                  verbose="auto", tensorboard_dir=None, callbacks=()) -> keras.callbacks.History:
+                  verbose="auto", tensorboard_dir=None, callbacks=(), strategy=None) -> keras.callbacks.History:
     """Compiles `trainer` with Adam (cosine decay) and fits it on `ds`, resumably.
 
     The state after each epoch goes to work_dir/NAME_backup (EpochCheckpoint) and the
     metrics to work_dir/NAME.csv (and to TensorBoard under tensorboard_dir/NAME when given);
     a rerun continues after the last finished epoch. A NaN
     or infinite loss stops the run with FloatingPointError, before anything is saved.
+    Under a `strategy` (tfsubspace.distribute), build `trainer` in its scope; `ds` holds global
+    batches.
     """
     work_dir = Path(work_dir)
     steps = int(ds.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
-    trainer.compile(optimizer=keras.optimizers.Adam(schedule))
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
     checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
     initial_epoch = checkpoint.restore(trainer)
     extra_callbacks = callbacks
@@ -311,8 +318,8 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
         callbacks.append(StageSchedule(epochs))
     if tensorboard_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
-    history = trainer.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks, shuffle=False,
-                          verbose=verbose)
+    history = distribute.fit(trainer, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                             verbose=verbose, strategy=strategy)
     if any(not math.isfinite(v) for v in history.history.get("loss", [])) or trainer.stop_training:
         raise FloatingPointError(
             f"{name}: the loss became NaN or infinite; nothing was saved. Lower the learning rate "

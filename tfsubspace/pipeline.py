@@ -29,7 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import fileio, ranking, stats, subspace, surgery
+from tfsubspace import distribute, fileio, ranking, stats, subspace, surgery
 from tfsubspace.analysis import ChannelAnalysis, analyze
 from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
 from tfsubspace.errors import TfSubspaceError
@@ -114,7 +114,7 @@ class CompressionResult:
     paths: dict[str, Path]
 
 
-def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) -> CompressionResult:
+def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=None, **options) -> CompressionResult:
     """Compresses `model` (the teacher) into a slimmer student, without labels.
 
     Args:
@@ -125,6 +125,9 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) 
             resumes. A temporary directory (removed at the end) when None.
         eval_ds: batched (images, labels) or images for the report: accuracy where it has
             labels, top-1 agreement with the teacher always.
+        strategy: a tf.distribute strategy for the training stages (tfsubspace.distribute;
+            `ds` then holds global batches). Under MultiWorkerMirroredStrategy every worker runs
+            the same command; only the chief writes to work_dir, the others to a private copy.
         energy: share of latent energy each group's subspace keeps (default 0.99), or
         width_ratio: a fixed share of each group's width instead.
         min_ratio: lower bound of k as a share of the width; multiple: round k up to it (8).
@@ -166,7 +169,8 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, **options) 
     with contextlib.ExitStack() as stack:
         if work_dir is None:
             work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfsubspace-"))
-        return _Pipeline(model, teacher_analysis, ds, eval_ds, Path(work_dir), config).run()
+        work_dir = stack.enter_context(distribute.private_work_dir(work_dir, strategy))
+        return _Pipeline(model, teacher_analysis, ds, eval_ds, Path(work_dir), config, strategy).run()
 
 
 def _check_dataset(model, ds, name):
@@ -186,7 +190,10 @@ def _check_dataset(model, ds, name):
 
 
 class _Pipeline:
-    def __init__(self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig):
+    def __init__(self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig,
+                 strategy=None):
+        self.strategy = strategy
+        self._teacher_in_scope = None
         self.teacher, self.analysis, self.ds, self.eval_ds = teacher, analysis, ds, eval_ds
         self.dir, self.config = work_dir, config
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -270,19 +277,26 @@ class _Pipeline:
     def _train(self, student, name, epochs, learning_rate, lasso_weight):
         c = self.config
         taps = self.analysis.taps()
-        student_analysis = analyze(student)
+        trained, teacher = student, self.teacher
+        if self.strategy is not None:  # train copies whose variables live under the strategy
+            if self._teacher_in_scope is None:
+                self._teacher_in_scope = distribute.clone_in_scope(self.teacher, self.strategy)
+            trained, teacher = distribute.clone_in_scope(student, self.strategy), self._teacher_in_scope
+        scope = self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
+        student_analysis = analyze(trained)
         spectra = json.loads((self.dir / "spectra.json").read_text())
         tap_layers = [taps[g] for g in taps if g in spectra] if c.tap_weight > 0 else []
         scales = {spectra[g]["tap"]: spectra[g]["mean_square"] for g in taps if g in spectra}
         stages = None
         if c.schedule == "stage_wise" and tap_layers:
             stages = stage_split(tap_layers, epochs)
-        lasso = ChannelLasso(student_analysis) if lasso_weight > 0 else None
-        trainer = StudentTrainer(
-            student, self.teacher, taps=tap_layers, tap_scales=scales,
-            stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
-            lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
-        )
+        with scope:
+            lasso = ChannelLasso(student_analysis) if lasso_weight > 0 else None
+            trainer = StudentTrainer(
+                trained, teacher, taps=tap_layers, tap_scales=scales,
+                stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
+                lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
+            )
         trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones
         extra = []
         if lasso is not None and c.target_params is not None:
@@ -291,7 +305,9 @@ class _Pipeline:
             extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
                 student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks()))
         fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
-                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra)
+                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra, strategy=self.strategy)
+        if trained is not student:
+            student.set_weights(trained.get_weights())
         return student
 
     def _lasso_plan(self, student, path):

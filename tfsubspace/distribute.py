@@ -1,0 +1,147 @@
+"""tf.distribute for every training loop: the strategy by name, who writes, and fit().
+
+- `get_strategy(name)`: "default" (one device), "mirrored" (MirroredStrategy: the devices of
+  one host) or "multi_worker" (MultiWorkerMirroredStrategy: several hosts, from TF_CONFIG).
+  Build models and optimizers under `strategy.scope()`; batch sizes are global; data sets
+  are sharded by the strategy.
+- `is_chief(strategy)`: the one worker that writes checkpoints and outputs; the others
+  compute the same steps and write to a private temporary directory (`private_work_dir`).
+- `fit(model, ds, ...)`: model.fit(), except under MultiWorkerMirroredStrategy, which Keras 3's
+  fit() does not run (keras-team/keras#20585: "Attempt to convert a value (PerReplica...)"):
+  there, the same train_step runs in a loop of our own through strategy.run, with the same
+  callbacks. A worker that stops answering ends the run with a WorkerLostError on the others
+  (collectives time out after `timeout_s`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+
+from tfsubspace.errors import TfSubspaceError
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+class WorkerLostError(TfSubspaceError):
+    """A worker of a multi-worker run died or stopped answering."""
+
+
+def get_strategy(name: str = "default", *, timeout_s: float = 300.0):
+    """The tf.distribute strategy called `name` (see STRATEGIES)."""
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        raw = os.environ.get("TF_CONFIG")
+        if not raw:
+            raise TfSubspaceError("strategy 'multi_worker' needs TF_CONFIG (the cluster and this worker's task), e.g. "
+                                  '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                                  '"task": {"type": "worker", "index": 0}}')
+        try:
+            config = json.loads(raw)
+            workers = config["cluster"]["worker"]
+            task = config["task"]
+            if task["type"] not in ("worker", "chief") or not workers:
+                raise ValueError("task type must be worker or chief")
+        except (ValueError, KeyError, TypeError) as e:
+            raise TfSubspaceError(f"TF_CONFIG is not a valid cluster description ({e}): {raw}") from None
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
+
+
+def is_multi_worker(strategy) -> bool:
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy=None) -> bool:
+    """True unless this is a non-chief worker of a multi-worker run (worker 0 is the chief
+    when the cluster names none)."""
+    if strategy is None or not is_multi_worker(strategy):
+        return True
+    resolver = strategy.cluster_resolver
+    if resolver.task_type in (None, "chief"):
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and \
+        "chief" not in resolver.cluster_spec().as_dict()
+
+
+@contextlib.contextmanager
+def private_work_dir(work_dir, strategy=None):
+    """`work_dir` on the chief; on other workers a temporary copy of it (so they resume from
+    the chief's checkpoints), removed afterwards: only the chief's writes last."""
+    if is_chief(strategy):
+        yield Path(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="tfsubspace-worker-") as tmp:
+        if Path(work_dir).exists():
+            shutil.copytree(work_dir, tmp, dirs_exist_ok=True)
+        yield Path(tmp)
+
+
+def clone_in_scope(model: keras.Model, strategy) -> keras.Model:
+    """A copy of `model` (same weights) whose variables live under `strategy`."""
+    with strategy.scope():
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+    return copy
+
+
+def fit(model: keras.Model, ds, *, epochs: int, initial_epoch: int = 0, callbacks=(), verbose="auto",
+        strategy=None, validation_data=None) -> keras.callbacks.History:
+    """model.fit(ds, ...) under `strategy` (compile the model in its scope first)."""
+    if strategy is None or not is_multi_worker(strategy):
+        return model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=list(callbacks), shuffle=False,
+                         verbose=verbose, validation_data=validation_data)
+    return _multi_worker_fit(model, ds, epochs, initial_epoch, list(callbacks), verbose, strategy)
+
+
+def _multi_worker_fit(model, ds, epochs, initial_epoch, callbacks, verbose, strategy):
+    import tensorflow as tf
+
+    history = keras.callbacks.History()
+    steps = int(ds.cardinality())
+    callback_list = keras.callbacks.CallbackList(
+        [*callbacks, history], add_progbar=verbose not in (0, "0"), model=model, epochs=epochs,
+        steps=steps if steps > 0 else None, verbose=2 if verbose == "auto" else verbose)
+    distributed = strategy.experimental_distribute_dataset(ds)
+
+    @tf.function
+    def step(batch):
+        out = strategy.run(model.train_step, args=(batch,))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in out.items()}
+
+    model.stop_training = False
+    logs = {}
+    try:
+        callback_list.on_train_begin()
+        for epoch in range(initial_epoch, epochs):
+            model.reset_metrics()
+            callback_list.on_epoch_begin(epoch)
+            for i, batch in enumerate(distributed):
+                callback_list.on_train_batch_begin(i)
+                logs = step(batch)
+                callback_list.on_train_batch_end(i, logs)
+            logs = {k: float(v) for k, v in logs.items()}
+            callback_list.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+        callback_list.on_train_end(logs)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+            tf.errors.InternalError) as e:
+        raise WorkerLostError(
+            f"A worker of the multi-worker run stopped answering ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            "Restart every worker with the same command: the run resumes from the chief's last checkpoint.") from None
+    return history
