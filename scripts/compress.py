@@ -50,6 +50,10 @@ _STATS_BATCHES = flags.DEFINE_integer("stats_batches", _D.stats_batches, "Batche
 _BN_BATCHES = flags.DEFINE_integer("bn_batches", _D.bn_batches, "Batches for BN re-estimation.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", _D.seed, "Random seed.")
 _TENSORBOARD = flags.DEFINE_string("tensorboard_dir", None, "TensorBoard log directory (none if unset).")
+_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                               "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
+                               "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
+                               "command on every worker). --batch_size is the global batch.")
 _VERBOSE = flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Progress output.")
 
 for _name in ("learning_rate", "recover_learning_rate", "temperature", "lasso_learning_rate"):
@@ -60,8 +64,9 @@ flags.register_validator("width_ratio", lambda v: v is None or v > 0, "--width_r
 
 def main(argv):
     del argv
-    from tfsubspace import compress, data, load_model
+    from tfsubspace import compress, data, distribute, load_model
 
+    strategy = distribute.get_strategy(_STRATEGY.value)
     teacher = load_model(_TEACHER.value, safe_mode=not _UNSAFE.value)
     info = data.dataset_info(_DATASET.value)
     ds = data.load(info.name, "train", batch_size=_BATCH.value, labels=False, limit=_EXAMPLES.value,
@@ -69,7 +74,7 @@ def main(argv):
     eval_ds = data.load(info.name, "test", batch_size=512, shuffle=False, limit=_EVAL_EXAMPLES.value,
                         data_dir=_DATA_DIR.value)
     result = compress(
-        teacher, ds, work_dir=_WORK_DIR.value, eval_ds=eval_ds,
+        teacher, ds, work_dir=_WORK_DIR.value, eval_ds=eval_ds, strategy=None if _STRATEGY.value == "default" else strategy,
         energy=None if _WIDTH_RATIO.value else _ENERGY.value, width_ratio=_WIDTH_RATIO.value,
         min_ratio=_MIN_RATIO.value, multiple=_MULTIPLE.value, init=_INIT.value, schedule=_SCHEDULE.value,
         epochs=_EPOCHS.value, recover_epochs=_RECOVER.value, learning_rate=_LR.value,
@@ -78,9 +83,10 @@ def main(argv):
         target_params=_TARGET.value, target_macs=_TARGET_MACS.value, stats_batches=_STATS_BATCHES.value, bn_batches=_BN_BATCHES.value,
         seed=_SEED.value, tensorboard_dir=_TENSORBOARD.value, verbose=_VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value),
     )
-    print(open(result.paths["report_md"], encoding="utf-8").read())
-    print(f"student: {result.paths['student']}")
-    print(f"plan:    {result.paths['plan']}")
+    if distribute.is_chief(strategy):  # other workers wrote to a private copy, now gone
+        print(open(result.paths["report_md"], encoding="utf-8").read())
+        print(f"student: {result.paths['student']}")
+        print(f"plan:    {result.paths['plan']}")
 
 
 if __name__ == "__main__":

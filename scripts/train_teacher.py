@@ -29,6 +29,10 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for weights, shuffling and augmentation.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the trained model (.keras).", required=True)
 _TENSORBOARD = flags.DEFINE_string("tensorboard_dir", None, "TensorBoard log directory (none if unset).")
+_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                               "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
+                               "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
+                               "command on every worker). --batch_size is the global batch.")
 _VERBOSE = flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit() verbosity.")
 
 flags.register_validator("output", lambda v: v is None or v.endswith(".keras"), "--output must end in .keras")
@@ -39,17 +43,19 @@ def main(argv):
     del argv
     import keras
 
-    from tfsubspace import data, models, stats, training
+    from tfsubspace import data, distribute, models, stats, training
 
+    strategy = distribute.get_strategy(_STRATEGY.value)
     keras.utils.set_random_seed(_SEED.value)
     info = data.dataset_info(_DATASET.value)
     common = dict(batch_size=_BATCH_SIZE.value, seed=_SEED.value, data_dir=_DATA_DIR.value)
     train_ds = data.load(info.name, "train", augment=_AUGMENT.value, limit=_TRAIN_EXAMPLES.value, **common)
     test_ds = data.load(info.name, "test", shuffle=False, limit=_TEST_EXAMPLES.value, **common)
-    model = models.build(
-        _MODEL.value, info.image_shape, info.num_classes,
-        width=_WIDTH.value, depth=_DEPTH.value, widen_factor=_WIDEN.value,
-    )
+    with strategy.scope():
+        model = models.build(
+            _MODEL.value, info.image_shape, info.num_classes,
+            width=_WIDTH.value, depth=_DEPTH.value, widen_factor=_WIDEN.value,
+        )
     print(f"{model.name} on {info.name}: {stats.count_params(model):,} params, "
           f"{stats.count_macs(model):,} MACs per image")
     verbose = _VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value)
@@ -57,10 +63,11 @@ def main(argv):
         model, train_ds, test_ds,
         epochs=_EPOCHS.value, optimizer=_OPTIMIZER.value, learning_rate=_LR.value,
         lr_schedule=_SCHEDULE.value, weight_decay=_WEIGHT_DECAY.value,
-        output=_OUTPUT.value, tensorboard_dir=_TENSORBOARD.value, verbose=verbose,
+        output=_OUTPUT.value, tensorboard_dir=_TENSORBOARD.value, verbose=verbose, strategy=strategy,
     )
     print(f"test accuracy: {result.test_accuracy:.4f} ({result.test_accuracy * 100:.2f}%)")
-    print(f"saved: {result.model_path}")
+    if result.model_path is not None and distribute.is_chief(strategy):
+        print(f"saved: {result.model_path}")
 
 
 if __name__ == "__main__":

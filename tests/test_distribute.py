@@ -115,3 +115,24 @@ def test_strategy_names_and_tf_config_are_checked(monkeypatch):
     default = distribute.get_strategy("default")
     assert distribute.is_chief(default) and not distribute.is_multi_worker(default)
     assert np.isfinite(default.num_replicas_in_sync)
+
+
+def test_scripts_train_and_compress_under_mirrored_strategy(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    teacher = tmp_path / "teacher.keras"
+    run = subprocess.run([sys.executable, "scripts/train_teacher.py", "--model=lenet5", "--dataset=mnist",
+                          "--train_examples=512", "--test_examples=256", "--epochs=1", "--strategy=mirrored",
+                          f"--output={teacher}", "--verbose=0"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert teacher.exists() and "test accuracy" in run.stdout
+    run = subprocess.run([sys.executable, "scripts/compress.py", f"--teacher={teacher}", "--dataset=mnist",
+                          "--examples=256", "--eval_examples=256", "--epochs=1", "--recover_epochs=1",
+                          "--strategy=mirrored", f"--work_dir={tmp_path / 'work'}", "--verbose=0"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "work" / "student.keras").exists() and "student:" in run.stdout
+    bad = subprocess.run([sys.executable, "scripts/compress.py", f"--teacher={teacher}", "--strategy=tpu",
+                          f"--work_dir={tmp_path / 'bad'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0 and "--strategy" in bad.stderr

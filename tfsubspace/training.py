@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from tfsubspace import fileio, stats
+from tfsubspace import distribute, fileio, stats
 from tfsubspace.checkpoint import EpochCheckpoint, history_logger
 
 OPTIMIZERS = ("adam", "sgd")
@@ -59,6 +61,7 @@ def train_classifier(
     work_dir: str | os.PathLike | None = None,
     tensorboard_dir: str | os.PathLike | None = None,
     verbose: int | str = "auto",
+    strategy=None,
 ) -> TrainResult:
     """Trains `model` on (image, label) batches with sparse cross-entropy on its logits.
 
@@ -76,11 +79,19 @@ def train_classifier(
     steps_per_epoch = int(train_ds.cardinality())
     if steps_per_epoch <= 0:
         raise ValueError("The training data set is empty or of unknown length; pass a finite, batched tf.data.Dataset.")
-    model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, epochs * steps_per_epoch, weight_decay),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model.compile(
+            optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, epochs * steps_per_epoch, weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+    with contextlib.ExitStack() as stack:
+        if work_dir is not None:
+            work_dir = stack.enter_context(distribute.private_work_dir(work_dir, strategy))
+        return _train(model, train_ds, test_ds, epochs, output, work_dir, tensorboard_dir, verbose, strategy)
+
+
+def _train(model, train_ds, test_ds, epochs, output, work_dir, tensorboard_dir, verbose, strategy):
     callbacks, initial_epoch = [], 0
     if work_dir is not None:
         work_dir = Path(work_dir)
@@ -94,15 +105,16 @@ def train_classifier(
     callbacks.append(keras.callbacks.TerminateOnNaN())
 
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=epochs, initial_epoch=initial_epoch, validation_data=test_ds, callbacks=callbacks,
-                        shuffle=False, verbose=verbose)  # the data set shuffles itself
+    multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
+    history = distribute.fit(model, train_ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
+                             verbose=verbose, strategy=strategy, validation_data=None if multi_worker else test_ds)
     wall = time.perf_counter() - start
     if history.history.get("loss") and not all(map(_finite, history.history["loss"])):
         raise FloatingPointError("Training stopped on a NaN or infinite loss; lower the learning rate.")
-    test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
+    test_loss, test_accuracy = _evaluate(model, test_ds) if multi_worker else model.evaluate(test_ds, verbose=0)
 
     metrics_path = None
-    if output is not None:
+    if output is not None and distribute.is_chief(strategy):
         fileio.save_model(model, output)
         metrics_path = fileio.write_json(output.with_suffix(".json"), {
             "model": model.name,
@@ -114,6 +126,18 @@ def train_classifier(
             "wall_time_s_last_run": round(wall, 2),
         })
     return TrainResult(model, float(test_accuracy), float(test_loss), epochs, wall, output, metrics_path)
+
+
+def _evaluate(model, ds) -> tuple[float, float]:
+    """Test loss and accuracy with plain calls (model.evaluate does not run multi-worker)."""
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    total = correct = count = 0
+    for x, y in ds:
+        logits = model(x, training=False)
+        total += float(loss(y, logits))
+        correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(logits), -1) == np.asarray(y)))
+        count += len(y)
+    return total / max(count, 1), correct / max(count, 1)
 
 
 def _finite(x) -> bool:
