@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -208,3 +209,37 @@ def test_comparison_harness_runs_every_method(tmp_path):
     # a second run finds every row done and trains nothing
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "accuracy" not in again.stdout
+
+
+def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
+    code = textwrap.dedent("""
+        import sys, keras, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, "tests")
+        from test_compress import small_teacher
+        from tfsubspace import baselines, data, stats
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        keras.utils.set_random_seed(0)
+        teacher = small_teacher()
+        ds = data.load("mnist", "train", batch_size=32, limit=128, seed=0)
+        budget = int(0.5 * stats.count_params(teacher))
+        work = sys.argv[1]
+        slim = baselines.network_slimming(teacher, ds, params=budget, epochs=2, work_dir=work + "/slim", verbose=0,
+                                          strategy=strategy)
+        l1 = baselines.l1_filter_pruning(teacher, ds, params=budget, epochs=1, work_dir=work + "/l1", verbose=0,
+                                         strategy=strategy)
+        kd = baselines.train_kd(baselines.fresh_copy(slim), teacher, ds, epochs=1, alpha=0.9, work_dir=work + "/kd",
+                                verbose=0, strategy=strategy)
+        fit = baselines.fitnets(baselines.fresh_copy(slim), teacher, ds, epochs=2, work_dir=work + "/fit", verbose=0,
+                                strategy=strategy)
+        print("PARAMS", max(stats.count_params(m) for m in (slim, l1, kd, fit)), budget)
+    """)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    largest, budget = map(int, next(l for l in result.stdout.splitlines() if l.startswith("PARAMS")).split()[1:])
+    assert largest <= budget
+    for name in ("slim/slimming.keras", "l1/l1_filter.keras", "kd/kd.keras", "fit/fitnets.keras"):
+        assert (tmp_path / name).exists(), name

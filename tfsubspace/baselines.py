@@ -19,16 +19,20 @@ work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
   smallest scale removed under one global threshold, then fine-tuning with labels (Liu et
   al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
 The pruning methods take a parameter budget (absolute count) and meet it with
-tfsubspace.ranking.plan_for_budget.
+tfsubspace.ranking.plan_for_budget. Every method takes a tf.distribute `strategy`
+(tfsubspace.distribute): it then trains copies whose variables live under it (and returns
+the trained copy).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import contextlib
+
 import keras
 
-from tfsubspace import fileio, ranking, surgery
+from tfsubspace import distribute, fileio, ranking, surgery
 from tfsubspace.analysis import analyze
 from tfsubspace.distill import StudentTrainer, fit_resumable
 from tfsubspace.pipeline import lasso_plan
@@ -47,6 +51,15 @@ def trained_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def _scope(strategy):
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
+
+
+def _placed(model, strategy):
+    """`model`, or a copy under `strategy` (same weights)."""
+    return distribute.clone_in_scope(model, strategy) if strategy is not None else model
+
+
 def _finished(work_dir, name):
     """The saved model of a finished run, or None (and the work directory made)."""
     final = Path(work_dir) / f"{name}.keras"
@@ -61,46 +74,52 @@ def _first_images(ds):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verbose):
+def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verbose, strategy=None):
     if epochs:
-        trainer = StudentTrainer(model, None, label_weight=1.0)
+        model = _placed(model, strategy)
+        with _scope(strategy):
+            trainer = StudentTrainer(model, None, label_weight=1.0)
         fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
-                      verbose=verbose)
+                      verbose=verbose, strategy=strategy)
     return model
 
 
 def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
                   lasso: float = 0.0, lasso_learning_rate: float = 0.01, recover_epochs: int = 0,
-                  multiple: int = 1, verbose="auto") -> keras.Model:
+                  multiple: int = 1, verbose="auto", strategy=None) -> keras.Model:
     """Trains `student` (in place) on (images, labels); with `lasso` > 0, prunes the channels
     LASSO zeroed and trains `recover_epochs` more epochs with labels. Returns the model."""
     if (done := _finished(work_dir, "scratch")) is not None:
         return done
-    channel_lasso = ChannelLasso(analyze(student)) if lasso > 0 else None
-    trainer = StudentTrainer(student, None, label_weight=1.0, lasso=channel_lasso, lasso_weight=lasso,
-                             lasso_learning_rate=lasso_learning_rate)
+    student = _placed(student, strategy)
+    with _scope(strategy):
+        channel_lasso = ChannelLasso(analyze(student)) if lasso > 0 else None
+        trainer = StudentTrainer(student, None, label_weight=1.0, lasso=channel_lasso, lasso_weight=lasso,
+                                 lasso_learning_rate=lasso_learning_rate)
     fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="scratch", verbose=verbose)
+                  name="scratch", verbose=verbose, strategy=strategy)
     if lasso > 0:
         plan = lasso_plan(analyze(student), multiple=multiple)
         student = surgery.apply_plan(student, plan, check_batch=_first_images(labeled_ds), fold_constants=True).model
-        _fine_tune(student, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3, work_dir=work_dir,
-                   name="scratch_recover", verbose=verbose)
+        student = _fine_tune(student, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3,
+                             work_dir=work_dir, name="scratch_recover", verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "scratch.keras")
     return student
 
 
 def train_kd(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
-             temperature: float = 4.0, alpha: float = 1.0, verbose="auto") -> keras.Model:
+             temperature: float = 4.0, alpha: float = 1.0, verbose="auto", strategy=None) -> keras.Model:
     """Trains `student` (in place) on alpha * distillation + (1 - alpha) * cross-entropy
     (alpha < 1 needs (images, labels) batches); returns it."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1]. Received: alpha={alpha!r}")
     if (done := _finished(work_dir, "kd")) is not None:
         return done
-    trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
+    student, teacher = _placed(student, strategy), _placed(teacher, strategy)
+    with _scope(strategy):
+        trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
     fit_resumable(trainer, ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="kd",
-                  verbose=verbose)
+                  verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "kd.keras")
     return student
 
@@ -112,7 +131,7 @@ def train_kd_only(student, teacher, ds, **kwargs) -> keras.Model:
 
 def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: int, work_dir, hint: str | None = None,
             hint_epochs: int | None = None, learning_rate: float = 1e-3, temperature: float = 4.0, alpha: float = 0.9,
-            verbose="auto") -> keras.Model:
+            verbose="auto", strategy=None) -> keras.Model:
     """FitNets: `hint_epochs` (default half) of matching the teacher's `hint` layer (default:
     the middle one of the latents compress() would tap), then distillation with labels."""
     if (done := _finished(work_dir, "fitnets")) is not None:
@@ -120,20 +139,24 @@ def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: i
     taps = list(analyze(teacher).taps().values())
     hint = hint or taps[len(taps) // 2]
     hint_epochs = max(1, epochs // 2) if hint_epochs is None else hint_epochs
-    trainer = StudentTrainer(student, teacher, taps=[hint], kd_weight=0.0)
+    student, teacher = _placed(student, strategy), _placed(teacher, strategy)
+    with _scope(strategy):
+        trainer = StudentTrainer(student, teacher, taps=[hint], kd_weight=0.0)
     trainer.fit_adapters(labeled_ds)
     fit_resumable(trainer, labeled_ds, epochs=hint_epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="fitnets_hint", verbose=verbose)
+                  name="fitnets_hint", verbose=verbose, strategy=strategy)
     if epochs > hint_epochs:
-        trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
+        with _scope(strategy):
+            trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha,
+                                     temperature=temperature)
         fit_resumable(trainer, labeled_ds, epochs=epochs - hint_epochs, learning_rate=learning_rate,
-                      work_dir=work_dir, name="fitnets_kd", verbose=verbose)
+                      work_dir=work_dir, name="fitnets_kd", verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "fitnets.keras")
     return student
 
 
 def l1_filter_pruning(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
-                      learning_rate: float = 3e-4, multiple: int = 1, verbose="auto") -> keras.Model:
+                      learning_rate: float = 3e-4, multiple: int = 1, verbose="auto", strategy=None) -> keras.Model:
     """Li et al.: removes the filters of smallest L1 norm, the same share of every layer,
     until at most `params` parameters remain; fine-tunes `epochs` epochs with labels."""
     if (done := _finished(work_dir, "l1_filter")) is not None:
@@ -143,32 +166,34 @@ def l1_filter_pruning(teacher: keras.Model, labeled_ds, *, params: int, epochs: 
                                    multiple=multiple)
     plan.save(Path(work_dir) / "plan.json")
     slim = surgery.apply_plan(teacher, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
-    _fine_tune(slim, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="l1_filter_tune",
-               verbose=verbose)
+    slim = _fine_tune(slim, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
+                      name="l1_filter_tune", verbose=verbose, strategy=strategy)
     fileio.save_model(slim, Path(work_dir) / "l1_filter.keras")
     return slim
 
 
 def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
                      sparsity_epochs: int | None = None, l1: float = 1e-4, learning_rate: float = 1e-3,
-                     finetune_learning_rate: float = 3e-4, multiple: int = 1, verbose="auto") -> keras.Model:
+                     finetune_learning_rate: float = 3e-4, multiple: int = 1, verbose="auto",
+                     strategy=None) -> keras.Model:
     """Liu et al.: `sparsity_epochs` (default half) of training a copy of `teacher` with labels
     plus l1 * sum |gamma|, removal of the channels of smallest |gamma| under one global
     threshold until at most `params` parameters remain, then fine-tuning for the rest."""
     if (done := _finished(work_dir, "slimming")) is not None:
         return done
     sparsity_epochs = max(1, epochs // 2) if sparsity_epochs is None else sparsity_epochs
-    model = trained_copy(teacher)
-    trainer = StudentTrainer(model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1,
-                             proximal=False)
+    with _scope(strategy):
+        model = trained_copy(teacher)
+        trainer = StudentTrainer(model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1,
+                                 proximal=False)
     fit_resumable(trainer, labeled_ds, epochs=sparsity_epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="slimming_sparsity", verbose=verbose)
+                  name="slimming_sparsity", verbose=verbose, strategy=strategy)
     analysis = analyze(model)
     plan = ranking.plan_for_budget(analysis, BatchNormL1(analysis).norms(), params=params, compare="raw",
                                    multiple=multiple)
     plan.save(Path(work_dir) / "plan.json")
     slim = surgery.apply_plan(model, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
-    _fine_tune(slim, labeled_ds, epochs=epochs - sparsity_epochs, learning_rate=finetune_learning_rate,
-               work_dir=work_dir, name="slimming_tune", verbose=verbose)
+    slim = _fine_tune(slim, labeled_ds, epochs=epochs - sparsity_epochs, learning_rate=finetune_learning_rate,
+                      work_dir=work_dir, name="slimming_tune", verbose=verbose, strategy=strategy)
     fileio.save_model(slim, Path(work_dir) / "slimming.keras")
     return slim
