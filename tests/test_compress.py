@@ -218,3 +218,66 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
     assert np.mean(removed == 0) >= 0.9, (np.mean(removed == 0), removed)
     assert np.all(kept > 0)
     # (unaimed, the same LASSO leaves none of them at zero here: checked when this test was written)
+
+
+KILLING_RUN = textwrap.dedent("""
+    import os, runpy, signal, sys
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    target, script = sys.argv[1], sys.argv[2]
+    real_replace = os.replace
+    def replace(src, dst):  # SIGKILL once the new file is written, before it takes its name
+        if target and str(dst).endswith(target):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+    os.replace = replace
+    sys.argv = [script, *sys.argv[3:]]
+    runpy.run_path(script, run_name="__main__")
+""")
+
+
+def _run_killed(target, script, args, env):
+    return subprocess.run([sys.executable, "-c", KILLING_RUN, target, script, *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_and_data, tmp_path):
+    _, teacher_path, _, _ = teacher_and_data
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    script = str(REPO / "scripts" / "compress.py")
+
+    def args(work):
+        return [f"--teacher={teacher_path}", f"--work_dir={work}", "--examples=512", "--eval_examples=128",
+                "--batch_size=32", "--epochs=1", "--recover_epochs=0", "--energy=0.9", "--multiple=4",
+                "--target_params=0.4", "--verbose=2"]
+
+    reference = _run_killed("", script, args(tmp_path / "ref"), env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = _run_killed("student_pruned.keras", script, args(tmp_path / "work"), env)
+    assert killed.returncode == -signal.SIGKILL
+    work = tmp_path / "work"
+    assert (work / "student_distilled.keras").exists() and not (work / "student_pruned.keras").exists()
+    assert list(work.glob(".tmp-*-student_pruned.keras"))  # the half-done write, under a temporary name
+    resumed = _run_killed("", script, args(work), env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "student_distilled: reusing" in resumed.stdout
+    assert not list(work.rglob(".tmp-*"))
+    assert json.loads((work / "plan.json").read_text()) == json.loads((tmp_path / "ref" / "plan.json").read_text())
+    a = keras.models.load_model(work / "student_pruned.keras").get_weights()
+    b = keras.models.load_model(tmp_path / "ref" / "student_pruned.keras").get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    export = str(REPO / "scripts" / "export_tflite.py")
+    export_args = [f"--model={work / 'student_pruned.keras'}", "--dataset=mnist", "--modes=float32",
+                   "--modes=int8", "--calibration_examples=64", "--check_examples=64", "--min_agreement=0"]
+    first = _run_killed("", export, [*export_args, f"--out_dir={tmp_path / 'ref_tflite'}"], env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "tflite"
+    killed = _run_killed("int8.tflite", export, [*export_args, f"--out_dir={out}"], env)
+    assert killed.returncode == -signal.SIGKILL
+    assert not [p for p in out.glob("*.tflite") if not p.name.startswith(".tmp-") and "int8" in p.name]
+    again = _run_killed("", export, [*export_args, f"--out_dir={out}"], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(out.glob(".tmp-*"))
+    for name in ("small_float32.tflite", "small_int8.tflite"):
+        assert (out / name).read_bytes() == (tmp_path / "ref_tflite" / name).read_bytes(), name

@@ -8,6 +8,7 @@ os.replace, which is atomic on POSIX and Windows.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -21,10 +22,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name ends with `path`'s whole name, since some writers choose the format
     from the suffix (Keras wants .keras, .weights.h5). On any exception the temporary file is removed and
-    `path` is left as it was.
+    `path` is left as it was. Temporary files of `path` that a killed process left behind are
+    removed when it is next written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-*-{glob.escape(path.name)}"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
     os.close(fd)
     tmp = Path(tmp)
