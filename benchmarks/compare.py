@@ -58,6 +58,8 @@ _RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
 _TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot environment.")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed LiteRT invokes per file.", lower_bound=1)
+_README = flags.DEFINE_string("readme", "README.md", "README whose comparison block (between the markers "
+                              "<!-- compare:SUITE:start --> and <!-- compare:SUITE:end -->) is regenerated; empty: none.")
 
 
 def main(argv):
@@ -88,7 +90,7 @@ def main(argv):
                 print(f"skip {dataset}: {e}")
                 continue
             Pair(path, teacher_name, dataset, out_dir).run()
-    write_report(out_dir, wall_time_s=time.time() - started)
+    write_report(out_dir, wall_time_s=time.time() - started, readme=Path(_README.value) if _README.value else None)
 
 
 class Pair:
@@ -276,8 +278,9 @@ def code_version() -> str:
 
 # ---------------------------------------------------------------- report
 
-def write_report(out_dir: Path, wall_time_s: float | None = None):
-    """compare.md (one table per teacher and data set) and plots, from every row JSON."""
+def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path | None = None):
+    """SUITE.md (one table per teacher and data set), plots, and the README's headline block,
+    from every row JSON."""
     from tfsubspace import fileio
 
     rows = [json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json")) if p.name != "run.json"]
@@ -329,6 +332,43 @@ def write_report(out_dir: Path, wall_time_s: float | None = None):
     fileio.write_text(out_dir.parent / f"{out_dir.name}.md", "\n".join(lines) + "\n")
     for teacher, dataset in pairs:
         plot(rows, teacher, dataset, out_dir / f"{teacher}_{dataset}_accuracy.png")
+    if readme is not None and readme.exists():
+        start, end = f"<!-- compare:{out_dir.name}:start -->", f"<!-- compare:{out_dir.name}:end -->"
+        text = readme.read_text(encoding="utf-8")
+        if start in text and end in text:
+            block = headline(rows, pairs, out_dir)
+            text = text[:text.index(start) + len(start)] + "\n" + block + text[text.index(end):]
+            fileio.write_text(readme, text)
+
+
+def headline(rows, pairs, out_dir) -> str:
+    """Per teacher and data set: test accuracy (drop in points) of every method at every budget."""
+    lines = []
+    for teacher, dataset in pairs:
+        group = [r for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)]
+        t = next((r for r in group if r["method"] == "teacher"), None)
+        budgets = sorted({r["budget"] for r in group if r["method"] != "teacher"})
+        methods = sorted({r["method"] for r in group} - {"teacher"}, key=lambda m: METHODS.index(m))
+        title = f"**{teacher} on {dataset}**" + (f" (teacher {100 * t['accuracy']:.2f}%, "
+                                                 f"{t['params']:,} params)" if t else "")
+        lines += [title, "", "| method | " + " | ".join(f"{100 * b:.0f}% removed" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        for method in methods:
+            cells = []
+            for b in budgets:
+                r = next((x for x in group if x["method"] == method and x["budget"] == b), None)
+                if r is None:
+                    cells.append("-")
+                    continue
+                best = r["accuracy"] == max(x["accuracy"] for x in group if x["budget"] == b and x["method"] != "teacher")
+                change = 100 * -r["drop"] if abs(r["drop"]) >= 5e-5 else 0.0
+                cell = f"{100 * r['accuracy']:.2f}% ({change:+.2f})"
+                cells.append(f"**{cell}**" if best else cell)
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines.append(f"Accuracy (change against the teacher, in points) on the full test split; best per budget in bold. "
+                 f"Every column: {out_dir.parent.name}/{out_dir.name}.md, with sizes, MACs, int8 accuracy and latency.")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, teacher, dataset, path):
