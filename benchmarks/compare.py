@@ -40,6 +40,7 @@ SUITES = {
     "gpu": {"teachers": ["vgg16_w1.0", "wrn_28_10"],
             "datasets": ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"]},
 }
+CODE = None
 METHODS = ("tfsubspace", "tfsubspace_stagewise", "l1_filter", "slimming", "kd", "fitnets", "scratch", "tfmot")
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and data sets.")
@@ -75,6 +76,8 @@ def main(argv):
     unknown = set(_METHODS.value) - set(METHODS)
     if unknown:
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}.")
+    global CODE
+    CODE = code_version()  # the code this process imported, whatever is committed while it runs
     suite = SUITES[_SUITE.value]
     out_dir = Path(_RESULTS.value) / _SUITE.value
     started = time.time()
@@ -252,7 +255,7 @@ class Pair:
             row[f"speedup_{mode}"] = timing["speedup"]
             row[f"teacher_latency_{mode}_ms"] = timing["teacher_median_ms"]
         row.update(wall_time_s=round(seconds, 1), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                   command=" ".join(["python", *sys.argv]), code=code_version())
+                   command=" ".join(["python", *sys.argv]), code=CODE or code_version())
         fileio.write_json(self.row_path(method, budget), row)
         print(f"{self.name} {self.dataset} {budget:g} {method}: accuracy {100 * row['accuracy']:.2f}% "
               f"(teacher {100 * row['teacher_accuracy']:.2f}%), {100 * row['params_removed']:.1f}% removed", flush=True)

@@ -281,3 +281,4 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
     assert not list(out.glob(".tmp-*"))
     for name in ("small_float32.tflite", "small_int8.tflite"):
         assert (out / name).read_bytes() == (tmp_path / "ref_tflite" / name).read_bytes(), name
+

@@ -85,6 +85,8 @@ class StudentTrainer(keras.Model):
         self.proximal = proximal and lasso is not None and lasso_weight > 0
         self.lasso_learning_rate = float(lasso_learning_rate)
         self.lasso_optimizer = None
+        if lasso is not None and hasattr(lasso, "targets"):
+            self.lasso_targets = lasso.targets  # tracked: saved and restored with the checkpoints
         if self.proximal:
             self.lasso_optimizer = keras.optimizers.SGD(self.lasso_learning_rate, momentum=0.9)
             self.lasso_optimizer.build([v for v, _ in lasso.members])
@@ -284,12 +286,13 @@ class BudgetTargets(keras.callbacks.Callback):
         self.lasso.set_targets({g: ~np.asarray(m, bool) for g, m in keep.items()})
 
     def on_train_begin(self, logs=None):
-        self._steps = 0
-        self._update()
+        # steps count from the optimizer's, and the targets are saved with the trainer's
+        # weights: a resumed run continues the same schedule from the same targets
+        if int(self.model.optimizer.iterations) == 0:
+            self._update()
 
     def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        if self._steps % self.every == 0:
+        if int(self.model.optimizer.iterations) % self.every == 0:
             self._update()
 
 
