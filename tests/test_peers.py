@@ -187,7 +187,8 @@ def test_comparison_harness_runs_every_method(tmp_path):
     command = [sys.executable, "benchmarks/compare.py", "--teachers=small", "--datasets=mnist", "--budgets=0.6",
                "--epochs=2", "--recover_epochs=1", "--train_limit=256", "--latency_runs=3",
                f"--teachers_dir={tmp_path / 'teachers'}", f"--runs_dir={tmp_path / 'runs'}",
-               f"--results_dir={results}", f"--tfmot_python={TFMOT_PYTHON}"]
+               f"--results_dir={results}", f"--tfmot_python={TFMOT_PYTHON}", f"--readme={tmp_path / 'README.md'}"]
+    (tmp_path / "README.md").write_text("# x\n<!-- compare:cpu:start -->\nold\n<!-- compare:cpu:end -->\n")
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
@@ -206,6 +207,8 @@ def test_comparison_harness_runs_every_method(tmp_path):
     table = (results / "cpu.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert (results / "cpu" / "small_mnist_accuracy.png").stat().st_size > 1000
+    readme = (tmp_path / "README.md").read_text()  # the headline block is regenerated between its markers
+    assert "\nold\n" not in readme and "**small on mnist**" in readme and "| tfmot |" in readme
     # a second run finds every row done and trains nothing
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "accuracy" not in again.stdout
