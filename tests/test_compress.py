@@ -282,3 +282,25 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
     for name in ("small_float32.tflite", "small_int8.tflite"):
         assert (out / name).read_bytes() == (tmp_path / "ref_tflite" / name).read_bytes(), name
 
+
+
+def test_stage_wise_lasso_shrinks_only_the_stages_trained_so_far(teacher_and_data):
+    teacher, _, ds, _ = teacher_and_data
+    student = surgery.apply_plan(teacher, surgery.PruningPlan.keep_all(analysis.analyze(teacher))).model
+    a = analysis.analyze(student)
+    taps = a.taps()
+    order = list(taps.values())  # p1, p2, r3: graph order
+    lasso = tfsubspace.regularizers.ChannelLasso(a)
+    trainer = tfsubspace.StudentTrainer(student, teacher, taps=order, stages=[order[:1], order[1:]], lasso=lasso,
+                                        lasso_weight=1.0)
+    remove_all = lambda norms: {g: np.zeros(len(n), bool) for g, n in norms.items()}  # noqa: E731
+    callback = tfsubspace.distill.BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
+    callback.set_model(trainer)
+    trainer.set_stage(0)
+    callback._update()
+    targets = lasso.index.split(lasso.targets.numpy())
+    first = {taps_group for taps_group, t in taps.items() if t == order[0]}
+    assert all(targets[g].all() == (g in first) and targets[g].any() == (g in first) for g in targets)
+    trainer.set_stage(1)
+    callback._update()
+    assert all(v.all() for v in lasso.index.split(lasso.targets.numpy()).values())

@@ -154,7 +154,14 @@ class StudentTrainer(keras.Model):
         return [self.tap_weight if t in active else 0.0 for t in self.taps] + [self.kd_weight if last else 0.0]
 
     def set_stage(self, stage: int) -> None:
+        self.stage = stage
         self.loss_weights_var.assign(np.array(self._stage_weights(stage), "float32"))
+
+    def trained_taps(self) -> list[str]:
+        """The taps trained so far: every tap end to end; the current and earlier stages' stage-wise."""
+        if self.stages is None:
+            return list(self.taps)
+        return [t for s in self.stages[:getattr(self, "stage", 0) + 1] for t in s]
 
     # ------------------------------------------------------------ training
 
@@ -273,17 +280,29 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
 class BudgetTargets(keras.callbacks.Callback):
     """Aims a ChannelLasso at a budget: every `every` steps, marks the channels that
     `choose(norms)` (a function from the current channel norms to keep-masks, e.g. the plan
-    that meets a parameter budget) would remove, and restricts the proximal step to them.
+    that meets a parameter budget) would remove, and restricts the proximal step to them
+    (stage-wise, to those of the groups whose taps `groups_of_taps` lists as trained so far).
     LASSO then drives exactly those channels to zero while the rest of the network learns
     to do without them, so pruning to the budget afterwards removes zeros only."""
 
-    def __init__(self, lasso: ChannelLasso, choose, every: int = 50):
+    def __init__(self, lasso: ChannelLasso, choose, every: int = 50, groups_of_taps: dict[str, str] | None = None):
         super().__init__()
         self.lasso, self.choose, self.every = lasso, choose, every
+        self.groups_of_taps = groups_of_taps  # tap -> group, to follow a stage-wise schedule
 
     def _update(self):
         keep = self.choose(self.lasso.norms())
-        self.lasso.set_targets({g: ~np.asarray(m, bool) for g, m in keep.items()})
+        targets = {g: ~np.asarray(m, bool) for g, m in keep.items()}
+        if self.groups_of_taps is not None and self.model.stages is not None:
+            # stage-wise: a layer whose latent is not trained yet gets no gradient to make up
+            # for what LASSO takes, so only the groups of the taps trained so far shrink
+            trained = {self.groups_of_taps[t] for t in self.model.trained_taps() if t in self.groups_of_taps}
+            targets = {g: m if g in trained else np.zeros_like(m) for g, m in targets.items()}
+        self.lasso.set_targets(targets)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.model.stages is not None:
+            self._update()  # the stage may have changed
 
     def on_train_begin(self, logs=None):
         # steps count from the optimizer's, and the targets are saved with the trainer's
@@ -316,9 +335,9 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
     initial_epoch = checkpoint.restore(trainer)
     extra_callbacks = callbacks
     callbacks = [history_logger(work_dir / f"{name}.csv", initial_epoch), checkpoint, keras.callbacks.TerminateOnNaN()]
-    callbacks += list(extra_callbacks)
     if trainer.stages is not None:
-        callbacks.append(StageSchedule(epochs))
+        callbacks.append(StageSchedule(epochs))  # before the extra callbacks, which may follow the stage
+    callbacks += list(extra_callbacks)
     if tensorboard_dir is not None:
         callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
     history = distribute.fit(trainer, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,

@@ -303,7 +303,8 @@ class _Pipeline:
             budget = _absolute(c.target_params, stats.count_params(self.teacher))
             alive = lambda n: {g: v > c.zero_tolerance * max(1.0, float(v.max(initial=0.0))) for g, v in n.items()}  # noqa: E731
             extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
-                student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks()))
+                student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks(),
+                groups_of_taps={tap: g for g, tap in student_analysis.taps().items()}))
         fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
                       verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra, strategy=self.strategy)
         if trained is not student:
