@@ -307,12 +307,16 @@ class BudgetTargets(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         # steps count from the optimizer's, and the targets are saved with the trainer's
         # weights: a resumed run continues the same schedule from the same targets
-        if int(self.model.optimizer.iterations) == 0:
+        if self._step() == 0:
             self._update()
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) % self.every == 0:
+        if self._step() % self.every == 0:
             self._update()
+
+    def _step(self) -> int:
+        # convert_to_numpy also reads a distributed (mirrored) counter, which int() cannot
+        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
 def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
