@@ -31,13 +31,16 @@ _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where memor
 CHILD = """
 import json, resource, sys, time
 import keras, tensorflow as tf
-from tfsubspace import compress, data, models
+from tfsubspace import compress, data, models, reestimate_batchnorm
 width, examples, epochs, recover, batch, work = sys.argv[1:7]
 keras.utils.set_random_seed(0)
 teacher = models.vgg16((32, 32, 3), 10, width=float(width))
 def rgb32(x):
     return tf.image.grayscale_to_rgb(tf.image.pad_to_bounding_box(x, 2, 2, 32, 32))
 ds = data.load("mnist", "train", batch_size=int(batch), labels=False, limit=int(examples), seed=0).map(rgb32)
+# An untrained teacher's BN statistics do not fit any data (its deep latents vanish in inference
+# mode); measured ones make its latents what a trained teacher's would be in scale.
+reestimate_batchnorm(teacher, ds, 20)
 test = data.load("mnist", "test", batch_size=500, shuffle=False, limit=1000).map(lambda x, y: (rgb32(x), y))
 started = time.time()
 result = compress(teacher, ds, eval_ds=test, work_dir=work, epochs=int(epochs), recover_epochs=int(recover),

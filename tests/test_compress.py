@@ -114,6 +114,21 @@ def test_bad_input_is_refused_clearly(teacher_and_data):
         tfsubspace.compress(Sub(), ds)
 
 
+def test_teacher_statistics_that_do_not_fit_the_data_are_warned_about(teacher_and_data):
+    teacher, _, ds, _ = teacher_and_data
+    images = next(iter(ds))
+    assert tfsubspace.batchnorm_mismatch(teacher, images) == []  # trained on these images
+    (name, ratio), *_ = tfsubspace.batchnorm_mismatch(teacher, images * 255.0)
+    assert name == "b1" and ratio > 1e4
+    with pytest.warns(tfsubspace.DataMismatchWarning, match=r"BatchNormalization 'b1' has .*x its moving variance"):
+        tfsubspace.compress(teacher, ds.map(lambda x: x * 255.0).take(1), stats_batches=1, epochs=1,
+                            recover_epochs=0, verbose=0)
+    untrained = small_teacher()
+    assert [n for n, _ in tfsubspace.batchnorm_mismatch(untrained, images)] == ["b1", "b2"]
+    tfsubspace.reestimate_batchnorm(untrained, ds, 8)
+    assert tfsubspace.batchnorm_mismatch(untrained, images) == []
+
+
 def test_nan_loss_stops_with_a_clear_message(teacher_and_data, tmp_path):
     teacher, _, _, _ = teacher_and_data
     images = np.full((64, 28, 28, 1), np.nan, "float32")

@@ -10,6 +10,7 @@ import importlib
 
 from tfsubspace.errors import (
     DataFileError,
+    DataMismatchWarning,
     DatasetNotAvailableError,
     TfSubspaceError,
     UnsupportedModelError,
@@ -54,6 +55,8 @@ _LAZY = {
     "evaluate": ("tfsubspace.pipeline", "evaluate"),
     "StudentTrainer": ("tfsubspace.distill", "StudentTrainer"),
     "build_student": ("tfsubspace.student", "build_student"),
+    "reestimate_batchnorm": ("tfsubspace.student", "reestimate_batchnorm"),
+    "batchnorm_mismatch": ("tfsubspace.student", "batchnorm_mismatch"),
     "latent_statistics": ("tfsubspace.subspace", "latent_statistics"),
     "choose_dimensions": ("tfsubspace.subspace", "choose_dimensions"),
     "export_tflite": ("tfsubspace.export", "export"),
@@ -67,7 +70,7 @@ _LAZY = {
 }
 
 __all__ = sorted(
-    ["DataFileError", "DatasetNotAvailableError", "TfSubspaceError", "UnsupportedModelError", "__version__"]
+    ["DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError", "UnsupportedModelError", "__version__"]
     + list(_LAZY)
 )
 

@@ -350,6 +350,6 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
         raise FloatingPointError(
             f"{name}: the loss became NaN or infinite; nothing was saved. Lower the learning rate "
             f"({learning_rate:g}) or the LASSO factor ({trainer.lasso_weight:g}) and run again "
-            f"(delete {checkpoint.directory})."
+            f"(delete {checkpoint.directory}); after a DataMismatchWarning, fix the images' scaling first."
         )
     return history

@@ -21,3 +21,7 @@ class DatasetNotAvailableError(TfSubspaceError, FileNotFoundError):
 
 class UnsupportedModelError(TfSubspaceError, ValueError):
     """A model (or one of its layers) that tfsubspace cannot analyse or rebuild."""
+
+
+class DataMismatchWarning(UserWarning):
+    """The data a model is given does not look like the data it was trained on."""

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -32,9 +33,9 @@ import numpy as np
 from tfsubspace import distribute, fileio, ranking, stats, subspace, surgery
 from tfsubspace.analysis import ChannelAnalysis, analyze
 from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
-from tfsubspace.errors import TfSubspaceError
+from tfsubspace.errors import DataMismatchWarning, TfSubspaceError
 from tfsubspace.regularizers import ChannelLasso
-from tfsubspace.student import INITS, build_student
+from tfsubspace.student import INITS, batchnorm_mismatch, build_student
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -189,6 +190,21 @@ def _check_dataset(model, ds, name):
         )
 
 
+def _warn_on_batchnorm_mismatch(model, images):
+    """Warns when the teacher's BN statistics do not fit `images`: the student would learn to
+    copy latents the teacher was never trained to produce, and its training often diverges."""
+    found = batchnorm_mismatch(model, images)
+    if found:
+        name, ratio = found[0]
+        warnings.warn(
+            f"teacher {model.name!r}: on a batch of ds, the input of BatchNormalization {name!r} has "
+            f"{ratio:.3g}x its moving variance ({len(found)} BatchNormalization layer(s) off by over "
+            "100x). The teacher's statistics do not fit these images: are they scaled as in its "
+            "training (0-1 against 0-255, mean/std normalization), and is the teacher trained? "
+            "The student learns what the teacher computes on ds.",
+            DataMismatchWarning, stacklevel=2)
+
+
 class _Pipeline:
     def __init__(self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig,
                  strategy=None):
@@ -258,8 +274,9 @@ class _Pipeline:
 
     def _subspace(self, path):
         c = self.config
-        latents = subspace.latent_statistics(self.teacher, self.ds, self.analysis, max_batches=c.stats_batches,
-                                             progress=bool(c.verbose))
+        latents = subspace.latent_statistics(
+            self.teacher, self.ds, self.analysis, max_batches=c.stats_batches, progress=bool(c.verbose),
+            on_first_batch=lambda images: _warn_on_batchnorm_mismatch(self.teacher, images))
         dims = subspace.choose_dimensions(latents, energy=None if c.width_ratio else c.energy,
                                           width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple)
         keep = subspace.top_channels(latents, dims)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 
 from tfsubspace import surgery
 from tfsubspace.analysis import ChannelAnalysis
@@ -44,6 +45,43 @@ def reestimate_batchnorm(model: keras.Model, ds, batches: int = 50) -> int:
         for bn, momentum in zip(layers, saved):
             bn.momentum = momentum
     return used
+
+
+def batchnorm_mismatch(model: keras.Model, images, factor: float = 100.0) -> list[tuple[str, float]]:
+    """The BatchNormalizations of `model` whose moving variance does not fit `images`.
+
+    Runs `images` through `model` in inference mode and compares, for every
+    BatchNormalization of the top-level graph, the variance of its input (the median over
+    channels of batch variance / moving variance) with its moving statistics. A model
+    trained on data like `images` gives ratios near 1; images scaled differently from
+    training (0-255 against 0-1, a missing mean/std normalization) or an untrained model
+    give ratios far from it. Returns (layer name, ratio) for each layer whose ratio is over
+    `factor` or under 1/`factor`, shallowest first.
+    """
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    inputs = []
+    for bn in layers:
+        try:
+            inputs.append(bn.input)
+        except (AttributeError, ValueError):  # shared layers have no single input
+            inputs.append(None)
+    layers = [bn for bn, x in zip(layers, inputs) if x is not None]
+    if not layers:
+        return []
+    probe = keras.Model(model.inputs, [bn.input for bn in layers])
+    outputs = probe(images, training=False)
+    found = []
+    for bn, x in zip(layers, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
+        x = keras.ops.convert_to_numpy(x)
+        axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
+        axis = axis % x.ndim
+        moving = keras.ops.convert_to_numpy(bn.moving_variance)
+        with np.errstate(all="ignore"):  # non-finite images give a NaN ratio, skipped below
+            variance = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64).var(axis=0)
+            ratio = float(np.median((variance + bn.epsilon) / (moving + bn.epsilon)))
+        if np.isfinite(ratio) and not 1.0 / factor <= ratio <= factor:  # NaN input is reported elsewhere
+            found.append((bn.name, ratio))
+    return found
 
 
 def build_student(teacher: keras.Model, plan: surgery.PruningPlan, *, init: str = "teacher", ds=None,

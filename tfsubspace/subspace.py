@@ -52,9 +52,10 @@ class LatentStatistics:
 
 
 def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, max_batches: int | None = None,
-                      progress: bool = True) -> dict[str, LatentStatistics]:
+                      progress: bool = True, on_first_batch=None) -> dict[str, LatentStatistics]:
     """Runs `ds` (images, or (images, labels) whose labels are ignored) through `teacher`
-    and accumulates each prunable group's latent statistics at its tap."""
+    and accumulates each prunable group's latent statistics at its tap; `on_first_batch`,
+    when given, is called with the first batch of images (to check them)."""
     taps = analysis.taps()
     if not taps:
         raise TfSubspaceError(f"Model {teacher.name!r} has no prunable channel group with a tap.")
@@ -70,6 +71,8 @@ def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, ma
     seen = 0
     for batch in ds:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if seen == 0 and on_first_batch is not None:
+            on_first_batch(x)
         outs = probe(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for st, out in zip(stats.values(), outs):
