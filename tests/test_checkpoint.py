@@ -54,3 +54,52 @@ def test_history_logger_cuts_rows_a_resumed_run_repeats(tmp_path):
     assert path.read_text() == "epoch,loss\n0,1.0\n1,0.5\n"
     history_logger(path, initial_epoch=0)
     assert not path.exists()
+
+
+def test_a_resumed_fit_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
+    """Same data order (a seeded tf.data shuffle skipped ahead), same Dropout masks, same Adam
+    state: killed after epoch 1 and resumed, training ends where it would have."""
+    import tensorflow as tf
+
+    from tfsubspace import distribute
+
+    x = np.random.default_rng(0).normal(size=(96, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32")
+
+    def model_and_data():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+        model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model, tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=3).batch(16)
+
+    class Killed(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    straight, ds = model_and_data()
+    distribute.fit(straight, ds, epochs=3, verbose=0)
+
+    model, ds = model_and_data()
+    checkpoint = EpochCheckpoint(tmp_path / "b")
+    with pytest.raises(KeyboardInterrupt):
+        distribute.fit(model, ds, epochs=3, callbacks=[checkpoint, Killed()], verbose=0)
+    resumed, ds = model_and_data()
+    initial_epoch = EpochCheckpoint(tmp_path / "b").restore(resumed)
+    assert initial_epoch == 1
+    distribute.fit(resumed, ds, epochs=3, initial_epoch=initial_epoch, verbose=0)
+    for a, b in zip(straight.weights, resumed.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
+    x = np.zeros((8, 4), "float32")
+    model = tiny_model()
+    model.fit(x, np.zeros(8, "int32"), epochs=1, verbose=0,
+              callbacks=[EpochCheckpoint(tmp_path / "b", delete_on_success=False)])
+    fresh = tiny_model()
+    fresh.layers[1].trainable = False  # its optimizer now has fewer variables than the saved one
+    fresh.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(TfSubspaceError, match="Cannot resume from .*Skipping variable loading for optimizer"):
+        EpochCheckpoint(tmp_path / "b").restore(fresh)

@@ -167,6 +167,16 @@ def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
     report = json.loads((work / "report.json").read_text())
     assert report["student"]["params"] < report["teacher"]["params"]
 
+    # The same run never stopped: the same batches, the same draws, the same student.
+    straight = tmp_path / "straight"
+    args = [a.replace(str(work), str(straight)) for a in args]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (straight / "plan.json").read_text() == (work / "plan.json").read_text()
+    resumed, uninterrupted = (keras.models.load_model(d / "student.keras") for d in (work, straight))
+    for a, b in zip(resumed.weights, uninterrupted.weights, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+
 
 def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = textwrap.dedent("""

@@ -3,7 +3,8 @@
 keras.callbacks.BackupAndRestore writes its weights file and its epoch counter as two
 files, neither atomically, so a run killed while it saves can leave a backup that no
 longer loads, or weights that disagree with the epoch counter. Here each backup is one
-file, `epoch-NNNNN.weights.h5` (model and optimizer variables, the epoch in its name),
+file, `epoch-NNNNN.weights.h5` (model and optimizer variables and the random generators'
+states, the epoch in its name),
 written to a temporary file and renamed into place; the older one is removed only after.
 """
 
@@ -13,13 +14,16 @@ import csv
 import io
 import re
 import shutil
+import warnings
 from pathlib import Path
 
+import h5py
 import keras
 
 from tfsubspace import fileio
 from tfsubspace.errors import TfSubspaceError
 
+_SEEDS = "tfsubspace_seed_generator_states"
 _PATTERN = re.compile(r"^epoch-(\d{5,})\.weights\.h5$")
 
 
@@ -55,13 +59,28 @@ class EpochCheckpoint(keras.callbacks.Callback):
             return 0
         epoch, path = backups[-1]
         if model.optimizer is not None and not model.optimizer.built:
-            model.optimizer.build(model.trainable_variables)
+            if hasattr(model, "build_optimizers"):  # a model whose optimizer trains only some variables
+                model.build_optimizers()
+            else:
+                model.optimizer.build(model.trainable_variables)
         try:
-            model.load_weights(path)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.load_weights(path)
         except (OSError, ValueError) as e:
             raise TfSubspaceError(
                 f"Cannot resume from {path}: {e}. Delete {self.directory} to start over."
             ) from None
+        skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
+        if skipped:  # Keras only warns; resuming without the optimizer's state would train differently
+            raise TfSubspaceError(
+                f"Cannot resume from {path}: {skipped[0].strip()} Delete {self.directory} to start over.")
+        states = _seed_states(model)
+        with h5py.File(path, "r") as f:
+            saved = f.get(_SEEDS)
+            if saved is not None and len(saved) == len(states):
+                for i, v in enumerate(states):
+                    v.assign(saved[str(i)][()])
         return epoch
 
     def on_epoch_end(self, epoch, logs=None):
@@ -70,6 +89,10 @@ class EpochCheckpoint(keras.callbacks.Callback):
         path = self.directory / f"epoch-{done:05d}.weights.h5"
         with fileio.atomic_path(path) as tmp:
             self.model.save_weights(tmp)
+            with h5py.File(tmp, "a") as f:  # so that Dropout draws the same masks after a resume
+                group = f.create_group(_SEEDS)
+                for i, v in enumerate(_seed_states(self.model)):
+                    group[str(i)] = keras.ops.convert_to_numpy(v.value)
         for n, p in old:
             if n != done:
                 p.unlink(missing_ok=True)
@@ -77,6 +100,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.delete_on_success and not getattr(self.model, "stop_training", False):
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _seed_states(model: keras.Model) -> list:
+    """The state variables of `model`'s random number generators (Dropout and the like),
+    which save_weights leaves out."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
 
 def history_logger(path, initial_epoch: int) -> keras.callbacks.CSVLogger:

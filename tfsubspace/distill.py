@@ -174,6 +174,16 @@ class StudentTrainer(keras.Model):
     def trainable_variables(self):
         return self.trainable_weights
 
+    def build_optimizers(self) -> None:
+        """Creates the compiled optimizer's variables for exactly the variables it trains (with
+        a proximal LASSO, not the LASSO'd ones: lasso_optimizer has those), as the first
+        training step would; EpochCheckpoint.restore then loads a saved state into them."""
+        variables = self.trainable_variables
+        if self.proximal:
+            lassoed = {id(v) for v, _ in self.lasso.members}
+            variables = [v for v in variables if id(v) not in lassoed]
+        self.optimizer.build(variables)
+
     def call(self, x, training=False):
         return self.student(x, training=training)
 

@@ -99,9 +99,59 @@ def clone_in_scope(model: keras.Model, strategy) -> keras.Model:
     return copy
 
 
+def skip_passes(ds, passes: int) -> None:
+    """Advances the tf.data.Dataset `ds` by `passes` passes without reading it.
+
+    A seeded shuffle draws a new order for each pass over a data set (each iterator made from
+    it or from a data set built on it), and the n-th order is the same in every process: a
+    resumed run that skips the passes its killed predecessor made gets the orders that run
+    would have had next.
+    """
+    for _ in range(passes):
+        iter(ds)
+
+
+_PASSES_PER_EPOCH: dict = {}
+
+
+def passes_per_epoch(strategy=None) -> int:
+    """How many passes over its data set one epoch of fit() makes under `strategy`.
+
+    Keras's fit() may make more than one iterator per epoch (two in Keras 3.x under the
+    default strategy); this measures it once per process, on a tiny seeded data set. The
+    multi-worker loop below makes one.
+    """
+    if strategy is not None and is_multi_worker(strategy):
+        return 1
+    key = type(strategy).__name__
+    if key not in _PASSES_PER_EPOCH:
+        import tensorflow as tf
+
+        def make():
+            x = tf.data.Dataset.range(64).map(lambda i: tf.cast(tf.reshape(i, (1,)), "float32"))
+            return tf.data.Dataset.zip(x, x).shuffle(64, seed=0).batch(64)
+
+        reference = make()
+        orders = [next(iter(reference))[0].numpy().tobytes() for _ in range(8)]
+        ds = make()
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+            probe.compile("sgd", "mse")
+        probe.fit(ds, epochs=1, verbose=0, shuffle=False)
+        _PASSES_PER_EPOCH[key] = orders.index(next(iter(ds))[0].numpy().tobytes())
+    return _PASSES_PER_EPOCH[key]
+
+
 def fit(model: keras.Model, ds, *, epochs: int, initial_epoch: int = 0, callbacks=(), verbose="auto",
         strategy=None, validation_data=None) -> keras.callbacks.History:
-    """model.fit(ds, ...) under `strategy` (compile the model in its scope first)."""
+    """model.fit(ds, ...) under `strategy` (compile the model in its scope first).
+
+    Resumed at `initial_epoch` > 0, it first skips the passes over `ds` that the earlier
+    epochs made, so that a seeded shuffle gives each epoch the order it has in a run that
+    was never stopped.
+    """
+    if initial_epoch > 0:
+        skip_passes(ds, initial_epoch * passes_per_epoch(strategy))
     if strategy is None or not is_multi_worker(strategy):
         return model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=list(callbacks), shuffle=False,
                          verbose=verbose, validation_data=validation_data)

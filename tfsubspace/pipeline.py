@@ -35,7 +35,7 @@ from tfsubspace.analysis import ChannelAnalysis, analyze
 from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
 from tfsubspace.errors import DataMismatchWarning, TfSubspaceError
 from tfsubspace.regularizers import ChannelLasso
-from tfsubspace.student import INITS, batchnorm_mismatch, build_student
+from tfsubspace.student import INITS, batchnorm_layers, batchnorm_mismatch, build_student
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -216,19 +216,28 @@ class _Pipeline:
         self.timings: dict[str, float] = {}
         self.paths: dict[str, Path] = {}
         self.surgery: dict | None = None  # the prune stage's check, from this run or its file
+        self._stages_seen = 0
 
     def log(self, message: str) -> None:
         if self.config.verbose:
             print(f"[tfsubspace] {message}", flush=True)
 
-    def _stage(self, name: str, path: Path, make, load):
-        """Runs `make` unless `path` exists (then `load`s it), timing the stage."""
+    def _stage(self, name: str, path: Path, make, load, passes=0):
+        """Runs `make` unless `path` exists (then `load`s it), timing the stage.
+
+        `passes` (or a function giving it) is how many passes over ds `make` makes. A reused
+        stage skips them instead, and every stage starts from its own seed, so that a resumed
+        run trains on the same batches with the same random draws as a run never stopped.
+        """
         self.paths[name] = path
+        self._stages_seen += 1
         if path.exists():
             self.log(f"{name}: reusing {path}")
+            distribute.skip_passes(self.ds, passes() if callable(passes) else passes)
             return load(path)
         start = time.perf_counter()
         self.log(f"{name}: started")
+        keras.utils.set_random_seed(self.config.seed + self._stages_seen)
         result = make(path)
         self.timings[name] = round(time.perf_counter() - start, 2)
         self.log(f"{name}: done in {self.timings[name]:.1f} s")
@@ -236,26 +245,31 @@ class _Pipeline:
 
     def run(self) -> CompressionResult:
         c = self.config
-        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load)
+        # passes over ds per stage: statistics; BN re-estimation; adapter fit + the epochs'; surgery check
+        bn_passes = int(c.bn_batches > 0 and bool(batchnorm_layers(self.teacher)))
+        adapter_passes = int(c.tap_weight > 0)
+        epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)  # noqa: E731  (measured when needed)
+        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load,
+                            passes=1)
         student = self._stage(
             "student_init", self.dir / "student_init.keras",
             lambda p: self._save(build_student(self.teacher, plan0, init=c.init, ds=self.ds,
                                                bn_batches=c.bn_batches, analysis=self.analysis), p),
-            keras.models.load_model)
+            keras.models.load_model, passes=bn_passes)
         student = self._stage(
             "student_distilled", self.dir / "student_distilled.keras",
             lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
-            keras.models.load_model)
+            keras.models.load_model, passes=lambda: adapter_passes + c.epochs * epoch_passes())
         plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p),
                             surgery.PruningPlan.load)
         student = self._stage("student_pruned", self.dir / "student_pruned.keras",
-                              lambda p: self._prune(student, plan1, p), keras.models.load_model)
+                              lambda p: self._prune(student, plan1, p), keras.models.load_model, passes=1)
         if c.recover_epochs:
             student = self._stage(
                 "student", self.dir / "student.keras",
                 lambda p: self._save(self._train(student, "recover", c.recover_epochs, c.recover_learning_rate, 0.0),
                                      p),
-                keras.models.load_model)
+                keras.models.load_model, passes=lambda: adapter_passes + c.recover_epochs * epoch_passes())
         else:
             self.paths["student"] = self.paths["student_pruned"]
         plan = _compose(plan0, plan1)
