@@ -331,7 +331,7 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
     if runs_file.exists():
         for run in json.loads(runs_file.read_text()):
             lines.append(f"Run `{run['command']}`: {run['wall_time_s'] / 3600:.2f} h, finished {run['finished']}.")
-    lines += ["", *[f"![{t} {d}]({t}_{d}_accuracy.png)" for t, d in pairs]]
+    lines += ["", *[f"![{t} {d}]({out_dir.name}/{t}_{d}_accuracy.png)" for t, d in pairs]]
     fileio.write_text(out_dir.parent / f"{out_dir.name}.md", "\n".join(lines) + "\n")
     for teacher, dataset in pairs:
         plot(rows, teacher, dataset, out_dir / f"{teacher}_{dataset}_accuracy.png")
