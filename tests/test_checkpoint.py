@@ -1,3 +1,8 @@
+import os
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -103,3 +108,52 @@ def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
     fresh.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(TfSubspaceError, match="Cannot resume from .*Skipping variable loading for optimizer"):
         EpochCheckpoint(tmp_path / "b").restore(fresh)
+
+
+def test_a_resumed_fit_under_mirrored_strategy_repeats_the_uninterrupted_one(tmp_path):
+    """The same under MirroredStrategy on two logical CPUs, where Keras makes one more pass
+    per fit() call than per epoch (so the passes to skip are measured per epoch)."""
+    code = textwrap.dedent("""
+        import sys
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from tfsubspace import distribute
+        from tfsubspace.checkpoint import EpochCheckpoint
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        x = np.random.default_rng(0).normal(size=(96, 4)).astype("float32")
+        y = (x[:, 0] > 0).astype("int32")
+
+        def model_and_data():
+            keras.utils.set_random_seed(0)
+            with strategy.scope():
+                inputs = keras.Input((4,))
+                hidden = keras.layers.Dropout(0.5)(keras.layers.Dense(16, activation="relu")(inputs))
+                model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
+                model.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            return model, tf.data.Dataset.from_tensor_slices((x, y)).shuffle(96, seed=3).batch(16)
+
+        class Killed(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                raise KeyboardInterrupt
+
+        straight, ds = model_and_data()
+        distribute.fit(straight, ds, epochs=3, verbose=0, strategy=strategy)
+        model, ds = model_and_data()
+        try:
+            distribute.fit(model, ds, epochs=3, verbose=0, strategy=strategy,
+                           callbacks=[EpochCheckpoint(sys.argv[1]), Killed()])
+        except KeyboardInterrupt:
+            pass
+        resumed, ds = model_and_data()
+        with strategy.scope():
+            epoch = EpochCheckpoint(sys.argv[1]).restore(resumed)
+        distribute.fit(resumed, ds, epochs=3, initial_epoch=epoch, verbose=0, strategy=strategy)
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(straight.weights, resumed.weights))
+        print("EPOCH", epoch, "DIFF", diff)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [l for l in result.stdout.splitlines() if l.startswith("EPOCH")] == ["EPOCH 1 DIFF 0.0"]

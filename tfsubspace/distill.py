@@ -343,10 +343,10 @@ def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
     work_dir = Path(work_dir)
     steps = int(ds.cardinality())
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
+    checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
         trainer.compile(optimizer=keras.optimizers.Adam(schedule))
-    checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
-    initial_epoch = checkpoint.restore(trainer)
+        initial_epoch = checkpoint.restore(trainer)  # in the scope: the optimizer's slots are mirrored
     extra_callbacks = callbacks
     callbacks = [history_logger(work_dir / f"{name}.csv", initial_epoch), checkpoint, keras.callbacks.TerminateOnNaN()]
     if trainer.stages is not None:

@@ -117,12 +117,13 @@ _PASSES_PER_EPOCH: dict = {}
 def passes_per_epoch(strategy=None) -> int:
     """How many passes over its data set one epoch of fit() makes under `strategy`.
 
-    Keras's fit() may make more than one iterator per epoch (two in Keras 3.x under the
-    default strategy); this measures it once per process, on a tiny seeded data set. The
-    multi-worker loop below makes one.
+    Keras's fit() may make more than one iterator per epoch (two in Keras 3.x; under
+    MirroredStrategy one more per fit() call, before the first epoch); this measures it once
+    per process and strategy type, as the difference between a one- and a two-epoch fit on a
+    tiny seeded data set. The multi-worker loop below makes one.
     """
     if strategy is not None and is_multi_worker(strategy):
-        return 1
+        return 1  # _multi_worker_fit: one iterator of the distributed data set per epoch
     key = type(strategy).__name__
     if key not in _PASSES_PER_EPOCH:
         import tensorflow as tf
@@ -132,13 +133,16 @@ def passes_per_epoch(strategy=None) -> int:
             return tf.data.Dataset.zip(x, x).shuffle(64, seed=0).batch(64)
 
         reference = make()
-        orders = [next(iter(reference))[0].numpy().tobytes() for _ in range(8)]
-        ds = make()
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-            probe.compile("sgd", "mse")
-        probe.fit(ds, epochs=1, verbose=0, shuffle=False)
-        _PASSES_PER_EPOCH[key] = orders.index(next(iter(ds))[0].numpy().tobytes())
+        orders = [next(iter(reference))[0].numpy().tobytes() for _ in range(16)]
+        passes = []
+        for epochs in (1, 2):
+            ds = make()
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                probe = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+                probe.compile("sgd", "mse")
+            probe.fit(ds, epochs=epochs, verbose=0, shuffle=False)
+            passes.append(orders.index(next(iter(ds))[0].numpy().tobytes()))
+        _PASSES_PER_EPOCH[key] = passes[1] - passes[0]
     return _PASSES_PER_EPOCH[key]
 
 
@@ -150,9 +154,8 @@ def fit(model: keras.Model, ds, *, epochs: int, initial_epoch: int = 0, callback
     epochs made, so that a seeded shuffle gives each epoch the order it has in a run that
     was never stopped.
     """
-    if initial_epoch > 0:
-        skip_passes(ds, initial_epoch * passes_per_epoch(strategy))
     if strategy is None or not is_multi_worker(strategy):
+        skip_passes(ds, initial_epoch * passes_per_epoch(strategy))
         return model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=list(callbacks), shuffle=False,
                          verbose=verbose, validation_data=validation_data)
     return _multi_worker_fit(model, ds, epochs, initial_epoch, list(callbacks), verbose, strategy)
@@ -167,6 +170,7 @@ def _multi_worker_fit(model, ds, epochs, initial_epoch, callbacks, verbose, stra
         [*callbacks, history], add_progbar=verbose not in (0, "0"), model=model, epochs=epochs,
         steps=steps if steps > 0 else None, verbose=2 if verbose == "auto" else verbose)
     distributed = strategy.experimental_distribute_dataset(ds)
+    skip_passes(distributed, initial_epoch)  # one pass per epoch below, over the (re-sharded) copy
 
     @tf.function
     def step(batch):

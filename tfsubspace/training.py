@@ -97,7 +97,8 @@ def _train(model, train_ds, test_ds, epochs, output, work_dir, tensorboard_dir, 
         work_dir = Path(work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         checkpoint = EpochCheckpoint(work_dir / "backup")
-        initial_epoch = checkpoint.restore(model)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():  # optimizer slots mirrored
+            initial_epoch = checkpoint.restore(model)
         callbacks.append(history_logger(work_dir / "history.csv", initial_epoch))
         callbacks.append(checkpoint)
     if tensorboard_dir is not None:
