@@ -4,11 +4,12 @@
 
 Takes the teacher and the student of benchmarks/edge.py and builds, by surgery on the
 teacher, the student's architecture and variants of it that keep more channels in its
-thinnest layers: every layer at least 16 wide, every width rounded up to a multiple of 16,
-and the first four convolutions at the teacher's width. Each is exported as float32 at
-batch 1 and timed with the LiteRT interpreter (1 thread) alternately with the teacher, in
-one process; efficiency = speed-up / MAC reduction. Only the architecture matters here (the
-weights are the teacher's, sliced). Results: benchmarks/results/edge_widths.json and .md.
+thinnest layers (every layer at least 16 wide; the first four convolutions at the teacher's
+width) or round its widths to multiples of 16 (all of them; only those over 16, up or down).
+Each is exported as float32 at batch 1 and timed with the LiteRT interpreter (1 thread)
+alternately with the teacher, in one process; efficiency = speed-up / MAC reduction. Only
+the architecture matters here (the weights are the teacher's, sliced).
+Results: benchmarks/results/edge_widths.json and .md.
 """
 
 import os
@@ -41,6 +42,9 @@ def main(argv):
         "student": widths,
         "every layer >= 16": {g: max(k, min(16, groups[g].size)) for g, k in widths.items()},
         "widths rounded up to 16": {g: min(groups[g].size, -(-k // 16) * 16) for g, k in widths.items()},
+        "widths over 16 rounded up to 16": {g: min(groups[g].size, -(-k // 16) * 16) if k > 16 else k
+                                            for g, k in widths.items()},
+        "widths over 16 rounded down to 16": {g: k // 16 * 16 if k > 16 else k for g, k in widths.items()},
         "first 4 convs at teacher width": {g: groups[g].size if g in first_convs else k for g, k in widths.items()},
         "teacher": {g: grp.size for g, grp in groups.items()},
     }
