@@ -245,6 +245,38 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
     # (unaimed, the same LASSO leaves none of them at zero here: checked when this test was written)
 
 
+
+def _batchnorm_drift(model, ds, batches=8):
+    """Per BatchNormalization: how far its moving mean is from the mean of its inputs on `ds`
+    (inference mode), relative to the moving standard deviation; the largest over channels."""
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    probe = keras.Model(model.inputs, [bn.input for bn in bns])
+    sums = [0.0] * len(bns)
+    for x in ds.take(batches):
+        for i, y in enumerate(probe(x, training=False)):
+            sums[i] = sums[i] + keras.ops.convert_to_numpy(keras.ops.mean(y, axis=(0, 1, 2))) / batches
+    return {bn.name: float(np.max(np.abs(mean - keras.ops.convert_to_numpy(bn.moving_mean))
+                                  / np.sqrt(keras.ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)))
+            for bn, mean in zip(bns, sums)}
+
+
+def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_data, tmp_path):
+    """A budget reached before LASSO has zeroed what it removes (here: no LASSO at all) cuts
+    live channels, which shifts every later BatchNormalization's input. The pruned student's
+    moving statistics are measured again, so inference mode sees what training mode sees."""
+    teacher, _, ds, test = teacher_and_data
+    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=1,
+                                 recover_epochs=0, lasso=0.0, target_params=0.3, verbose=0)
+    pruned = keras.models.load_model(tmp_path / "student_pruned.keras")
+    drift = _batchnorm_drift(pruned, ds)
+    assert max(drift.values()) < 0.25, drift
+    # the distilled student's statistics, kept as they were, would not fit the cut model
+    distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
+    cut = surgery.apply_plan(distilled, surgery.PruningPlan.load(tmp_path / "plan_lasso.json")).model
+    assert max(_batchnorm_drift(cut, ds).values()) > 4 * max(drift.values())
+    assert result.report["params_removed"] >= 0.7
+
+
 KILLING_RUN = textwrap.dedent("""
     import os, runpy, signal, sys
     import tensorflow as tf
