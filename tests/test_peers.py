@@ -112,6 +112,23 @@ def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
         baselines.train_kd(student, teacher, mnist_small, epochs=1, alpha=1.5, work_dir=tmp_path / "bad")
 
 
+def test_pruning_peers_measure_batchnorm_statistics_after_the_cut(mnist_small, tmp_path):
+    """As in compress(): cutting live channels shifts what later BatchNormalizations see, so
+    the cut model's statistics are measured again."""
+    from test_compress import _batchnorm_drift, small_teacher
+
+    keras.utils.set_random_seed(0)
+    teacher = small_teacher()
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.fit(mnist_small, epochs=2, verbose=0)
+    images = mnist_small.map(lambda x, y: x)
+    slim = baselines.l1_filter_pruning(teacher, mnist_small, params=int(0.4 * stats.count_params(teacher)),
+                                       epochs=0, work_dir=tmp_path, verbose=0)
+    drift = max(_batchnorm_drift(slim, images).values())
+    stale = surgery.apply_plan(teacher, surgery.PruningPlan.load(tmp_path / "plan.json")).model
+    assert drift < 0.1 and max(_batchnorm_drift(stale, images).values()) > 4 * drift
+
+
 def test_tfmot_environment_exists():
     assert os.path.exists(TFMOT_PYTHON), f"{TFMOT_PYTHON} is missing: `make tfmot` builds it (make test does)."
 

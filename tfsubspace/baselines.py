@@ -19,7 +19,8 @@ work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
   smallest scale removed under one global threshold, then fine-tuning with labels (Liu et
   al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
 The pruning methods take a parameter budget (absolute count) and meet it with
-tfsubspace.ranking.plan_for_budget. Every method takes a tf.distribute `strategy`
+tfsubspace.ranking.plan_for_budget; like compress(), they measure BatchNormalization
+statistics again after the cut and after a fine-tuning too short for BN's moving averages. Every method takes a tf.distribute `strategy`
 (tfsubspace.distribute): it then trains copies whose variables live under it (and returns
 the trained copy).
 """
@@ -37,6 +38,7 @@ from tfsubspace.analysis import analyze
 from tfsubspace.distill import StudentTrainer, fit_resumable
 from tfsubspace.pipeline import lasso_plan
 from tfsubspace.regularizers import BatchNormL1, ChannelLasso
+from tfsubspace.student import reestimate_batchnorm, too_short_for_batchnorm
 
 
 def fresh_copy(model: keras.Model) -> keras.Model:
@@ -74,6 +76,14 @@ def _first_images(ds):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def _pruned(model, plan, labeled_ds, **options):
+    """`model` cut by `plan` (checked), with BatchNormalization statistics measured again: a
+    cut of live channels shifts what every later BatchNormalization sees, as in compress()."""
+    slim = surgery.apply_plan(model, plan, check_batch=_first_images(labeled_ds), **options).model
+    reestimate_batchnorm(slim, labeled_ds)
+    return slim
+
+
 def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verbose, strategy=None):
     if epochs:
         model = _placed(model, strategy)
@@ -81,6 +91,8 @@ def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verb
             trainer = StudentTrainer(model, None, label_weight=1.0)
         fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
                       verbose=verbose, strategy=strategy)
+        if too_short_for_batchnorm(model, labeled_ds, epochs):
+            reestimate_batchnorm(model, labeled_ds)
     return model
 
 
@@ -100,7 +112,7 @@ def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, le
                   name="scratch", verbose=verbose, strategy=strategy)
     if lasso > 0:
         plan = lasso_plan(analyze(student), multiple=multiple)
-        student = surgery.apply_plan(student, plan, check_batch=_first_images(labeled_ds), fold_constants=True).model
+        student = _pruned(student, plan, labeled_ds, fold_constants=True)
         student = _fine_tune(student, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3,
                              work_dir=work_dir, name="scratch_recover", verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "scratch.keras")
@@ -165,7 +177,7 @@ def l1_filter_pruning(teacher: keras.Model, labeled_ds, *, params: int, epochs: 
     plan = ranking.plan_for_budget(analysis, ranking.filter_l1_norms(analysis), params=params, compare="rank",
                                    multiple=multiple)
     plan.save(Path(work_dir) / "plan.json")
-    slim = surgery.apply_plan(teacher, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
+    slim = _pruned(teacher, plan, labeled_ds, analysis=analysis)
     slim = _fine_tune(slim, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
                       name="l1_filter_tune", verbose=verbose, strategy=strategy)
     fileio.save_model(slim, Path(work_dir) / "l1_filter.keras")
@@ -192,7 +204,7 @@ def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: i
     plan = ranking.plan_for_budget(analysis, BatchNormL1(analysis).norms(), params=params, compare="raw",
                                    multiple=multiple)
     plan.save(Path(work_dir) / "plan.json")
-    slim = surgery.apply_plan(model, plan, check_batch=_first_images(labeled_ds), analysis=analysis).model
+    slim = _pruned(model, plan, labeled_ds, analysis=analysis)
     slim = _fine_tune(slim, labeled_ds, epochs=epochs - sparsity_epochs, learning_rate=finetune_learning_rate,
                       work_dir=work_dir, name="slimming_tune", verbose=verbose, strategy=strategy)
     fileio.save_model(slim, Path(work_dir) / "slimming.keras")

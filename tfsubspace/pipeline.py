@@ -37,7 +37,8 @@ from tfsubspace.analysis import ChannelAnalysis, analyze
 from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
 from tfsubspace.errors import DataMismatchWarning, TfSubspaceError
 from tfsubspace.regularizers import ChannelLasso
-from tfsubspace.student import INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm
+from tfsubspace.student import (INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm,
+                                too_short_for_batchnorm)
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -375,16 +376,7 @@ class _Pipeline:
         return self._reestimate_batchnorm(student) if self._too_short_for_batchnorm(c.recover_epochs) else student
 
     def _too_short_for_batchnorm(self, epochs) -> bool:
-        """Whether `epochs` over the data set leave over 5% of BN's moving averages from before
-        them (momentum ** steps > 0.05; unknown cardinality counts as short). After a short
-        recovery (WRN-16-4, 79 steps at momentum 0.99: 45% left) measuring the statistics again
-        gained 0.2-0.8 points; after a long one (VGG-16, 469 steps: 0.9% left) it moved the
-        comparison's students by -0.8 to +0.1 points, so it is left out there."""
-        momenta = [float(bn.momentum) for bn in batchnorm_layers(self.teacher)]
-        if not momenta or self.config.bn_batches <= 0 or epochs <= 0:
-            return False
-        steps = int(self.ds.cardinality())
-        return steps <= 0 or max(momenta) ** (steps * epochs) > 0.05
+        return self.config.bn_batches > 0 and too_short_for_batchnorm(self.teacher, self.ds, epochs)
 
     def _reestimate_batchnorm(self, student):
         """Moving BN statistics measured on the student as it is. After pruning: removing
