@@ -225,7 +225,9 @@ def test_comparison_harness_runs_every_method(tmp_path):
     table = (results / "cpu.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert "trained on the first 256 training images" in table
-    assert "TFMOT's pruned model with its BN statistics measured again" in table
+    for method, row in rows.items():
+        if method != "teacher":
+            assert 0 <= row["accuracy_bn_reestimated"] <= 1, method
     assert (results / "cpu" / "small_mnist_accuracy.png").stat().st_size > 1000
     readme = (tmp_path / "README.md").read_text()  # the headline block is regenerated between its markers
     assert "\nold\n" not in readme and "**small on mnist**" in readme and "| tfmot |" in readme
