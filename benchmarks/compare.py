@@ -239,12 +239,9 @@ class Pair:
         """Test accuracy of a copy of `model` whose BN statistics are measured again on 50
         training batches: what every method would score without its BN moving averages'
         lag, reported beside the accuracy it delivers."""
-        import keras
+        from tfsubspace import baselines, evaluate, reestimate_batchnorm
 
-        from tfsubspace import evaluate, reestimate_batchnorm
-
-        copy = keras.models.clone_model(model)
-        copy.set_weights(model.get_weights())
+        copy = baselines.trained_copy(model)
         reestimate_batchnorm(copy, self.unlabeled, 50)
         return evaluate(copy, self.test)["accuracy"]
 

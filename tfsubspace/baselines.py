@@ -20,9 +20,9 @@ work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
   al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
 The pruning methods take a parameter budget (absolute count) and meet it with
 tfsubspace.ranking.plan_for_budget; like compress(), they measure BatchNormalization
-statistics again after the cut and after a fine-tuning too short for BN's moving averages. Every method takes a tf.distribute `strategy`
-(tfsubspace.distribute): it then trains copies whose variables live under it (and returns
-the trained copy).
+statistics again after the cut and after a fine-tuning too short for BN's moving averages.
+Every method takes a tf.distribute `strategy` (tfsubspace.distribute): it then trains copies
+whose variables live under it (and returns the trained copy).
 """
 
 from __future__ import annotations

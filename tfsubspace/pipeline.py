@@ -252,7 +252,7 @@ class _Pipeline:
         # passes over ds per stage: statistics; BN re-estimation; adapter fit + the epochs'; surgery check
         # + BN re-estimation; adapter fit + the epochs' (+ BN re-estimation after a short recovery)
         bn_passes = int(c.bn_batches > 0 and bool(batchnorm_layers(self.teacher)))
-        recover_bn = self._too_short_for_batchnorm(c.recover_epochs)
+        recover_bn = bn_passes > 0 and too_short_for_batchnorm(self.teacher, self.ds, c.recover_epochs)
         adapter_passes = int(c.tap_weight > 0)
         epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)  # noqa: E731  (measured when needed)
         plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load,
@@ -273,7 +273,7 @@ class _Pipeline:
         if c.recover_epochs:
             student = self._stage(
                 "student", self.dir / "student.keras",
-                lambda p: self._save(self._recover(student), p), keras.models.load_model,
+                lambda p: self._save(self._recover(student, recover_bn), p), keras.models.load_model,
                 passes=lambda: adapter_passes + c.recover_epochs * epoch_passes() + (bn_passes if recover_bn else 0))
         else:
             self.paths["student"] = self.paths["student_pruned"]
@@ -370,13 +370,10 @@ class _Pipeline:
                   f"trained one by up to {result.max_abs_diff:.3g} before recovery.", flush=True)
         return self._save(self._reestimate_batchnorm(result.model), path)
 
-    def _recover(self, student):
+    def _recover(self, student, reestimate_batchnorm_after):
         c = self.config
         student = self._train(student, "recover", c.recover_epochs, c.recover_learning_rate, 0.0)
-        return self._reestimate_batchnorm(student) if self._too_short_for_batchnorm(c.recover_epochs) else student
-
-    def _too_short_for_batchnorm(self, epochs) -> bool:
-        return self.config.bn_batches > 0 and too_short_for_batchnorm(self.teacher, self.ds, epochs)
+        return self._reestimate_batchnorm(student) if reestimate_batchnorm_after else student
 
     def _reestimate_batchnorm(self, student):
         """Moving BN statistics measured on the student as it is. After pruning: removing

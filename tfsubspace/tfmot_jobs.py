@@ -180,9 +180,10 @@ def magnitude_pruning(model_spec, labeled_ds, test_ds, out_dir: str | os.PathLik
     fileio.write_bytes(out_dir / "float32.tflite", float32)
     int8 = _int8_tflite(stripped, labeled_ds)
     fileio.write_bytes(out_dir / "int8.tflite", int8)
-    result = {"accuracy": accuracy, "accuracy_bn_reestimated": accuracy_bn, "kernel_sparsity": zeros, "sparsity_target": sparsity, "epochs": epochs,
-              "params": int(stripped.count_params()), "nonzero_params": nonzero,
-              "float32_bytes": len(float32), "float32_gzip_bytes": len(gzip.compress(float32, 9)),
+    result = {"accuracy": accuracy, "accuracy_bn_reestimated": accuracy_bn, "kernel_sparsity": zeros,
+              "sparsity_target": sparsity, "epochs": epochs, "params": int(stripped.count_params()),
+              "nonzero_params": nonzero, "float32_bytes": len(float32),
+              "float32_gzip_bytes": len(gzip.compress(float32, 9)),
               "int8_bytes": len(int8), "int8_gzip_bytes": len(gzip.compress(int8, 9))}
     fileio.write_json(out_dir / "result.json", result)
     return result
