@@ -7,6 +7,9 @@ For each teacher and data set of the suite (teachers from benchmarks/teachers.py
 - tfsubspace: compress() end to end (energy 0.99 subspaces, latent + output distillation,
   channel LASSO, pruned to the budget, recovery), no labels;
 - tfsubspace_stagewise: the same with stage-wise latent learning;
+- tfsubspace_macs: end to end with the budget applied to MACs per image as well (the same
+  share of the teacher's MACs removed as of its parameters), for a student as fast as the
+  filter-pruning peers, which remove MACs and parameters alike;
 - l1_filter: Li et al., L1-norm filter pruning of the teacher (one ratio for all layers)
   + fine-tuning with labels;
 - slimming: Liu et al., Network Slimming (L1 on BN scales, global threshold) + fine-tuning;
@@ -46,7 +49,8 @@ SUITES = {
             "budgets": ["0.81", "0.9", "0.95"], "train_limits": {}},
 }
 CODE = None
-METHODS = ("tfsubspace", "tfsubspace_stagewise", "l1_filter", "slimming", "kd", "fitnets", "scratch", "tfmot")
+METHODS = ("tfsubspace", "tfsubspace_stagewise", "tfsubspace_macs", "l1_filter", "slimming", "kd", "fitnets", "scratch",
+           "tfmot")
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and data sets.")
 _TEACHERS = flags.DEFINE_list("teachers", None, "Override the suite's teachers (e.g. vgg16_w0.25).")
@@ -140,12 +144,12 @@ class Pair:
         params = int((1 - budget) * self.teacher_params)
         total, recover = _EPOCHS.value, _RECOVER.value
 
-        def compress(schedule):
+        def compress(schedule, macs=False):
             keras.utils.set_random_seed(_SEED.value)
             return tfsubspace_compress(
-                self.teacher, self.unlabeled, work_dir=work / schedule, energy=0.99, epochs=total - recover,
-                recover_epochs=recover, lasso=_LASSO.value, target_params=1 - budget, schedule=schedule,
-                seed=_SEED.value, verbose=2)
+                self.teacher, self.unlabeled, work_dir=work / (schedule + ("_macs" if macs else "")), energy=0.99,
+                epochs=total - recover, recover_epochs=recover, lasso=_LASSO.value, target_params=1 - budget,
+                target_macs=1 - budget if macs else None, schedule=schedule, seed=_SEED.value, verbose=2)
 
         arch = None  # tfsubspace's student architecture, for the methods that train a given one
 
@@ -158,6 +162,7 @@ class Pair:
         runs = {
             "tfsubspace": lambda: compress("end_to_end").student,
             "tfsubspace_stagewise": lambda: compress("stage_wise").student,
+            "tfsubspace_macs": lambda: compress("end_to_end", macs=True).student,
             "l1_filter": lambda: baselines.l1_filter_pruning(
                 self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "l1_filter", verbose=2),
             "slimming": lambda: baselines.network_slimming(

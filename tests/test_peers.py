@@ -210,9 +210,10 @@ def test_comparison_harness_runs_every_method(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
             for p in (results / "cpu").glob("small_mnist_*.json")}
-    methods = ("teacher", "tfsubspace", "tfsubspace_stagewise", "l1_filter", "slimming", "kd", "fitnets", "scratch",
-               "tfmot")
+    methods = ("teacher", "tfsubspace", "tfsubspace_stagewise", "tfsubspace_macs", "l1_filter", "slimming", "kd",
+               "fitnets", "scratch", "tfmot")
     assert sorted(rows) == sorted(methods)
+    assert rows["tfsubspace_macs"]["macs"] <= 0.4 * rows["teacher"]["macs"]  # the budget holds for MACs too
     for method, row in rows.items():
         assert 0 <= row["accuracy"] <= 1 and row["tflite"]["int8"]["bytes"] > 0, method
         if method not in ("teacher", "tfmot"):
