@@ -155,6 +155,31 @@ def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
                                    atol=1e-4, err_msg=name)
 
 
+def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_function():
+    # tfsubspace.reestimate_batchnorm serves tf_keras models in the TFMOT process too: the
+    # moving mean becomes the average of the batch means, whatever it was before
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, tf_keras
+        from tfsubspace import tfmot_jobs
+        inputs = tf_keras.Input((4, 4, 2))
+        x = tf_keras.layers.Conv2D(3, 1, use_bias=False, name="conv")(inputs)
+        x = tf_keras.layers.BatchNormalization(name="bn")(x)
+        model = tf_keras.Model(inputs, tf_keras.layers.Flatten()(x))
+        model.get_layer("bn").moving_mean.assign([50.0, -50.0, 7.0])
+        images = np.random.default_rng(0).normal(2.0, 1.0, (64, 4, 4, 2)).astype("float32")
+        ds = tf.data.Dataset.from_tensor_slices((images, np.zeros(64))).batch(16)
+        copy = tfmot_jobs._with_batchnorm_reestimated(model, ds, batches=4)
+        features = model.get_layer("conv")(images).numpy()
+        expected = features.reshape(4, -1, 3).mean(axis=1).mean(axis=0)
+        np.testing.assert_allclose(copy.get_layer("bn").moving_mean.numpy(), expected, rtol=1e-4, atol=1e-4)
+        assert model.get_layer("bn").moving_mean.numpy()[0] == 50.0  # the original is left as it was
+        print("ok")
+    """)
+    run = subprocess.run([TFMOT_PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
 def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
     from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
 

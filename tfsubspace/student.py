@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import keras
 import numpy as np
 
@@ -11,14 +13,20 @@ from tfsubspace.analysis import ChannelAnalysis
 INITS = ("teacher", "random")
 
 
-def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """Every BatchNormalization of `model`, nested models included."""
+def _batchnorm_types() -> tuple[type, ...]:
+    """Keras 3's BatchNormalization, and tf_keras's where that is loaded (the TFMOT process)."""
+    tf_keras = sys.modules.get("tf_keras")
+    return (keras.layers.BatchNormalization,) + ((tf_keras.layers.BatchNormalization,) if tf_keras else ())
+
+
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization of `model` (Keras 3 or tf_keras), nested models included."""
     found = []
     for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            found.extend(batchnorm_layers(layer))
-        elif isinstance(layer, keras.layers.BatchNormalization):
+        if isinstance(layer, _batchnorm_types()):
             found.append(layer)
+        elif hasattr(layer, "layers"):  # a nested model
+            found.extend(batchnorm_layers(layer))
     return found
 
 

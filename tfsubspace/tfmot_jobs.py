@@ -131,19 +131,17 @@ def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | 
 
 
 def _with_batchnorm_reestimated(model, ds, batches: int = 50):
-    """A copy of a tf_keras model whose BatchNormalization moving statistics are the average
-    of `batches` batches' statistics (what tfsubspace.reestimate_batchnorm does in Keras 3).
-    Magnitude pruning moves weights faster than BN's moving averages follow, so the
-    comparison reports TFMOT's accuracy as delivered and with its statistics measured again."""
+    """A copy of a tf_keras model with its BatchNormalization statistics measured again on
+    `batches` batches (tfsubspace.reestimate_batchnorm). Magnitude pruning moves weights faster
+    than BN's moving averages follow, so the comparison reports TFMOT's accuracy as delivered
+    and with its statistics measured again."""
     import tf_keras
+
+    from tfsubspace.student import reestimate_batchnorm
 
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
-    layers = [layer for layer in copy.layers if isinstance(layer, tf_keras.layers.BatchNormalization)]
-    for used, (images, _) in enumerate(ds.take(batches)):
-        for layer in layers:
-            layer.momentum = used / (used + 1)
-        copy(images, training=True)
+    reestimate_batchnorm(copy, ds, batches)
     return copy
 
 
