@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from edge_flags import STUDENT, TEACHER
 
-_TEACHER = flags.DEFINE_string("teacher", "runs/teachers/vgg16_w0.25_mnist.keras", "Teacher (.keras).")
-_STUDENT = flags.DEFINE_string("student", "runs/compare/cpu/vgg16_w0.25_mnist/budget0.9/end_to_end/student.keras",
-                               "Student (.keras), cut at the same layer names.")
 _OUT = flags.DEFINE_string("out_dir", "runs/edge_layers", "Where the .tflite files of the cut models go.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where edge_layers.json and .md go.")
 _RUNS = flags.DEFINE_integer("runs", 400, "Timed invokes per file and round.", lower_bound=1)
@@ -37,7 +35,7 @@ def main(argv):
     from tfsubspace.edgebench import measure_latency
     from tfsubspace.export import convert, with_batch_size
 
-    models = {"teacher": load_model(_TEACHER.value), "student": load_model(_STUDENT.value)}
+    models = {"teacher": load_model(TEACHER.value), "student": load_model(STUDENT.value)}
     student_names = {layer.name for layer in models["student"].layers}
     cuts = [layer.name for layer in models["teacher"].layers
             if type(layer).__name__ in _TIMED and layer.name in student_names]
@@ -67,7 +65,7 @@ def main(argv):
             before[tag] = (cum_macs, cum_us)
         rows.append(row)
     total = {tag: {"macs": before[tag][0], "us": before[tag][1]} for tag in models}
-    report = {"command": " ".join(["python", *sys.argv]), "teacher": _TEACHER.value, "student": _STUDENT.value,
+    report = {"command": " ".join(["python", *sys.argv]), "teacher": TEACHER.value, "student": STUDENT.value,
               "threads": 1, "warmup": 50, "runs": _RUNS.value, "repeats": _REPEATS.value,
               "load_average_before": load_before, "cpu_count": os.cpu_count(), "rows": rows, "total": total}
     results = Path(_RESULTS.value)

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from edge_flags import DATASET, STUDENT, TEACHER
 
-_TEACHER = flags.DEFINE_string("teacher", "runs/teachers/vgg16_w0.25_mnist.keras", "Teacher (.keras).")
-_STUDENT = flags.DEFINE_string("student", "runs/compare/cpu/vgg16_w0.25_mnist/budget0.9/end_to_end/student.keras",
-                               "Student (.keras) whose widths are varied.")
 _OUT = flags.DEFINE_string("out_dir", "runs/edge_widths", "Where the .tflite files go.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where edge_widths.json and .md go.")
 _RUNS = flags.DEFINE_integer("runs", 400, "Timed invokes per file and repeat.", lower_bound=1)
@@ -34,7 +32,7 @@ def main(argv):
     from tfsubspace import PruningPlan, analyze, apply_plan, data, export, fileio, load_model, stats
     from tfsubspace.edgebench import measure_latency
 
-    teacher, student = load_model(_TEACHER.value), load_model(_STUDENT.value)
+    teacher, student = load_model(TEACHER.value), load_model(STUDENT.value)
     groups = {g: grp for g, grp in analyze(teacher).groups.items() if not grp.pinned}
     widths = {g: grp.size for g, grp in analyze(student).groups.items() if g in groups}
     first_convs = [g for g in groups][:4]
@@ -48,7 +46,7 @@ def main(argv):
         "first 4 convs at teacher width": {g: groups[g].size if g in first_convs else k for g, k in widths.items()},
         "teacher": {g: grp.size for g, grp in groups.items()},
     }
-    check = data.load("mnist", "test", batch_size=100, labels=False, limit=200, shuffle=False)
+    check = data.load(DATASET.value, "test", batch_size=100, labels=False, limit=200, shuffle=False)
     analysis = analyze(teacher)
     files = {}
     for name, kept in variants.items():
@@ -70,7 +68,7 @@ def main(argv):
         mac_ratio = teacher_row["macs"] / f["macs"]
         rows.append({"variant": name, **f, "median_ms": ms, "speedup": speedup, "mac_reduction": mac_ratio,
                      "efficiency": speedup / mac_ratio})
-    report = {"command": " ".join(["python", *sys.argv]), "teacher": _TEACHER.value, "student": _STUDENT.value,
+    report = {"command": " ".join(["python", *sys.argv]), "teacher": TEACHER.value, "student": STUDENT.value,
               "threads": 1, "warmup": 50, "runs": _RUNS.value, "repeats": _REPEATS.value,
               "load_average_before": load_before, "cpu_count": os.cpu_count(), "rows": rows}
     results = Path(_RESULTS.value)
