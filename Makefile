@@ -11,7 +11,7 @@ export TFSUBSPACE_DATA_DIR ?= $(HOME)/.cache/tfsubspace/data
 # Quieter TensorFlow start-up logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install tfmot data test demo clean
+.PHONY: install tfmot data test demo bench-cpu bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -49,6 +49,14 @@ demo: $(RUNS)/demo/teacher.keras
 
 $(RUNS)/demo/teacher.keras: | data
 	$(PY) scripts/train_teacher.py --model=lenet5 --dataset=mnist --epochs=4 --output=$@ --verbose=2
+
+# The comparison (benchmarks/suites.py): train the suite's teachers once, then every method at
+# every budget (both steps resume; results in benchmarks/results/compare/). bench-cpu takes a few
+# hours on 2 cores. bench-gpu is for a machine with an accelerator:
+#   make bench-gpu EXTRAS=gpu,edge,datasets,dev
+bench-cpu bench-gpu: bench-%: data tfmot
+	$(PY) benchmarks/teachers.py --suite=$*
+	$(PY) benchmarks/compare.py --suite=$*
 
 clean:
 	rm -rf $(VENV) $(TFMOT_VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info

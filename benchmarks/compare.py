@@ -2,8 +2,8 @@
 
     python benchmarks/compare.py --suite=cpu
 
-For each teacher and data set of the suite (teachers from benchmarks/teachers.py, in
---teachers_dir) and each budget (share of the teacher's parameters removed):
+For each teacher and data set of the suite (benchmarks/suites.py; teachers from
+benchmarks/teachers.py, in --teachers_dir) and each budget (share of the teacher's parameters removed):
 - tfsubspace: compress() end to end (energy 0.99 subspaces, latent + output distillation,
   channel LASSO, pruned to the budget, recovery), no labels;
 - tfsubspace_stagewise: the same with stage-wise latent learning;
@@ -37,17 +37,8 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+from suites import SUITES
 
-# train_limits: per teacher, the training images every method sees (the teacher saw them all).
-# The cpu suite gives WRN-16-4 the first 10,000: on all 60,000 its half alone takes about a day
-# on 2 cores, and the suite is meant to finish in a few hours.
-SUITES = {
-    "cpu": {"teachers": ["vgg16_w0.25", "wrn_16_4"], "datasets": ["mnist", "fashion_mnist"],
-            "budgets": ["0.81", "0.9"], "train_limits": {"wrn_16_4": 10000}},
-    "gpu": {"teachers": ["vgg16_w1.0", "wrn_28_10"],
-            "datasets": ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"],
-            "budgets": ["0.81", "0.9", "0.95"], "train_limits": {}},
-}
 CODE = None
 METHODS = ("tfsubspace", "tfsubspace_stagewise", "tfsubspace_macs", "l1_filter", "slimming", "kd", "fitnets", "scratch",
            "tfmot")
@@ -79,7 +70,7 @@ def main(argv):
     from tfsubspace.errors import DatasetNotAvailableError
 
     suite = SUITES[_SUITE.value]
-    budgets = _BUDGETS.value or suite["budgets"]
+    budgets = _BUDGETS.value or suite.budgets
     for budget in budgets:
         if not 0 < float(budget) < 1:
             raise app.UsageError(f"--budgets: each must be in (0, 1). Received: {budget}")
@@ -92,8 +83,8 @@ def main(argv):
     CODE = code_version()  # the code this process imported, whatever is committed while it runs
     out_dir = Path(_RESULTS.value) / _SUITE.value
     started = time.time()
-    for teacher_name in _TEACHERS.value or suite["teachers"]:
-        for dataset in _DATASETS.value or suite["datasets"]:
+    for teacher_name in _TEACHERS.value or [t.name for t in suite.teachers]:
+        for dataset in _DATASETS.value or suite.datasets:
             path = Path(_TEACHERS_DIR.value) / f"{teacher_name}_{dataset}.keras"
             if not path.exists():
                 print(f"skip {teacher_name} on {dataset}: no teacher at {path} (benchmarks/teachers.py trains it)")
@@ -103,7 +94,7 @@ def main(argv):
             except DatasetNotAvailableError as e:
                 print(f"skip {dataset}: {e}")
                 continue
-            limit = _TRAIN_LIMIT.value or suite["train_limits"].get(teacher_name)
+            limit = _TRAIN_LIMIT.value or suite.train_limits.get(teacher_name)
             Pair(path, teacher_name, dataset, out_dir, train_limit=limit).run(budgets)
     write_report(out_dir, wall_time_s=time.time() - started, readme=Path(_README.value) if _README.value else None)
 

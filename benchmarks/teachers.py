@@ -2,9 +2,10 @@
 
     python benchmarks/teachers.py --runs_dir=runs/teachers
 
-Trains each teacher of the suite with scripts/train_teacher.py's defaults (Adam 1e-3 with
-cosine decay, batch 128, no augmentation, seed 0), writes each run's JSON to
-benchmarks/results/teachers/ and the table to benchmarks/results/teachers.md. A finished
+Trains each teacher of the suite (--suite, benchmarks/suites.py) with scripts/train_teacher.py's
+defaults (Adam 1e-3 with cosine decay, batch 128, seed 0; augmentation where the suite says),
+writes each run's JSON to benchmarks/results/teachers/ and the table to
+benchmarks/results/teachers.md; data sets tensorflow-datasets cannot load here are skipped. A finished
 run is not repeated; a killed one resumes from its last epoch.
 """
 
@@ -16,28 +17,29 @@ import time
 from pathlib import Path
 
 from absl import app, flags
+from suites import SUITES
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/teachers", "Where the trained teachers are written.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON and Markdown results go.")
+_SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Whose teachers (benchmarks/suites.py).")
 _ONLY = flags.DEFINE_list("only", None, "Run only these suite entries (e.g. vgg16_w0.25_mnist).")
-
-# (key, model, options, data set, epochs)
-SUITE = (
-    ("vgg16_w0.25_mnist", "vgg16", {"width": 0.25}, "mnist", 15),
-    ("vgg16_w0.25_fashion_mnist", "vgg16", {"width": 0.25}, "fashion_mnist", 15),
-    ("wrn_16_4_mnist", "wrn", {"depth": 16, "widen_factor": 4}, "mnist", 3),
-    ("wrn_16_4_fashion_mnist", "wrn", {"depth": 16, "widen_factor": 4}, "fashion_mnist", 3),
-)
-
 
 def main(argv):
     del argv
     import keras
 
     from tfsubspace import data, fileio, models, stats, training
+    from tfsubspace.errors import DatasetNotAvailableError
 
     results_dir = Path(_RESULTS.value)
-    for key, model_name, options, dataset, epochs in SUITE:
+    suite = SUITES[_SUITE.value]
+    jobs = [(t, dataset) for t in suite.teachers for dataset in suite.datasets]
+    unknown = set(_ONLY.value or ()) - {t.key(d) for t, d in jobs}
+    if unknown:
+        raise app.UsageError(f"--only: {sorted(unknown)} not in the {_SUITE.value} suite; it has "
+                             f"{', '.join(t.key(d) for t, d in jobs)}.")
+    for teacher, dataset in jobs:
+        key, epochs = teacher.key(dataset), teacher.epochs
         if _ONLY.value and key not in _ONLY.value:
             continue
         result_path = results_dir / "teachers" / f"{key}.json"
@@ -45,10 +47,14 @@ def main(argv):
             print(f"{key}: done already ({result_path})")
             continue
         keras.utils.set_random_seed(0)
+        try:
+            train_ds = data.load(dataset, "train", batch_size=128, seed=0, augment=teacher.augment)
+            test_ds = data.load(dataset, "test", batch_size=512, shuffle=False)
+        except DatasetNotAvailableError as e:
+            print(f"skip {key}: {e}")
+            continue
         info = data.dataset_info(dataset)
-        train_ds = data.load(dataset, "train", batch_size=128, seed=0)
-        test_ds = data.load(dataset, "test", batch_size=512, shuffle=False)
-        model = models.build(model_name, info.image_shape, info.num_classes, **options)
+        model = models.build(teacher.model, info.image_shape, info.num_classes, **teacher.options)
         output = Path(_RUNS_DIR.value) / f"{key}.keras"
         start = time.time()
         result = training.train_classifier(model, train_ds, test_ds, epochs=epochs, output=output, verbose=2)
@@ -60,6 +66,7 @@ def main(argv):
             "macs": stats.count_macs(model),
             "epochs": epochs,
             "batch_size": 128,
+            "augment": teacher.augment,
             "optimizer": "adam 1e-3, cosine decay",
             "test_accuracy": round(result.test_accuracy, 5),
             "wall_time_s": round(time.time() - start, 1),

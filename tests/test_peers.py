@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tfsubspace import analysis, baselines, bridge, data, export, ranking, stats, surgery
+from tfsubspace import analysis, baselines, bridge, data, export, models, ranking, stats, surgery
 from tfsubspace.regularizers import BatchNormL1
 
 TFMOT_PYTHON = os.environ.get("TFSUBSPACE_TFMOT_PYTHON", str(REPO / ".venv-tfmot" / "bin" / "python"))
@@ -294,3 +294,23 @@ def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path)
     assert largest <= budget
     for name in ("slim/slimming.keras", "l1/l1_filter.keras", "kd/kd.keras", "fit/fitnets.keras"):
         assert (tmp_path / name).exists(), name
+
+
+def test_the_suites_name_the_teachers_they_mean():
+    # benchmarks/teachers.py trains and benchmarks/compare.py loads {teacher}_{dataset}.keras from
+    # one table; the gpu suite's teachers are the full-width models the paper compresses
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from suites import SUITES
+
+    assert [t.name for t in SUITES["cpu"].teachers] == ["vgg16_w0.25", "wrn_16_4"]
+    for name, suite in SUITES.items():
+        assert set(suite.train_limits) <= {t.name for t in suite.teachers}, name
+        assert all(0 < float(b) < 1 for b in suite.budgets), name
+        assert all(d in data.DATASETS for d in suite.datasets), name
+    expected = {"vgg16_w0.25": 941_850, "wrn_16_4": 2_752_218, "vgg16_w1.0": 14_996_682, "wrn_28_10": 36_497_146}
+    shapes = {"vgg16_w0.25": (28, 28, 1), "wrn_16_4": (28, 28, 1), "vgg16_w1.0": (32, 32, 3), "wrn_28_10": (32, 32, 3)}
+    for suite in SUITES.values():
+        for t in suite.teachers:
+            model = models.build(t.model, shapes[t.name], 10, **t.options)
+            assert stats.count_params(model) == expected[t.name], t.name
+    assert SUITES["cpu"].teacher("wrn_16_4").key("mnist") == "wrn_16_4_mnist"
