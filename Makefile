@@ -52,11 +52,14 @@ $(RUNS)/demo/teacher.keras: | data
 
 # The comparison (benchmarks/suites.py): train the suite's teachers once, then every method at
 # every budget (both steps resume; results in benchmarks/results/compare/). bench-cpu takes a few
-# hours on 2 cores. bench-gpu is for a machine with an accelerator:
-#   make bench-gpu EXTRAS=gpu,edge,datasets,dev
+# hours on 2 cores. bench-gpu is for a machine with an accelerator (TensorFlow's CUDA wheel) and
+# lets tensorflow-datasets download CIFAR-10/100 and SVHN; offline, prepare its data directory
+# first (the data sets it cannot load are skipped).
+bench-gpu: EXTRAS = gpu,edge,datasets,dev
+bench-gpu: DOWNLOAD = --download
 bench-cpu bench-gpu: bench-%: data tfmot
-	$(PY) benchmarks/teachers.py --suite=$*
-	$(PY) benchmarks/compare.py --suite=$*
+	$(PY) benchmarks/teachers.py --suite=$* $(DOWNLOAD)
+	$(PY) benchmarks/compare.py --suite=$* --tfmot_python=$(TFMOT_VENV)/bin/python
 
 clean:
 	rm -rf $(VENV) $(TFMOT_VENV) $(RUNS) .pytest_cache .hypothesis *.egg-info

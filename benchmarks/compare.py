@@ -54,7 +54,7 @@ _RECOVER = flags.DEFINE_integer("recover_epochs", 1, "Of --epochs, tfsubspace's 
 _LASSO = flags.DEFINE_float("lasso", 0.25, "tfsubspace's channel LASSO factor.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every method.")
 _TRAIN_LIMIT = flags.DEFINE_integer("train_limit", None, "Use only this many training images (default: the suite's "
-                                    "limit for the teacher, else all).", lower_bound=1)
+                                    "limit for the teacher, else all; 0: all).", lower_bound=0)
 _TEACHERS_DIR = flags.DEFINE_string("teachers_dir", "runs/teachers", "Where benchmarks/teachers.py wrote the teachers.")
 _RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
@@ -94,7 +94,7 @@ def main(argv):
             except DatasetNotAvailableError as e:
                 print(f"skip {dataset}: {e}")
                 continue
-            limit = _TRAIN_LIMIT.value or suite.train_limits.get(teacher_name)
+            limit = suite.train_limits.get(teacher_name) if _TRAIN_LIMIT.value is None else _TRAIN_LIMIT.value or None
             Pair(path, teacher_name, dataset, out_dir, train_limit=limit).run(budgets)
     write_report(out_dir, wall_time_s=time.time() - started, readme=Path(_README.value) if _README.value else None)
 
