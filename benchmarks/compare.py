@@ -7,9 +7,9 @@ benchmarks/teachers.py, in --teachers_dir) and each budget (share of the teacher
 - tfsubspace: compress() end to end (energy 0.99 subspaces, latent + output distillation,
   channel LASSO, pruned to the budget, recovery), no labels;
 - tfsubspace_stagewise: the same with stage-wise latent learning;
-- tfsubspace_macs: end to end with the budget applied to MACs per image as well (the same
-  share of the teacher's MACs removed as of its parameters), for a student as fast as the
-  filter-pruning peers, which remove MACs and parameters alike;
+- tfsubspace_macs (only with --methods): end to end with the budget applied to MACs per image
+  as well (the same share of the teacher's MACs removed as of its parameters), for a student
+  as fast as the filter-pruning peers, which remove MACs and parameters alike;
 - l1_filter: Li et al., L1-norm filter pruning of the teacher (one ratio for all layers)
   + fine-tuning with labels;
 - slimming: Liu et al., Network Slimming (L1 on BN scales, global threshold) + fine-tuning;
@@ -47,7 +47,9 @@ _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and dat
 _TEACHERS = flags.DEFINE_list("teachers", None, "Override the suite's teachers (e.g. vgg16_w0.25).")
 _DATASETS = flags.DEFINE_list("datasets", None, "Override the suite's data sets.")
 _BUDGETS = flags.DEFINE_list("budgets", None, "Shares of the teacher's parameters removed (default: the suite's).")
-_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
+# tfsubspace_macs is asked for by name: the suites compare at equal parameter budgets
+_METHODS = flags.DEFINE_list("methods", [m for m in METHODS if m != "tfsubspace_macs"],
+                             f"Methods to run, of {', '.join(METHODS)}.")
 _EPOCHS = flags.DEFINE_integer("epochs", 4, "Training epochs per method (tfsubspace: latent learning + recovery).",
                                lower_bound=2)
 _RECOVER = flags.DEFINE_integer("recover_epochs", 1, "Of --epochs, tfsubspace's recovery epochs.", lower_bound=0)

@@ -70,8 +70,61 @@ def _comparable(scores, masks, compare):
 
 
 def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
-    """Removes the channels of lowest comparable score until the plan fits the budgets."""
-    candidates = sorted((float(comparable[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
+    """Removes the fewest channels that make the plan fit the budgets: the lowest-scored
+    first until the parameter budget holds, then, while MACs are still over their budget, the
+    channels whose score per MAC they cost is lowest. One score order for both would stop only
+    when MACs fit, taking from the late, parameter-heavy groups as many channels as from the
+    early, full-resolution ones that hold the MACs: far more parameters than either budget asks.
+    """
+    def count_macs(trial):  # MACs need the spatial sizes: count them on the slim model
+        slim = surgery.apply_plan(analysis.model, finish(trial), analysis=analysis, verify=False).model
+        return stats.count_macs(slim)
+
+    start = masks
+    if budget is not None:
+        masks = _remove_until(masks, comparable, lambda t: surgery.plan_params(analysis, finish(t)) <= budget)
+    if macs_budget is None or count_macs(masks) <= macs_budget:
+        return masks
+    def per_mac(trial):  # score over the MACs one channel of its group costs at these widths
+        macs, out = count_macs(trial), {}
+        for g, mask in trial.items():
+            fewer = {h: m.copy() for h, m in trial.items()}
+            if mask.sum() > 1:
+                fewer[g][np.flatnonzero(mask)[0]] = False
+            out[g] = comparable[g] / max(macs - count_macs(fewer), 1)
+        return out
+
+    def fits(trial):
+        return (budget is None or surgery.plan_params(analysis, finish(trial)) <= budget) and \
+            count_macs(trial) <= macs_budget
+
+    slim = _remove_until(masks, per_mac(masks), lambda t: count_macs(t) <= macs_budget)
+    # The two cuts leave parameters unspent (MACs sit in the early groups, parameters in the
+    # late ones): give back the removed channels worth most per MAC they cost at the new
+    # widths while both budgets hold.
+    ratio = per_mac(slim)
+    removed = sorted(((-float(ratio[g][i]), g, i) for g in start for i in np.flatnonzero(start[g] & ~slim[g])))
+
+    def with_back(count):
+        trial = {g: m.copy() for g, m in slim.items()}
+        for _, g, i in removed[:count]:
+            trial[g][i] = True
+        return trial
+
+    lo, hi = 0, len(removed)
+    while lo < hi:  # the most given back that still fits
+        mid = (lo + hi + 1) // 2
+        if fits(with_back(mid)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return with_back(lo)
+
+
+def _remove_until(masks, order, fits):
+    """The kept channels of `masks` with the fewest lowest-`order` ones removed for `fits`;
+    every group keeps its best channel."""
+    candidates = sorted((float(order[g][i]), g, i) for g in masks for i in np.nonzero(masks[g])[0])
 
     def plan_for(count):
         trial = {g: m.copy() for g, m in masks.items()}
@@ -79,22 +132,13 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
             trial[g][i] = False
         for g, m in trial.items():
             if not m.any():
-                m[int(np.argmax(np.where(masks[g], comparable[g], -np.inf)))] = True
+                m[int(np.argmax(np.where(masks[g], order[g], -np.inf)))] = True
         return trial
 
-    def fits(trial):
-        plan = finish(trial)
-        if budget is not None and surgery.plan_params(analysis, plan) > budget:
-            return False
-        if macs_budget is not None:  # MACs need the spatial sizes: count them on the slim model
-            slim = surgery.apply_plan(analysis.model, plan, analysis=analysis, verify=False).model
-            return stats.count_macs(slim) <= macs_budget
-        return True
-
-    lo, hi = 0, len(candidates)
     if fits(plan_for(0)):
         return masks
-    while lo < hi:  # the fewest removals that meet the budgets
+    lo, hi = 0, len(candidates)
+    while lo < hi:  # binary search: removing more never adds parameters or MACs
         mid = (lo + hi) // 2
         if fits(plan_for(mid)):
             hi = mid
