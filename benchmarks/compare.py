@@ -338,7 +338,7 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
         limits = sorted({r.get("train_limit") for r in group if r["method"] != "teacher"} - {None})
         if limits:
             lines[-2:-2] = [f"Every method trained on the first {' / '.join(f'{n:,}' for n in limits)} training "
-                            "images (`--train_limit`); the teacher on all of them.", ""]
+                            "images (the suite's limit, or `--train_limit`); the teacher on all of them.", ""]
         for r in group:
             t = r["tflite"]
             gz = lambda m: f" ({t[m]['gzip_bytes'] / 1024:.0f})" if "gzip_bytes" in t[m] else ""  # noqa: B023,E731
