@@ -14,6 +14,8 @@ every layer keeps at least one channel.
 
 from __future__ import annotations
 
+import bisect
+
 import keras
 import numpy as np
 
@@ -80,29 +82,33 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
         slim = surgery.apply_plan(analysis.model, finish(trial), analysis=analysis, verify=False).model
         return stats.count_macs(slim)
 
+    def params_fit(trial):
+        return budget is None or surgery.plan_params(analysis, finish(trial)) <= budget
+
     start = masks
-    if budget is not None:
-        masks = _remove_until(masks, comparable, lambda t: surgery.plan_params(analysis, finish(t)) <= budget)
-    if macs_budget is None or count_macs(masks) <= macs_budget:
+    masks = _remove_until(masks, comparable, params_fit)
+    if macs_budget is None:
         return masks
-    def per_mac(trial):  # score over the MACs one channel of its group costs at these widths
-        macs, out = count_macs(trial), {}
+    macs = count_macs(masks)
+    if macs <= macs_budget:
+        return masks
+
+    def per_mac(trial, macs):  # score over the MACs one channel of its group costs at these widths
+        out = {}
         for g, mask in trial.items():
+            if mask.sum() <= 1:  # nothing left to remove: its cost counts as 1 MAC
+                out[g] = comparable[g]
+                continue
             fewer = {h: m.copy() for h, m in trial.items()}
-            if mask.sum() > 1:
-                fewer[g][np.flatnonzero(mask)[0]] = False
+            fewer[g][np.flatnonzero(mask)[0]] = False
             out[g] = comparable[g] / max(macs - count_macs(fewer), 1)
         return out
 
-    def fits(trial):
-        return (budget is None or surgery.plan_params(analysis, finish(trial)) <= budget) and \
-            count_macs(trial) <= macs_budget
-
-    slim = _remove_until(masks, per_mac(masks), lambda t: count_macs(t) <= macs_budget)
+    slim = _remove_until(masks, per_mac(masks, macs), lambda t: count_macs(t) <= macs_budget)
     # The two cuts leave parameters unspent (MACs sit in the early groups, parameters in the
     # late ones): give back the removed channels worth most per MAC they cost at the new
     # widths while both budgets hold.
-    ratio = per_mac(slim)
+    ratio = per_mac(slim, count_macs(slim))
     removed = sorted(((-float(ratio[g][i]), g, i) for g in start for i in np.flatnonzero(start[g] & ~slim[g])))
 
     def with_back(count):
@@ -111,14 +117,11 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
             trial[g][i] = True
         return trial
 
-    lo, hi = 0, len(removed)
-    while lo < hi:  # the most given back that still fits
-        mid = (lo + hi + 1) // 2
-        if fits(with_back(mid)):
-            lo = mid
-        else:
-            hi = mid - 1
-    return with_back(lo)
+    def both_fit(trial):
+        return params_fit(trial) and count_macs(trial) <= macs_budget
+
+    # the most given back that still fits: the count before the first that does not
+    return with_back(bisect.bisect_left(range(1, len(removed) + 1), True, key=lambda c: not both_fit(with_back(c))))
 
 
 def _remove_until(masks, order, fits):
@@ -137,14 +140,8 @@ def _remove_until(masks, order, fits):
 
     if fits(plan_for(0)):
         return masks
-    lo, hi = 0, len(candidates)
-    while lo < hi:  # binary search: removing more never adds parameters or MACs
-        mid = (lo + hi) // 2
-        if fits(plan_for(mid)):
-            hi = mid
-        else:
-            lo = mid + 1
-    return plan_for(lo)
+    # binary search: removing more never adds parameters or MACs (all of them when none fits)
+    return plan_for(bisect.bisect_left(range(len(candidates)), True, key=lambda c: fits(plan_for(c))))
 
 
 def ensure_every_layer_kept(analysis, plan, scores):
