@@ -5,8 +5,8 @@
 Trains each teacher of the suite (--suite, benchmarks/suites.py) with scripts/train_teacher.py's
 defaults (Adam 1e-3 with cosine decay, batch 128, seed 0; augmentation where the suite says),
 writes each run's JSON to benchmarks/results/teachers/ and the table to
-benchmarks/results/teachers.md; data sets tensorflow-datasets cannot load here are skipped. A finished
-run is not repeated; a killed one resumes from its last epoch.
+benchmarks/results/teachers.md; data sets tensorflow-datasets cannot load here are skipped.
+A finished run is not repeated; a killed one resumes from its last epoch.
 """
 
 import json
@@ -25,6 +25,7 @@ _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Whose teachers (benchm
 _ONLY = flags.DEFINE_list("only", None, "Run only these suite entries (e.g. vgg16_w0.25_mnist).")
 _DOWNLOAD = flags.DEFINE_boolean("download", False, "Let tensorflow-datasets download and prepare missing data sets "
                                  "(CIFAR-10/100, SVHN) into its data directory, where compare.py then finds them.")
+
 
 def main(argv):
     del argv
