@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tfsubspace import analysis, channels, models, surgery
 from tfsubspace.errors import UnsupportedModelError
-from tfsubspace.surgery import PlanError, PruningPlan
+from tfsubspace.surgery import PlanError, PruningPlan, VerificationError
 
 L = keras.layers
 
@@ -213,7 +213,8 @@ def test_constant_channels_fold_into_consumer_bias():
     plan = PruningPlan.from_masks(a, {"c1": np.array([1, 0, 1, 1, 0, 1], bool)})
     x = rng.normal(size=(4, 9, 9, 2)).astype("float32")
     result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
-    assert result.folds == [{"layer": "c2", "positions": 2, "folded": True, "exact": True}]
+    assert result.folds == [{"layer": "c2", "positions": 2, "folded": True, "exact": True,
+                             "max_abs_diff": pytest.approx(0.0, abs=1e-5)}]
     np.testing.assert_allclose(result.model(x), model(x), atol=1e-4)
     assert result.model.get_layer("c2").use_bias
     # Without folding, the slim model matches the masked model but not the original.
@@ -237,19 +238,64 @@ def test_a_channel_dead_in_the_original_is_no_constant_once_others_are_masked():
     assert result.max_abs_diff <= 1e-6 and result.folds == []
 
 
-def test_inexact_fold_is_reported():
+def constant_channel_model(padding: str = "same") -> keras.Model:
+    """c1 -> bn -> relu -> c2 (inexact fold if 'same') -> relu -> c3 -> pooled Dense; c1's
+    channel 0 has a zero filter and a BN beta of 2, so it carries a constant into c2."""
     rng = np.random.default_rng(5)
     inputs = L.Input((6, 6, 2))
     x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(3, 3, padding="same", use_bias=False, name="c1")(inputs)))
-    x = L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(2, 3, padding="same", name="c2")(x)))
+    x = L.ReLU()(L.Conv2D(4, 3, padding=padding, name="c2")(x))
+    x = L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(3, 1, name="c3")(x)))
     model = randomize(keras.Model(inputs, x), rng)
     kernel = model.get_layer("c1").kernel.numpy()
     kernel[..., 0] = 0.0
     model.get_layer("c1").kernel.assign(kernel)
+    gamma, beta, mean, var = model.get_layer("bn").get_weights()
+    beta[0] = 2.0
+    model.get_layer("bn").set_weights([gamma, beta, mean, var])
+    return model
+
+
+def test_inexact_fold_is_reported_and_the_rest_still_verified():
+    model = constant_channel_model()
     a = analysis.analyze(model)
-    plan = PruningPlan.from_masks(a, {"c1": np.array([0, 1, 1], bool)})
-    result = surgery.apply_plan(model, plan, fold_constants=True)
-    assert result.folds == [{"layer": "c2", "positions": 1, "folded": True, "exact": False}]
+    plan = PruningPlan.from_masks(a, {"c1": [1, 2], "c2": [0, 1, 3]})
+    x = np.random.default_rng(0).normal(size=(4, 6, 6, 2)).astype("float32")
+    result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
+    [fold] = result.folds
+    assert {k: fold[k] for k in ("layer", "positions", "folded", "exact")} == {
+        "layer": "c2", "positions": 1, "folded": True, "exact": False}
+    assert fold["max_abs_diff"] > 1e-2  # the borders of c2's output
+    assert result.check_diff <= 1e-5  # the slim model is exactly the folded masked model
+    assert result.max_abs_diff > 1e-3  # ... which is not the original with its constant
+
+
+def test_an_inexact_fold_does_not_hide_a_wrong_layer(monkeypatch):
+    model = constant_channel_model()
+    a = analysis.analyze(model)
+    plan = PruningPlan.from_masks(a, {"c1": [1, 2], "c2": [0, 1, 3]})
+    slice_weights = channels.Producer.slice_weights
+
+    def wrong_for_c3(self, layer, keep_in, keep_out):
+        values = slice_weights(self, layer, keep_in, keep_out)
+        if layer.name == "c3":
+            values[0] = values[0][..., ::-1, :]  # kept input channels in the wrong order
+        return values
+
+    monkeypatch.setattr(channels.Producer, "slice_weights", wrong_for_c3)
+    with pytest.raises(VerificationError, match="differs from the masked model"):
+        surgery.apply_plan(model, plan, fold_constants=True)
+
+
+def test_a_wrong_exact_fold_names_its_layer(monkeypatch):
+    model = constant_channel_model("valid")
+    a = analysis.analyze(model)
+    plan = PruningPlan.from_masks(a, {"c1": [1, 2]})
+    fold = channels.Producer.fold_constants
+    monkeypatch.setattr(channels.Producer, "fold_constants",
+                        lambda self, layer, c, keep_in: (fold(self, layer, c, keep_in)[0] * 0.5, True))
+    with pytest.raises(VerificationError, match="'c2'.*exact"):
+        surgery.apply_plan(model, plan, fold_constants=True)
 
 
 def test_plan_round_up_save_load(tmp_path):
@@ -266,8 +312,42 @@ def test_plan_round_up_save_load(tmp_path):
     with pytest.raises(PlanError, match="Cannot read pruning plan .*bad.json"):
         PruningPlan.load(tmp_path / "bad.json")
     (tmp_path / "other.json").write_text(json.dumps({"groups": {}}))
-    with pytest.raises(PlanError, match="Not a tfsubspace pruning plan"):
+    with pytest.raises(PlanError, match="Not a tfsubspace pruning plan.*other.json"):
         PruningPlan.load(tmp_path / "other.json")
+
+
+@pytest.mark.parametrize("keep, problem", [
+    ([0, 120], "out of range"), ([-1, 3], "out of range"), ([3, 1], "increasing"), ([1, 1], "increasing"),
+    ([True, False], "integers"), ([1.0], "integers"), ([[1], 2], "integers"),
+])
+def test_plan_file_with_bad_indices_names_the_file(tmp_path, keep, problem):
+    model = models.lenet5()
+    a = analysis.analyze(model)
+    obj = PruningPlan.keep_all(a).to_json()
+    obj["groups"]["fc1"]["keep"] = keep
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(PlanError, match=f"plan.json.*'fc1'.*{problem}"):
+        PruningPlan.load(path)
+    # The same plan made in memory is refused by every entry point, never with an IndexError.
+    plan = PruningPlan(a.model.name, a.fingerprint(), obj["groups"])
+    for call in (plan.masks, lambda: plan.round_up(8), lambda: surgery.apply_plan(model, plan, verify=False)):
+        with pytest.raises(PlanError, match=f"'fc1'.*{problem}"):
+            call()
+
+
+def test_plan_file_for_another_model_names_the_file(tmp_path):
+    model = models.lenet5()
+    other = analysis.analyze(models.vgg16((32, 32, 3), 10, width=0.125))
+    path = PruningPlan.keep_all(other).save(tmp_path / "vgg_plan.json")
+    plan = PruningPlan.load(path)
+    with pytest.raises(PlanError, match="vgg_plan.json.*made for model 'vgg16_w0.125'"):
+        surgery.apply_plan(model, plan)
+    obj = json.loads(path.read_text())
+    del obj["fingerprint"]
+    path.write_text(json.dumps(obj))
+    with pytest.raises(PlanError, match="vgg_plan.json.*fingerprint"):
+        PruningPlan.load(path)
 
 
 # ---------------------------------------------------------------- errors
@@ -338,6 +418,8 @@ def test_plan_errors():
         surgery.apply_plan(model, PruningPlan.keep_all(other))
     with pytest.raises(PlanError, match="No channel group 'conv9'"):
         PruningPlan.from_masks(a, {"conv9": [0]})
+    with pytest.raises(PlanError, match="'conv2': a keep-mask of shape \\(5,\\) for a group of 16"):
+        PruningPlan.from_masks(a, {"conv2": np.ones(5, bool)})
     bad = PruningPlan.keep_all(a)
     bad.groups["fc1"]["keep"] = [0, 0, 500]
     with pytest.raises(PlanError, match="'fc1': kept indices must be distinct integers in \\[0, 120\\)"):

@@ -10,7 +10,9 @@ A removed channel can still carry a non-zero constant in the original (act(beta)
 BatchNormalization whose conv filter LASSO zeroed). With `fold_constants=True` that constant
 is folded into the bias of each consuming Conv/Dense, which makes the slim model reproduce
 the original model itself; the fold is exact for Dense layers and for 'valid' or 1x1
-convolutions, and off at the borders of 'same'-padded ones, which the report lists.
+convolutions, and off at the borders of 'same'-padded ones. Verification then compares the
+slim model with the masked original that has the same folds, so an approximate fold hides no
+other error, and each fold reports how far it moves its layer's output on the check batch.
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ class PruningPlan:
     model: str
     fingerprint: str
     groups: dict[str, dict]  # name -> {"size": int, "keep": [int, ...]}
+    # The file the plan was loaded from, named by every error about it (not part of the plan).
+    source: str | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def _error(self, message: str) -> PlanError:
+        return PlanError(f"Pruning plan {self.source}: {message}" if self.source else message)
+
+    def check(self) -> None:
+        """Raises PlanError unless every group has a positive size and distinct, increasing kept
+        indices below it: the plan's own consistency, whatever model it is for. masks() and
+        surgery index arrays with these, so a bad one must stop here rather than as an
+        IndexError (or, for a negative index, silently count from the end)."""
+        if not isinstance(self.groups, dict):
+            raise self._error("'groups' must map group names to {'size', 'keep'}.")
+        for name, g in self.groups.items():
+            size, keep = (g.get("size"), g.get("keep")) if isinstance(g, dict) else (None, None)
+            if not _is_index(size) or size < 1 or not isinstance(keep, list):
+                raise self._error(f"Group {name!r} must have a positive integer 'size' and a 'keep' list.")
+            problem = _keep_problem(keep, size)
+            if problem:
+                raise self._error(f"Group {name!r}: kept indices must be distinct integers in [0, {size}), "
+                                  f"in increasing order; found {problem}.")
 
     @classmethod
     def keep_all(cls, analysis: ChannelAnalysis) -> "PruningPlan":
@@ -65,12 +88,18 @@ class PruningPlan:
             if name not in plan.groups:
                 raise PlanError(f"No channel group {name!r} in model {analysis.model.name!r}; "
                                 f"groups: {', '.join(plan.groups)}.")
-            mask = np.asarray(mask)
+            mask, size = np.asarray(mask), plan.groups[name]["size"]
+            if mask.dtype == bool and mask.shape != (size,):
+                raise PlanError(f"Group {name!r}: a keep-mask of shape {mask.shape} for a group of {size} channels.")
+            if mask.dtype != bool and mask.size and not np.issubdtype(mask.dtype, np.integer):
+                raise PlanError(f"Group {name!r}: kept indices must be integers, not {mask.dtype}.")
             keep = np.nonzero(mask)[0] if mask.dtype == bool else np.unique(mask)
             plan.groups[name]["keep"] = [int(i) for i in keep]
+        plan.check()
         return plan
 
     def masks(self) -> dict[str, np.ndarray]:
+        self.check()
         out = {}
         for name, g in self.groups.items():
             mask = np.zeros(g["size"], dtype=bool)
@@ -83,6 +112,7 @@ class PruningPlan:
         adding back the removed channels of highest score (or lowest index)."""
         if multiple < 1:
             raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
+        self.check()
         groups = {}
         for name, g in self.groups.items():
             keep = set(g["keep"])
@@ -96,28 +126,27 @@ class PruningPlan:
 
     def validate(self, analysis: ChannelAnalysis) -> None:
         """Raises PlanError unless this plan fits `analysis`'s model and keeps what it must."""
+        self.check()
         if self.fingerprint != analysis.fingerprint() or set(self.groups) != set(analysis.groups):
-            raise PlanError(
+            raise self._error(
                 f"This plan was made for model {self.model!r} with other channel groups than "
                 f"model {analysis.model.name!r} has (fingerprint {self.fingerprint} vs "
                 f"{analysis.fingerprint()}). Apply a plan to the model it was made for."
             )
         for name, group in analysis.groups.items():
-            g = self.groups[name]
-            keep = g.get("keep")
-            if g.get("size") != group.size or not isinstance(keep, list):
-                raise PlanError(f"Group {name!r}: expected size {group.size} and a list of kept indices.")
-            if any(not isinstance(i, int) or i < 0 or i >= group.size for i in keep) or len(set(keep)) != len(keep):
-                raise PlanError(f"Group {name!r}: kept indices must be distinct integers in [0, {group.size}).")
+            keep = self.groups[name]["keep"]
+            if self.groups[name]["size"] != group.size:
+                raise self._error(f"Group {name!r}: expected size {group.size}, the plan says "
+                                  f"{self.groups[name]['size']}.")
             if not keep:
-                raise PlanError(f"Group {name!r} would lose all {group.size} channels, which disconnects "
-                                f"the model at {', '.join(group.producers)}; keep at least one.")
+                raise self._error(f"Group {name!r} would lose all {group.size} channels, which disconnects "
+                                  f"the model at {', '.join(group.producers)}; keep at least one.")
             if group.pinned and len(keep) != group.size:
-                raise PlanError(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
+                raise self._error(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
         kept = analysis.keep_vector(self.masks())
         for node in analysis.graph.walk():
             if not len(analysis.kept_positions(node.outputs[0], kept)):
-                raise PlanError(
+                raise self._error(
                     f"The plan removes every output channel of layer {node.path!r} (its channels are "
                     f"one part of a merged group); keep at least one of them."
                 )
@@ -126,13 +155,17 @@ class PruningPlan:
         return {"format": PLAN_FORMAT, "model": self.model, "fingerprint": self.fingerprint, "groups": self.groups}
 
     @classmethod
-    def from_json(cls, obj) -> "PruningPlan":
+    def from_json(cls, obj, source: str | None = None) -> "PruningPlan":
+        """The plan in `obj` (as to_json() makes it); `source` names it in errors."""
+        where = f": {source}" if source else ""
         if not isinstance(obj, dict) or obj.get("format") != PLAN_FORMAT or not isinstance(obj.get("groups"), dict):
-            raise PlanError(f"Not a tfsubspace pruning plan (expected format {PLAN_FORMAT!r}).")
-        for name, g in obj["groups"].items():
-            if not isinstance(g, dict) or not isinstance(g.get("size"), int) or not isinstance(g.get("keep"), list):
-                raise PlanError(f"Pruning plan group {name!r} must have an integer 'size' and a 'keep' list.")
-        return cls(str(obj.get("model")), str(obj.get("fingerprint")), obj["groups"])
+            raise PlanError(f"Not a tfsubspace pruning plan{where} (expected format {PLAN_FORMAT!r}).")
+        if not isinstance(obj.get("model"), str) or not isinstance(obj.get("fingerprint"), str):
+            raise PlanError(f"Pruning plan{where} lacks the 'model' and 'fingerprint' strings that tie it to "
+                            f"its model; make it again with PruningPlan.from_masks or keep_all.")
+        plan = cls(obj["model"], obj["fingerprint"], obj["groups"], source)
+        plan.check()
+        return plan
 
     def save(self, path: str | os.PathLike) -> Path:
         return fileio.write_json(path, self.to_json())
@@ -143,16 +176,37 @@ class PruningPlan:
             obj = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise PlanError(f"Cannot read pruning plan {path}: {e}") from None
-        return cls.from_json(obj)
+        return cls.from_json(obj, source=str(path))
+
+
+def _is_index(i) -> bool:
+    return isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
+
+
+def _keep_problem(keep: list, size: int) -> str | None:
+    """The first kept index that is no integer, out of range or not above the one before."""
+    for n, i in enumerate(keep):
+        if not _is_index(i):
+            return f"{i!r} (not an integer)"
+        if not 0 <= i < size:
+            return f"{i} (out of range)"
+        if n and i <= keep[n - 1]:
+            return f"{i} after {keep[n - 1]} (not increasing)"
+    return None
 
 
 @dataclasses.dataclass
 class SurgeryResult:
     model: keras.Model
     plan: PruningPlan
-    max_abs_diff: float  # slim vs masked original on the check batch
+    # slim vs masked original on the check batch (with fold_constants: the original's constants
+    # included, so inexact folds count here; see check_diff for what is verified)
+    max_abs_diff: float
     report: list[dict]  # per layer, see layer_report()
-    folds: list[dict]  # constant folds: consumer, channels, exact
+    # constant folds: layer, positions, folded, exact, max_abs_diff (at that layer's output)
+    folds: list[dict]
+    # slim vs the masked original with the same folds: float rounding, or surgery fails
+    check_diff: float = math.nan
 
 
 # ---------------------------------------------------------------- masked reference
@@ -254,16 +308,18 @@ def apply_plan(
         check_batch: inputs for the check; a batch of 4 standard-normal inputs by default.
         tolerance: largest allowed max-abs difference of the outputs (float32).
         fold_constants: fold the constants that removed channels carry into the biases of
-            the Conv/Dense layers that read them (see the module docs). The reference then
-            lets those channels through unmasked, as the original model has them.
+            the Conv/Dense layers that read them (see the module docs). The slim model is
+            checked against the masked original with the same folds; `max_abs_diff` then
+            compares it with the original's constants instead, and each entry of `folds`
+            has the fold's own deviation at its layer's output ("max_abs_diff").
         analysis: the model's ChannelAnalysis, if already made.
         verify: False skips the masked-model check and the layer report (for searches
             that only need the slim model's shape; max_abs_diff is then NaN).
 
     Raises:
         PlanError: the plan does not fit the model.
-        VerificationError: the slim model misses the reference by more than `tolerance`
-            (unless a fold is inexact, which the result's `folds` then says).
+        VerificationError: the slim model misses the reference by more than `tolerance`,
+            or a fold declared exact is not.
     """
     analysis = analysis or analyze(model)
     plan.validate(analysis)
@@ -274,7 +330,7 @@ def apply_plan(
         if len(check_batch) == 1:
             check_batch = check_batch[0]
 
-    deltas, folds, keep_constant = {}, [], None
+    deltas, folds, keep_constant, carried = {}, [], None, {}
     if fold_constants:
         keep_constant, per_node = _constant_channels(analysis, kept, check_batch)
         for node in analysis.graph.walk():
@@ -287,11 +343,12 @@ def apply_plan(
                 continue
             keep_in = analysis.kept_positions(node.inputs[0], kept)
             folded = channels.handler_for(node.layer).fold_constants(node.layer, constants, keep_in)
-            if folded is None:
-                folds.append({"layer": node.path, "positions": int(carrying), "folded": False, "exact": False})
-                continue
-            deltas[node.path] = folded[0]
-            folds.append({"layer": node.path, "positions": int(carrying), "folded": True, "exact": bool(folded[1])})
+            carried[node.path] = np.nan_to_num(constants)
+            fold = {"layer": node.path, "positions": int(carrying), "folded": folded is not None,
+                    "exact": folded is not None and bool(folded[1]), "max_abs_diff": math.nan}
+            folds.append(fold)
+            if folded is not None:
+                deltas[node.path] = folded[0]
 
     built, weights = {}, []
     slim = _rebuild(analysis.graph, analysis, kept, deltas, built, weights)
@@ -300,16 +357,82 @@ def apply_plan(
     if not verify:
         return SurgeryResult(slim, plan, float("nan"), [], folds)
 
-    reference = masked_predict(model, plan, check_batch, analysis, keep_constant)
+    reference, deviations = _folded_reference(analysis, kept, check_batch, carried, deltas)
     produced = slim(check_batch, training=False)
     produced = [keras.ops.convert_to_numpy(p) for p in (produced if isinstance(produced, (list, tuple)) else [produced])]
-    diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(reference, produced))
-    if not diff <= tolerance and all(f["exact"] for f in folds):
+    check_diff = _max_abs_diff(reference, produced)
+    if not check_diff <= tolerance:
         raise VerificationError(
-            f"The slim model differs from the masked model by {diff:.3g} (max abs) on the check "
-            f"batch, above the tolerance {tolerance:g}."
+            f"The slim model differs from the masked model{' with the same constant folds' if folds else ''} "
+            f"by {check_diff:.3g} (max abs) on the check batch, above the tolerance {tolerance:g}."
         )
-    return SurgeryResult(slim, plan, diff, layer_report(model, slim), folds)
+    for fold in folds:
+        fold["max_abs_diff"], scale = deviations[fold["layer"]]
+        # Relative to the layer's output size: inner activations need not be of order one.
+        if fold["exact"] and not fold["max_abs_diff"] <= tolerance * max(1.0, scale):
+            raise VerificationError(
+                f"The constants folded into layer {fold['layer']!r} should reproduce its output exactly, "
+                f"but it differs by {fold['max_abs_diff']:.3g} (max abs, output up to {scale:.3g}) on the "
+                f"check batch."
+            )
+    diff = check_diff
+    if folds:
+        diff = _max_abs_diff(masked_predict(model, plan, check_batch, analysis, keep_constant), produced)
+        if not diff <= tolerance and all(f["exact"] for f in folds):
+            raise VerificationError(
+                f"The slim model differs from the masked model by {diff:.3g} (max abs) on the check "
+                f"batch, above the tolerance {tolerance:g}, though every constant fold is exact."
+            )
+    return SurgeryResult(slim, plan, diff, layer_report(model, slim), folds, check_diff)
+
+
+def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(u - v))) if u.size else 0.0 for u, v in zip(a, b))
+
+
+def _folded_reference(analysis: ChannelAnalysis, kept: np.ndarray, x, carried: dict, deltas: dict):
+    """The masked original as the slim model computes it, and how far each fold is off.
+
+    Removed channels are zero everywhere, as in masked_predict; a layer that the original
+    feeds removed constants (`carried`: per input position, the constant or 0) runs instead
+    with the folded delta added to its bias, or without the constants where they could not be
+    folded, as its slim counterpart does. That is exact whether or not a fold is, so one
+    inexact fold leaves the rest of the model checked. The folded layers are copies made from
+    the original weights, not by the handlers' slicing, so that the slim model's slices are
+    checked too. Returns (outputs, {layer path: (max abs deviation of the folded output from
+    the output with the constants, max abs of the latter)}).
+    """
+    deviations = {}
+    values = _run_inputs(analysis, x)
+
+    def step(node, out):
+        passes = kept[analysis.ids[node.outputs[0].key]]
+        mask = keras.ops.convert_to_tensor(passes.astype(np.float32))
+        if node.path in carried:
+            inp = values[node.inputs[0].key]
+            if node.path in deltas:
+                out = _folded_copy(node.layer, deltas[node.path], inp.shape)(inp)
+            want = node.layer(inp + keras.ops.cast(carried[node.path], inp.dtype))
+            want = keras.ops.convert_to_numpy(want * mask)
+            deviations[node.path] = (float(np.max(np.abs(want - keras.ops.convert_to_numpy(out * mask)))),
+                                     float(np.max(np.abs(want))))
+        return out if passes.all() else out * mask
+
+    _run(analysis.graph, values, step)
+    return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs], deviations
+
+
+def _folded_copy(layer, delta: np.ndarray, input_shape):
+    """A full-width copy of Conv/Dense `layer` with `delta` added to its bias."""
+    copy = type(layer).from_config({**layer.get_config(), "use_bias": True})
+    copy.build(input_shape)
+    values = layer.get_weights()  # kernel, bias (if any), then anything else the layer has
+    if layer.use_bias:
+        values[1] = values[1] + delta.astype(values[1].dtype)
+    else:
+        values.insert(1, delta.astype(values[0].dtype))
+    copy.set_weights(values)
+    return copy
 
 
 def _rebuild(g: Graph, analysis, kept, deltas, built, weights) -> keras.Model:
