@@ -6,7 +6,9 @@
 Each file is run with the LiteRT interpreter against the Keras model on test images (max abs
 error, top-1 agreement). A full-int8 file under --min_agreement is reported as failed and the
 command exits with status 2. --c_array writes model_data.cc/.h for TFLite Micro firmware;
---edgetpu prints the Edge TPU compatibility report of the int8 file.
+--edgetpu prints the Edge TPU compatibility report of the int8 file. The images are fed in
+the range the model takes (--input_range; auto: 0-255 for a model that starts with
+Rescaling(1/255), else 0-1), and the range used is printed.
 """
 
 import sys
@@ -20,6 +22,9 @@ _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lam
 _DATASET = flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"],
                              "Images for int8 calibration (train split) and the checks (test split).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
+_INPUT_RANGE = flags.DEFINE_enum("input_range", "auto", ["auto", "0-1", "0-255"],
+                                 "Pixel range of the calibration and check images; auto: 0-255 if the model "
+                                 "starts with Rescaling(1/255) (or 1/127.5), else 0-1.")
 _MODES = flags.DEFINE_multi_enum("modes", list(MODES), list(MODES), "Export modes.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where the .tflite files go.", required=True)
 _NAME = flags.DEFINE_string("name", None, "File name prefix (default: the model's name).")
@@ -45,17 +50,22 @@ def main(argv):
     from tfsubspace import data, export, load_model
 
     model = load_model(_MODEL.value, safe_mode=not _UNSAFE.value)
-    calibration = data.load(_DATASET.value, "train", batch_size=100, labels=False, seed=0, data_dir=_DATA_DIR.value)
-    checks = data.load(_DATASET.value, "test", batch_size=100, shuffle=False, labels=False, data_dir=_DATA_DIR.value)
+    input_range, why = export.resolve_input_range(model, _INPUT_RANGE.value)
+    print(f"input range: {input_range} ({why})")
+    common = dict(batch_size=100, labels=False, data_dir=_DATA_DIR.value, value_range=input_range)
+    calibration = data.load(_DATASET.value, "train", seed=0, **common)
+    checks = data.load(_DATASET.value, "test", shuffle=False, **common)
     results = export.export(model, _OUT.value, modes=_MODES.value, calibration_ds=calibration, check_ds=checks,
                             calibration_examples=_CALIB.value, check_examples=_CHECK.value,
-                            min_agreement=_MIN_AGREE.value, io_dtype=_IO.value, name=_NAME.value)
+                            min_agreement=_MIN_AGREE.value, io_dtype=_IO.value, name=_NAME.value,
+                            input_range=input_range)
     if _QAT.value:
         teacher = load_model(_QAT_TEACHER.value, safe_mode=not _UNSAFE.value) if _QAT_TEACHER.value else None
         results.append(export.export_qat(model, _OUT.value, calibration, teacher=teacher, epochs=_QAT_EPOCHS.value,
                                          train_examples=_QAT_EXAMPLES.value, check_ds=checks,
                                          check_examples=_CHECK.value, min_agreement=_MIN_AGREE.value,
-                                         name=_NAME.value, python=_TFMOT_PYTHON.value))
+                                         name=_NAME.value, python=_TFMOT_PYTHON.value,
+                                         input_range=input_range))
     print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
     for r in results:
         print(f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"

@@ -155,12 +155,14 @@ def test_scripts_end_to_end(tmp_path):
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
+    assert "input range: 0-1 (auto: model 'm' does not start with a Rescaling" in result.stdout
     assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in export.MODES}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), f"--models=one={model_path},two={model_path}",
                              f"--out_dir={tmp_path / 'bench'}", "--runs=5", "--warmup=1", "--eval_examples=100"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| two | int8 |" in result.stdout and (tmp_path / "bench" / "benchmark.json").exists()
+    assert "input range: 0-1 (one: auto:" in result.stdout
 
 
 def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):

@@ -1,7 +1,8 @@
 """Data sets as tf.data pipelines: offline MNIST/Fashion-MNIST from IDX files, others via tfds.
 
-Images come out as float32 in [0, 1] with shape (H, W, C); labels as int32. Every loader
-can also give the unlabeled view (images only) that compression uses.
+Images come out as float32 in [0, 1] with shape (H, W, C) (or in [0, 255], for models that
+rescale their input themselves: `value_range="0-255"`); labels as int32. Every loader can
+also give the unlabeled view (images only) that compression uses.
 
 MNIST and Fashion-MNIST are read from local IDX files (raw or gzipped) under the data
 directory: `$TFSUBSPACE_DATA_DIR`, else `~/.cache/tfsubspace/data`. `tfsubspace.fetch`
@@ -57,6 +58,9 @@ _TFDS_DATASETS = {
     "svhn_cropped": DatasetInfo("svhn_cropped", (32, 32, 3), 10, "tfds", ("train", "test", "extra")),
 }
 DATASETS: tuple[str, ...] = tuple(_IDX_DATASETS) + tuple(_TFDS_DATASETS)
+
+# Pixel value ranges load() can give, and the divisor of the stored uint8 pixels for each.
+VALUE_RANGES: dict[str, float] = {"0-1": 255.0, "0-255": 1.0}
 
 # Local file names, as published with the original data sets.
 _IDX_FILES = {
@@ -186,6 +190,7 @@ def load(
     drop_remainder: bool = False,
     data_dir: str | os.PathLike | None = None,
     download: bool = False,
+    value_range: str = "0-1",
 ):
     """Loads a data set split as a tf.data pipeline.
 
@@ -204,9 +209,13 @@ def load(
         data_dir: the data directory (see default_data_dir); for tfds data sets, the
             tfds data directory (tfds's own default when None).
         download: let tensorflow-datasets download and prepare the data if missing.
+        value_range: "0-1" (pixels / 255) or "0-255" (the raw pixel values, as float32),
+            for models that start with their own Rescaling(1/255): they must be fed,
+            calibrated and checked in the range they take.
 
     Returns:
-        A tf.data.Dataset of float32 images in [0, 1], (H, W, C), and int32 labels.
+        A tf.data.Dataset of float32 images in `value_range` (default [0, 1]), (H, W, C), and
+        int32 labels.
     """
     import tensorflow as tf
 
@@ -217,6 +226,8 @@ def load(
         raise ValueError(f"batch_size must be a positive integer or None. Received: batch_size={batch_size}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be a positive integer or None. Received: limit={limit}")
+    if value_range not in VALUE_RANGES:
+        raise ValueError(f"value_range must be one of {tuple(VALUE_RANGES)}. Received: value_range={value_range!r}")
     if shuffle is None:
         shuffle = split == "train"
 
@@ -235,7 +246,8 @@ def load(
     if shuffle:
         buffer = size if size > 0 else 10_000
         ds = ds.shuffle(min(buffer, 60_000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+    divisor = VALUE_RANGES[value_range]
+    ds = ds.map(lambda x, y: _to_float(x, y, divisor), num_parallel_calls=tf.data.AUTOTUNE)
     if augment:
         pad = 2 if info.image_shape[0] <= 28 else 4
         flip = name.startswith("cifar")
@@ -258,10 +270,10 @@ def unlabeled(ds):
     return ds
 
 
-def _to_float(image, label):
+def _to_float(image, label, divisor=255.0):
     import tensorflow as tf
 
-    return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)
+    return tf.cast(image, tf.float32) / divisor, tf.cast(label, tf.int32)
 
 
 def _augment(pair, seed, image_shape, pad, flip):

@@ -4,7 +4,9 @@
 speed-up is a ratio measured side by side on the same machine. Latency is the wall time of
 `Interpreter.invoke()` on one image with the stated thread count, after warm-up runs:
 median, p90, min and max over the timed runs. Accuracy is top-1 on labeled images, and
-agreement is top-1 agreement with a reference Keras model (the teacher), when given.
+agreement is top-1 agreement with a reference Keras model (the teacher), when given. Like
+export's checks, the images must be in the range the models take (0-255 for a model that
+starts with Rescaling(1/255)), else accuracy measures clipped inputs: benchmark() refuses them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfsubspace import fileio
-from tfsubspace.export import TFLiteRunner, micro_arena_bytes
+from tfsubspace.export import TFLiteRunner, check_input_range, micro_arena_bytes
 
 
 @dataclasses.dataclass
@@ -66,13 +68,16 @@ def _accuracy(path, images, labels, reference_logits):
 
 
 def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1000, reference=None,
-              threads: int = 1, warmup: int = 10, runs: int = 100, micro: bool = True) -> dict:
+              threads: int = 1, warmup: int = 10, runs: int = 100, micro: bool = True,
+              input_range: str | None = None) -> dict:
     """Measures every entry; returns {"machine", "settings", "rows"} (rows in entry order).
 
     Args:
         eval_ds: images or (images, labels) for accuracy/agreement (first `eval_examples`).
         reference: a Keras model whose top-1 answers define agreement (e.g. the teacher).
         micro: measure the TFLite Micro arena of float32 and int8 files.
+        input_range: None (guess), "0-1" or "0-255": the pixel range of eval_ds, checked
+            against `reference` and every entry's Keras model (export.check_input_range).
     """
     import keras
 
@@ -90,6 +95,9 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
                 break
         images = np.concatenate(xs)[:eval_examples].astype(np.float32)
         labels = np.concatenate(ys)[:eval_examples] if ys else None
+        models = {id(m): m for m in [reference] + [e.keras_model for e in entries] if m is not None}
+        for model in models.values():
+            check_input_range(model, images, input_range, "the evaluation images (eval_ds)")
         if reference is not None:
             reference_logits = keras.ops.convert_to_numpy(reference.predict(images, batch_size=256, verbose=0))
     load_before = os.getloadavg()

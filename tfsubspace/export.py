@@ -5,6 +5,11 @@ batch size of 1 (static shapes: what the Edge TPU and TFLite Micro need, and wha
 writes each file atomically, and runs every file with the LiteRT interpreter against the Keras
 model on the check images: max abs error of the outputs and top-1 agreement. A full-int8 file
 whose agreement falls under `min_agreement` is reported as failed, with what to try.
+
+Calibration and checks must use images in the range the model takes: a model that starts
+with Rescaling(1/255) takes 0-255 pixels, and an int8 file calibrated on [0, 1] images clips
+every real input above 1 while its check (on the same wrong images) still looks perfect.
+export() refuses such data (InputRangeError); `input_range` states the range explicitly.
 """
 
 from __future__ import annotations
@@ -38,6 +43,97 @@ EDGETPU_OPS = frozenset({
 
 class ExportError(TfSubspaceError):
     """A conversion failed; the message names the mode and the converter's complaint."""
+
+
+class InputRangeError(TfSubspaceError, ValueError):
+    """Calibration/check images are not in the value range the model takes (0-1 vs 0-255)."""
+
+
+INPUT_RANGES = ("0-1", "0-255")
+
+# Layers that can come before a model's input Rescaling without changing the pixel range at
+# inference (resizing, cropping, reshaping; the Random* augmentation layers are identities).
+_RANGE_PRESERVING = ("InputLayer", "Resizing", "CenterCrop", "Reshape", "Cropping2D", "ZeroPadding2D")
+
+
+def _first_layer(model: keras.Model):
+    """The first layer of `model` that may change pixel values, looking into nested models."""
+    for layer in model.layers:
+        name = type(layer).__name__
+        if name in _RANGE_PRESERVING or name.startswith("Random"):
+            continue
+        if isinstance(layer, keras.Model):  # a nested Sequential (e.g. an augmentation block)
+            inner = _first_layer(layer)
+            if inner is None:
+                continue
+            return inner
+        return layer
+    return None
+
+
+def input_rescaling(model: keras.Model):
+    """The Rescaling layer `model` starts with if it maps 0-255 pixels to [0, 1] (scale 1/255)
+    or [-1, 1] (scale 1/127.5, offset -1), else None: such a model takes 0-255 images."""
+    layer = _first_layer(model)
+    if not isinstance(layer, keras.layers.Rescaling):
+        return None
+    span = 255 * np.abs(np.asarray(keras.ops.convert_to_numpy(layer.scale), dtype=np.float64))
+    return layer if np.allclose(span, 1, rtol=0.05) or np.allclose(span, 2, rtol=0.05) else None
+
+
+def model_input_range(model: keras.Model) -> str:
+    """"0-255" if `model` starts with a Rescaling layer that maps 0-255 pixels to a unit
+    range (see input_rescaling), else "0-1": the range to calibrate and check it in."""
+    return "0-255" if input_rescaling(model) is not None else "0-1"
+
+
+def resolve_input_range(model: keras.Model, requested: str = "auto") -> tuple[str, str]:
+    """(range, why) for a `requested` range of "auto", "0-1" or "0-255" (the scripts'
+    --input_range): auto is model_input_range(model); the reason is printed so that a run
+    shows which range its numbers were measured in."""
+    if requested != "auto":
+        if requested not in INPUT_RANGES:
+            raise ValueError(f"input range must be auto or one of {INPUT_RANGES}. Received: {requested!r}")
+        return requested, "as requested"
+    layer = input_rescaling(model)
+    if layer is not None:
+        return "0-255", f"auto: model {model.name!r} starts with {_describe_rescaling(layer)}"
+    return "0-1", f"auto: model {model.name!r} does not start with a Rescaling of 0-255 pixels"
+
+
+def _describe_rescaling(layer) -> str:
+    scale, offset = (np.asarray(keras.ops.convert_to_numpy(v)).round(6).tolist() for v in (layer.scale, layer.offset))
+    return f"Rescaling {layer.name!r} (scale={scale}, offset={offset})"
+
+
+def check_input_range(model: keras.Model, images: np.ndarray, input_range: str | None = None,
+                      what: str = "the images") -> None:
+    """Raises InputRangeError when `images` are not in the value range `model` takes.
+
+    With `input_range=None` it guesses: a model that starts with Rescaling(1/255) (or 1/127.5)
+    takes 0-255 pixels, so images all within [-1, 1] are refused. An explicit "0-1" or
+    "0-255" overrides the guess (a Rescaling model really trained on [0, 1] images), and the
+    images must then be in that range. `what` names the images in the message.
+    """
+    lo, hi = float(np.min(images)), float(np.max(images))
+    if input_range is None:
+        layer = input_rescaling(model)
+        if layer is not None and lo >= -1.0 and hi <= 1.0:
+            raise InputRangeError(
+                f"Model {model.name!r} starts with {_describe_rescaling(layer)}: it takes 0-255 images, but "
+                f"{what} are all within [{lo:.3g}, {hi:.3g}]. An int8 file calibrated on them clips every "
+                "real input pixel above 1, and a check on them hides it. Pass 0-255 images "
+                "(tfsubspace.data.load(..., value_range='0-255'); the scripts' --input_range=0-255), or "
+                "input_range='0-1' if this model really takes [0, 1] images.")
+        return
+    if input_range not in INPUT_RANGES:
+        raise ValueError(f"input_range must be None or one of {INPUT_RANGES}. Received: input_range={input_range!r}")
+    if input_range == "0-255" and hi <= 1.0:
+        raise InputRangeError(f"input_range='0-255' was given for model {model.name!r}, but {what} are all "
+                              f"within [{lo:.3g}, {hi:.3g}]: load them with value_range='0-255'.")
+    if input_range == "0-1" and (lo < -1e-3 or hi > 1 + 1e-3):
+        raise InputRangeError(f"input_range='0-1' was given for model {model.name!r}, but {what} span "
+                              f"[{lo:.3g}, {hi:.3g}]: load them with value_range='0-1'.")
 
 
 @dataclasses.dataclass
@@ -199,17 +295,23 @@ def check(tflite: bytes | str | os.PathLike, model: keras.Model, images: np.ndar
 
 def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calibration_ds=None, check_ds=None,
            calibration_examples: int = 300, check_examples: int = 500, min_agreement: float = 0.98,
-           io_dtype: str = "int8", name: str | None = None, batch_size: int = 1) -> list[ExportedModel]:
+           io_dtype: str = "int8", name: str | None = None, batch_size: int = 1,
+           input_range: str | None = None) -> list[ExportedModel]:
     """Exports `model` to `out_dir`/NAME_MODE.tflite for each mode and checks each file.
 
     Args:
-        calibration_ds: images (or (images, labels)) for int8 calibration.
-        check_ds: images for the checks (defaults to calibration_ds).
+        calibration_ds: images (or (images, labels)) for int8 calibration, in the range the
+            model takes (0-255 for a model that starts with Rescaling(1/255)).
+        check_ds: images for the checks (defaults to calibration_ds), in the same range.
         min_agreement: top-1 agreement with the Keras model below which a quantized file fails.
         batch_size: the files' fixed input batch (1 for microcontrollers and the Edge TPU;
             files of other batch sizes are named NAME_MODE_bBATCH.tflite).
+        input_range: None (guess, see check_input_range), "0-1" or "0-255": the pixel range
+            the model takes, which both data sets must be in.
     Returns:
         One ExportedModel per mode; a failed int8 file is still written, marked failed.
+    Raises:
+        InputRangeError: the images are not in the range the model takes.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"Expected a keras.Model. Received: {type(model).__name__}")
@@ -226,6 +328,9 @@ def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calib
     fixed = with_batch_size(model, batch_size)
     calibration = _images(calibration_ds, calibration_examples) if calibration_ds is not None else None
     images = _images(check_ds, check_examples)
+    if calibration is not None:
+        check_input_range(model, calibration, input_range, "the calibration images (calibration_ds)")
+    check_input_range(model, images, input_range, "the check images (check_ds)")
     out_dir = Path(out_dir)
     name = name or model.name
     results = []
@@ -246,7 +351,8 @@ def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calib
 def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: keras.Model | None = None,
                epochs: int = 2, learning_rate: float = 1e-4, train_examples: int = 10000, check_ds=None,
                check_examples: int = 500, min_agreement: float = 0.98, name: str | None = None,
-               python: str | os.PathLike | None = None, verbose: int = 2) -> ExportedModel:
+               python: str | os.PathLike | None = None, verbose: int = 2,
+               input_range: str | None = None) -> ExportedModel:
     """Quantization-aware training, then full int8 export (int8 input and output), checked.
 
     TFMOT needs tf_keras, so this runs in its own process with the Python of the `tfmot`
@@ -255,7 +361,8 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
     (tfsubspace.bridge), the student is fine-tuned with fake quantization for `epochs` on up
     to `train_examples` images of `ds` (labels unused) against the softened outputs of
     `teacher` (default: the float model itself), and the int8 file is checked against
-    `model` like export()'s. Use it when post-training int8 loses too much.
+    `model` like export()'s; both image sets must be in the range the model takes
+    (`input_range`, as in export()). Use it when post-training int8 loses too much.
     """
     from tfsubspace import bridge
 
@@ -267,6 +374,8 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
         raise ValueError(f"epochs must be a positive integer. Received: epochs={epochs!r}")
     images = _images(ds, train_examples)
     checks = _images(check_ds if check_ds is not None else ds, check_examples)
+    check_input_range(model, images, input_range, "the training images (ds)")
+    check_input_range(model, checks, input_range, "the check images (check_ds)")
     out = Path(out_dir) / f"{name or model.name}_int8_qat.tflite"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
