@@ -1,6 +1,6 @@
 """Peer methods, in the same harness as compress(), for comparisons at equal size.
 
-Every method trains with StudentTrainer and fit_resumable, as compress() does, so only the
+Every method trains with StudentTrainer and train_student, as compress() does, so only the
 signal and the choice of channels differ; each returns the trained model, saves it as
 work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
 
@@ -35,7 +35,7 @@ import keras
 
 from tfsubspace import distribute, fileio, ranking, surgery
 from tfsubspace.analysis import analyze
-from tfsubspace.distill import StudentTrainer, fit_resumable
+from tfsubspace.distill import StudentTrainer, train_student
 from tfsubspace.pipeline import lasso_plan
 from tfsubspace.regularizers import BatchNormL1, ChannelLasso
 from tfsubspace.student import reestimate_batchnorm, too_short_for_batchnorm
@@ -89,7 +89,7 @@ def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verb
         model = _placed(model, strategy)
         with _scope(strategy):
             trainer = StudentTrainer(model, None, label_weight=1.0)
-        fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
+        train_student(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
                       verbose=verbose, strategy=strategy)
         if too_short_for_batchnorm(model, labeled_ds, epochs):
             reestimate_batchnorm(model, labeled_ds)
@@ -108,7 +108,7 @@ def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, le
         channel_lasso = ChannelLasso(analyze(student)) if lasso > 0 else None
         trainer = StudentTrainer(student, None, label_weight=1.0, lasso=channel_lasso, lasso_weight=lasso,
                                  lasso_learning_rate=lasso_learning_rate)
-    fit_resumable(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
+    train_student(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
                   name="scratch", verbose=verbose, strategy=strategy)
     if lasso > 0:
         plan = lasso_plan(analyze(student), multiple=multiple)
@@ -130,7 +130,7 @@ def train_kd(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, wor
     student, teacher = _placed(student, strategy), _placed(teacher, strategy)
     with _scope(strategy):
         trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
-    fit_resumable(trainer, ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="kd",
+    train_student(trainer, ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="kd",
                   verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "kd.keras")
     return student
@@ -155,13 +155,13 @@ def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: i
     with _scope(strategy):
         trainer = StudentTrainer(student, teacher, taps=[hint], kd_weight=0.0)
     trainer.fit_adapters(labeled_ds)
-    fit_resumable(trainer, labeled_ds, epochs=hint_epochs, learning_rate=learning_rate, work_dir=work_dir,
+    train_student(trainer, labeled_ds, epochs=hint_epochs, learning_rate=learning_rate, work_dir=work_dir,
                   name="fitnets_hint", verbose=verbose, strategy=strategy)
     if epochs > hint_epochs:
         with _scope(strategy):
             trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha,
                                      temperature=temperature)
-        fit_resumable(trainer, labeled_ds, epochs=epochs - hint_epochs, learning_rate=learning_rate,
+        train_student(trainer, labeled_ds, epochs=epochs - hint_epochs, learning_rate=learning_rate,
                       work_dir=work_dir, name="fitnets_kd", verbose=verbose, strategy=strategy)
     fileio.save_model(student, Path(work_dir) / "fitnets.keras")
     return student
@@ -198,7 +198,7 @@ def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: i
         model = trained_copy(teacher)
         trainer = StudentTrainer(model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1,
                                  proximal=False)
-    fit_resumable(trainer, labeled_ds, epochs=sparsity_epochs, learning_rate=learning_rate, work_dir=work_dir,
+    train_student(trainer, labeled_ds, epochs=sparsity_epochs, learning_rate=learning_rate, work_dir=work_dir,
                   name="slimming_sparsity", verbose=verbose, strategy=strategy)
     analysis = analyze(model)
     plan = ranking.plan_for_budget(analysis, BatchNormL1(analysis).norms(), params=params, compare="raw",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 import shutil
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import h5py
 import keras
+import numpy as np
 
 from tfsubspace import fileio
 from tfsubspace.errors import TfSubspaceError
@@ -84,6 +86,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         return epoch
 
     def on_epoch_end(self, epoch, logs=None):
+        # Keras calls on_epoch_end after TerminateOnNaN too: an epoch whose loss or weights
+        # are not finite is never saved, so a rerun resumes from the last sound state.
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            return
+        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self.model.trainable_variables):
+            return
         done = epoch + 1
         old = self._backups()
         path = self.directory / f"epoch-{done:05d}.weights.h5"

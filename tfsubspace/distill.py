@@ -23,8 +23,6 @@ variable trains with the compiled optimizer. With `proximal=False` the LASSO is 
 
 from __future__ import annotations
 
-import contextlib
-import math
 from pathlib import Path
 
 import keras
@@ -32,8 +30,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfsubspace import distribute
-from tfsubspace.checkpoint import EpochCheckpoint, history_logger
+from tfsubspace.fitloop import fit_resumable
 from tfsubspace.regularizers import ChannelLasso
 
 
@@ -43,6 +40,48 @@ def _adapter(rank: int, teacher_channels: int, name: str):
     if rank == 3:
         return keras.layers.Conv1D(teacher_channels, 1, name=name)
     return keras.layers.Dense(teacher_channels, name=name)
+
+
+def _is_softmax(function) -> bool:
+    return function is keras.activations.softmax or getattr(function, "__name__", "") == "softmax"
+
+
+class _WithoutActivation(keras.layers.Layer):
+    """Calls a layer with its activation replaced by the identity, sharing its variables."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(name=f"{layer.name}_logits", **kwargs)
+        self.layer = layer
+
+    def call(self, x):
+        activation = self.layer.activation
+        self.layer.activation = keras.activations.linear
+        try:
+            return self.layer.call(x)
+        finally:
+            self.layer.activation = activation
+
+
+def logits_output(model: keras.Model):
+    """The tensor of `model`'s graph whose softmax is its output, or the output itself.
+
+    A classifier that ends in a softmax (a Softmax or Activation layer, or a layer with
+    activation="softmax") hands out probabilities; distilling those as if they were logits
+    makes the distillation loss vanish. Its logits are the softmax's input, or the last
+    layer's output computed without its activation.
+    """
+    output = model.outputs[0]
+    history = getattr(output, "_keras_history", None)
+    if history is None:
+        return output
+    layer = history.operation
+    inputs = layer._inbound_nodes[history.node_index].input_tensors
+    if isinstance(layer, keras.layers.Softmax) or (
+            isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)):
+        return inputs[0]
+    if _is_softmax(getattr(layer, "activation", None)) and len(inputs) == 1:
+        return _WithoutActivation(layer)(inputs[0])
+    return output
 
 
 class StudentTrainer(keras.Model):
@@ -93,11 +132,12 @@ class StudentTrainer(keras.Model):
         self.stages = stages
         tap_scales = tap_scales or {}
         self._scales = [float(tap_scales.get(t, 1.0)) for t in self.taps]
+        # outputs matched as logits: a model's softmax (if it ends in one) is left out
         self.student_features = keras.Model(
-            student.inputs, [student.get_layer(t).output for t in self.taps] + [student.outputs[0]])
+            student.inputs, [student.get_layer(t).output for t in self.taps] + [logits_output(student)])
         if teacher is not None:  # frozen by leaving it out of trainable_weights, not by mutating it
             self.teacher_features = keras.Model(
-                teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [teacher.outputs[0]])
+                teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [logits_output(teacher)])
         self.adapters = []
         for tap in self.taps:
             s_shape = student.get_layer(tap).output.shape
@@ -329,37 +369,26 @@ class BudgetTargets(keras.callbacks.Callback):
         return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
-def fit_resumable(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
-                  verbose="auto", tensorboard_dir=None, callbacks=(), strategy=None) -> keras.callbacks.History:
-    """Compiles `trainer` with Adam (cosine decay) and fits it on `ds`, resumably.
+def train_student(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
+                  verbose="auto", tensorboard_dir=None, callbacks=(), strategy=None,
+                  steps_per_epoch: int | None = None) -> keras.callbacks.History:
+    """Fits `trainer` on `ds` with Adam (cosine decay over every step), resumably.
 
-    The state after each epoch goes to work_dir/NAME_backup (EpochCheckpoint) and the
-    metrics to work_dir/NAME.csv (and to TensorBoard under tensorboard_dir/NAME when given);
-    a rerun continues after the last finished epoch. A NaN
-    or infinite loss stops the run with FloatingPointError, before anything is saved.
+    tfsubspace.fitloop.fit_resumable runs it: the state after each epoch goes to
+    work_dir/NAME_backup and the metrics to work_dir/NAME.csv (and to TensorBoard under
+    tensorboard_dir/NAME when given); a rerun continues after the last finished epoch; a NaN
+    or infinite loss stops the run with a FloatingPointError naming the epoch and batch.
     Under a `strategy` (tfsubspace.distribute), build `trainer` in its scope; `ds` holds global
     batches.
     """
     work_dir = Path(work_dir)
-    steps = int(ds.cardinality())
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, max(1, epochs * max(steps, 1)))
-    checkpoint = EpochCheckpoint(work_dir / f"{name}_backup")
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        trainer.compile(optimizer=keras.optimizers.Adam(schedule))
-        initial_epoch = checkpoint.restore(trainer)  # in the scope: the optimizer's slots are mirrored
-    extra_callbacks = callbacks
-    callbacks = [history_logger(work_dir / f"{name}.csv", initial_epoch), checkpoint, keras.callbacks.TerminateOnNaN()]
-    if trainer.stages is not None:
-        callbacks.append(StageSchedule(epochs))  # before the extra callbacks, which may follow the stage
-    callbacks += list(extra_callbacks)
-    if tensorboard_dir is not None:
-        callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
-    history = distribute.fit(trainer, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                             verbose=verbose, strategy=strategy)
-    if any(not math.isfinite(v) for v in history.history.get("loss", [])) or trainer.stop_training:
-        raise FloatingPointError(
-            f"{name}: the loss became NaN or infinite; nothing was saved. Lower the learning rate "
-            f"({learning_rate:g}) or the LASSO factor ({trainer.lasso_weight:g}) and run again "
-            f"(delete {checkpoint.directory}); after a DataMismatchWarning, fix the images' scaling first."
-        )
-    return history
+
+    def compile(total_steps):
+        trainer.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate,
+                                                                                               total_steps)))
+
+    extra = [StageSchedule(epochs)] if trainer.stages is not None else []  # before callbacks following the stage
+    return fit_resumable(trainer, ds, epochs=epochs, compile=compile, backup_dir=work_dir / f"{name}_backup",
+                         csv_path=work_dir / f"{name}.csv", name=name, steps_per_epoch=steps_per_epoch,
+                         callbacks=[*extra, *callbacks], verbose=verbose, tensorboard_dir=tensorboard_dir,
+                         strategy=strategy)

@@ -68,10 +68,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def save_model(model, path: str | os.PathLike) -> Path:
-    """Saves a Keras model as .keras atomically and returns the path."""
+    """Saves a Keras model as .keras atomically and returns the path; refuses one with a
+    non-finite weight."""
+    import numpy as np
+
+    from tfsubspace.errors import TfSubspaceError
+
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"A model is saved in the .keras format; expected a path ending in .keras. Received: {path}")
+    for w in model.weights:  # a file with a NaN weight would be reused as if it were sound
+        if not np.isfinite(np.asarray(w.numpy() if hasattr(w, "numpy") else w)).all():
+            raise TfSubspaceError(f"Not saving {path}: weight {getattr(w, 'path', w.name)} of model {model.name!r} holds NaN or "
+                                  "infinite values.")
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -32,15 +33,19 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import distribute, fileio, ranking, stats, subspace, surgery
+from tfsubspace import distribute, fileio, inputs, ranking, stats, subspace, surgery, workdir
 from tfsubspace.analysis import ChannelAnalysis, analyze
-from tfsubspace.distill import BudgetTargets, StudentTrainer, fit_resumable, stage_split
-from tfsubspace.errors import DataMismatchWarning, TfSubspaceError
+from tfsubspace.distill import BudgetTargets, StudentTrainer, stage_split, train_student
+from tfsubspace.errors import DataMismatchWarning, TfSubspaceError, WorkDirError
 from tfsubspace.regularizers import ChannelLasso
 from tfsubspace.student import (INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm,
                                 too_short_for_batchnorm)
 
 SCHEDULES = ("end_to_end", "stage_wise")
+
+
+# the options whose values do not change the student (left out of the work_dir manifest)
+_PRESENTATION = ("verbose", "tensorboard_dir")
 
 
 @dataclasses.dataclass
@@ -55,6 +60,7 @@ class CompressionConfig:
     schedule: str = "end_to_end"
     epochs: int = 5
     recover_epochs: int = 2
+    steps_per_epoch: int | None = None
     learning_rate: float = 1e-3
     recover_learning_rate: float = 3e-4
     tap_weight: float = 1.0
@@ -63,8 +69,8 @@ class CompressionConfig:
     lasso: float = 0.25
     lasso_learning_rate: float = 0.01
     zero_tolerance: float = 1e-6
-    target_params: float | None = None
-    target_macs: float | None = None
+    target_params: float | int | None = None
+    target_macs: float | int | None = None
     stats_batches: int = 100
     bn_batches: int = 50
     seed: int = 0
@@ -72,9 +78,31 @@ class CompressionConfig:
     verbose: int | str = "auto"
 
     def validate(self) -> None:
+        """Raises a ValueError naming the first option whose type or value is wrong."""
+
         def fail(name, expected):
             raise ValueError(f"{name} must be {expected}. Received: {name}={getattr(self, name)!r}")
 
+        def number(value):
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+        def integer(value):
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        for field in dataclasses.fields(self):  # NumPy scalars as Python numbers (for JSON)
+            if isinstance(getattr(self, field.name), np.generic) and not isinstance(getattr(self, field.name), np.bool_):
+                setattr(self, field.name, getattr(self, field.name).item())
+
+        for name in ("multiple", "epochs", "recover_epochs", "stats_batches", "bn_batches", "seed"):
+            if not integer(getattr(self, name)):
+                fail(name, "an integer")
+        for name in ("min_ratio", "learning_rate", "recover_learning_rate", "tap_weight", "kd_weight", "temperature",
+                     "lasso", "lasso_learning_rate", "zero_tolerance"):
+            if not number(getattr(self, name)) or not np.isfinite(getattr(self, name)):
+                fail(name, "a finite number")
+        for name in ("energy", "width_ratio"):
+            if getattr(self, name) is not None and not number(getattr(self, name)):
+                fail(name, "a number or None")
         if self.width_ratio is not None:
             if not 0 < self.width_ratio <= 1:
                 fail("width_ratio", "in (0, 1]")
@@ -92,6 +120,8 @@ class CompressionConfig:
             fail("epochs", "a positive integer")
         if self.recover_epochs < 0:
             fail("recover_epochs", "a non-negative integer")
+        if self.steps_per_epoch is not None and (not integer(self.steps_per_epoch) or self.steps_per_epoch < 1):
+            fail("steps_per_epoch", "a positive integer or None")
         for name in ("learning_rate", "recover_learning_rate", "lasso_learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 fail(name, "positive")
@@ -100,44 +130,81 @@ class CompressionConfig:
                 fail(name, "non-negative")
         if self.tap_weight == 0 and self.kd_weight == 0:
             raise ValueError("tap_weight and kd_weight are both 0: the student would learn nothing.")
-        if self.target_params is not None and not self.target_params > 0:
-            fail("target_params", "a positive ratio (<= 1) or parameter count")
-        if self.target_macs is not None and not self.target_macs > 0:
-            fail("target_macs", "a positive ratio (<= 1) or MAC count")
+        for name in ("target_params", "target_macs"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if integer(value):
+                if value <= 1:
+                    fail(name, "a ratio of the teacher's as a float in (0, 1] (e.g. 1.0 or 0.2), or a count as an "
+                               "integer > 1")
+            elif not number(value) or not 0 < value <= 1:
+                fail(name, "a ratio of the teacher's as a float in (0, 1], or a count as an integer > 1 "
+                           "(a float over 1 is neither)")
         if self.stats_batches < 1:
             fail("stats_batches", "a positive integer")
+        if self.bn_batches < 0:
+            fail("bn_batches", "a non-negative integer")
+        if self.tensorboard_dir is not None and not isinstance(self.tensorboard_dir, (str, os.PathLike)):
+            fail("tensorboard_dir", "a path or None")
+        if self.verbose not in ("auto", 0, 1, 2) or isinstance(self.verbose, bool):
+            fail("verbose", "'auto', 0, 1 or 2")
+
+    def manifest(self) -> dict:
+        """The options that shape the student, for the work_dir manifest."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _PRESENTATION}
 
 
 @dataclasses.dataclass
 class CompressionResult:
-    """What compress() produced: the student, the composed plan, the report, the files."""
+    """What compress() produced: the student, the composed plan, the report, and the files
+    written into work_dir (empty when compress() ran without one)."""
 
     student: keras.Model
     plan: surgery.PruningPlan
     report: dict
     paths: dict[str, Path]
 
+    def summary(self) -> str:
+        """The report as Markdown (the before/after table, the widths and the layers)."""
+        return format_report(self.report)
 
-def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=None, **options) -> CompressionResult:
+
+# every file and folder compress() writes into work_dir (what overwrite=True removes)
+_PRODUCED = ("plan_subspace.json", "spectra.json", "spectra.png", "student_init.keras", "student_distilled.keras",
+             "plan_lasso.json", "surgery.json", "student_pruned.keras", "student.keras", "plan.json", "report.json",
+             "report.md", "distill.csv", "recover.csv", "distill_backup", "recover_backup", ".tmp-*")
+
+
+def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=None, overwrite: bool = False,
+             **options) -> CompressionResult:
     """Compresses `model` (the teacher) into a slimmer student, without labels.
 
     Args:
-        model: a trained Keras Functional or Sequential classifier (logits or probabilities).
-        ds: a batched tf.data.Dataset of images, or of (images, labels) whose labels are
-            ignored. It is iterated once per epoch.
+        model: a trained Keras Functional or Sequential classifier with one image input and
+            one output (logits or probabilities: a final softmax is left out when distilling).
+        ds: the unlabeled images: a tf.data.Dataset of images, (images, labels) or (images,
+            labels, weights) whose labels are ignored, a NumPy array of images or an (images,
+            labels) tuple of arrays; unbatched data is batched (32), integers (uint8) become
+            float32 with their values kept. It is read once up front (counted and checked:
+            empty or non-finite data is refused) and then once per epoch.
         work_dir: where every stage writes its results; a rerun with the same directory
-            resumes. A temporary directory (removed at the end) when None.
-        eval_ds: batched (images, labels) or images for the report: accuracy where it has
-            labels, top-1 agreement with the teacher always.
+            resumes, and is refused if the teacher, the options or the data differ from the
+            run that made it (see overwrite). One process at a time (a lock file). None: a
+            temporary directory, removed at the end (`paths` is then empty).
+        eval_ds: (images, labels) or images for the report: accuracy where it has labels
+            (class indices or one-hot), top-1 agreement with the teacher always.
         strategy: a tf.distribute strategy for the training stages (tfsubspace.distribute;
             `ds` then holds global batches). Under MultiWorkerMirroredStrategy every worker runs
             the same command; only the chief writes to work_dir, the others to a private copy.
+        overwrite: clear work_dir's stages and start over.
         energy: share of latent energy each group's subspace keeps (default 0.99), or
         width_ratio: a fixed share of each group's width instead.
         min_ratio: lower bound of k as a share of the width; multiple: round k up to it (8).
         init: "teacher" (slice the teacher's channels of most latent energy) or "random".
         schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
         epochs / recover_epochs: epochs of latent learning with LASSO / of recovery.
+        steps_per_epoch: batches per epoch (default: all of ds; needed when ds repeats).
         learning_rate / recover_learning_rate: Adam learning rates (cosine decay).
         tap_weight, kd_weight, temperature: latent matching weight, output distillation
             weight and temperature.
@@ -145,19 +212,23 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=No
         lasso_learning_rate: SGD learning rate of the variables LASSO measures (see
             tfsubspace.distill): each step soft-thresholds channels by this times `lasso`.
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
-        target_params: a parameter budget for the student, as a ratio of the teacher's (<= 1)
-            or a count. During training, LASSO is aimed at it: every 50 steps the channels of
-            lowest normalized norm that the budget would remove become the only ones the
-            proximal step shrinks (distill.BudgetTargets), so they reach zero while the rest
-            adapts; whatever is still over budget at the end is removed by the same ranking.
+        target_params: a parameter budget for the student: a ratio of the teacher's as a
+            float in (0, 1], or a count as an integer > 1. During training, LASSO is aimed at
+            it: every 50 steps the channels of lowest normalized norm that the budget would
+            remove become the only ones the proximal step shrinks (distill.BudgetTargets), so
+            they reach zero while the rest adapts; whatever is still over budget at the end is
+            removed by the same ranking. A budget that every group at its narrowest still
+            exceeds is warned about, and the report says so.
         target_macs: the same as a budget of multiply-accumulates per image (both may be set).
         stats_batches / bn_batches: batches for the latent statistics / each BN re-estimation
             (of the sliced student, of the pruned one and after a short recovery).
         seed: random seed.
         tensorboard_dir: write TensorBoard logs of the training stages there.
+        verbose: "auto", 0, 1 or 2; when not 0, progress lines and the final summary.
 
     Returns:
-        CompressionResult(student, plan, report, paths).
+        CompressionResult(student, plan, report, paths). The student is compiled like the
+        teacher when the teacher was compiled (so `student.fit` works at once).
     """
     try:
         config = CompressionConfig(**options)
@@ -165,33 +236,58 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=No
         known = ", ".join(f.name for f in dataclasses.fields(CompressionConfig))
         raise TypeError(f"{e}. compress() options: {known}.") from None
     config.validate()
+    inputs.check_model(model)
     teacher_analysis = analyze(model)
-    _check_dataset(model, ds, "ds")
+    ds = inputs.image_dataset(ds, model, "ds")
     if eval_ds is not None:
-        _check_dataset(model, eval_ds, "eval_ds")
+        eval_ds = inputs.image_dataset(eval_ds, model, "eval_ds")
+        inputs.check_labels(eval_ds, "eval_ds", int(model.outputs[0].shape[-1]))
+    ds, scanned = inputs.scan(ds, "ds", steps_per_epoch=config.steps_per_epoch)
+    if config.verbose:
+        print(f"[tfsubspace] ds: {scanned.describe()} per epoch", flush=True)
     keras.utils.set_random_seed(config.seed)
-
+    manifest = {
+        "tfsubspace": _version(),
+        "teacher": workdir.model_fingerprint(model),
+        "options": config.manifest(),
+        "data": {"element_spec": str(ds.element_spec), "batches": scanned.steps, "images": scanned.examples,
+                 "fingerprint": scanned.fingerprint},
+    }
     with contextlib.ExitStack() as stack:
+        keep_files = work_dir is not None
         if work_dir is None:
             work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfsubspace-"))
-        work_dir = stack.enter_context(distribute.private_work_dir(work_dir, strategy))
-        return _Pipeline(model, teacher_analysis, ds, eval_ds, Path(work_dir), config, strategy).run()
+        work_dir = Path(stack.enter_context(distribute.private_work_dir(work_dir, strategy)))
+        claimed = stack.enter_context(workdir.WorkDir(work_dir, produced=_PRODUCED))
+        resumed = claimed.claim(manifest, overwrite=overwrite)
+        pipeline = _Pipeline(model, teacher_analysis, ds, eval_ds, work_dir, config, strategy)
+        if resumed:
+            pipeline.log(f"resuming the run in {work_dir}")
+        result = pipeline.run()
+        if not keep_files:
+            result.paths = {}
+    if config.verbose:
+        print(result.summary().split("\n## ")[0], flush=True)
+    return result
 
 
-def _check_dataset(model, ds, name):
-    spec = getattr(ds, "element_spec", None)
-    if spec is None:
-        raise TypeError(f"{name} must be a tf.data.Dataset. Received: {type(ds).__name__}")
-    image = spec[0] if isinstance(spec, tuple) else spec
-    expected = tuple(model.inputs[0].shape[1:])
-    got = tuple(image.shape[1:])
-    if len(image.shape) != len(model.inputs[0].shape) or any(
-        e is not None and g is not None and e != g for e, g in zip(expected, got)
-    ):
-        raise ValueError(
-            f"{name} yields images of shape {tuple(image.shape)}, but model {model.name!r} takes "
-            f"{tuple(model.inputs[0].shape)}; pass a batched dataset of matching images."
-        )
+def _compile_like(student: keras.Model, teacher: keras.Model, log) -> None:
+    """Compiles `student` with the teacher's loss, metrics and optimizer settings (a fresh
+    optimizer) when the teacher was compiled, so that `student.fit` works at once."""
+    if not getattr(teacher, "compiled", False):
+        return
+    try:
+        config = teacher.get_compile_config()
+        if config:
+            student.compile_from_config(config)
+    except Exception as e:  # a custom loss or metric that does not serialize: leave it to the user
+        log(f"the student is not compiled ({type(e).__name__}: {e}); compile it before student.fit")
+
+
+def _version() -> str:
+    from tfsubspace import __version__
+
+    return __version__
 
 
 def _warn_on_batchnorm_mismatch(model, images):
@@ -220,14 +316,17 @@ class _Pipeline:
         self.timings: dict[str, float] = {}
         self.paths: dict[str, Path] = {}
         self.surgery: dict | None = None  # the prune stage's check, from this run or its file
+        self.spectra: dict | None = None  # the subspace stage's spectra, from this run or its file
+        self.budget: dict = {}  # each budget: asked, reached, met
         self._stages_seen = 0
 
     def log(self, message: str) -> None:
         if self.config.verbose:
             print(f"[tfsubspace] {message}", flush=True)
 
-    def _stage(self, name: str, path: Path, make, load, passes=0):
-        """Runs `make` unless `path` exists (then `load`s it), timing the stage.
+    def _stage(self, name: str, path: Path, make, load=None, passes=0):
+        """Runs `make` unless `path` exists (then `load`s it, or checks and loads the model file
+        it is when `load` is None), timing the stage.
 
         `passes` (or a function giving it) is how many passes over ds `make` makes. A reused
         stage skips them instead, and every stage starts from its own seed, so that a resumed
@@ -238,7 +337,7 @@ class _Pipeline:
         if path.exists():
             self.log(f"{name}: reusing {path}")
             distribute.skip_passes(self.ds, passes() if callable(passes) else passes)
-            return load(path)
+            return load(path) if load is not None else workdir.check_model_file(path, name)
         start = time.perf_counter()
         self.log(f"{name}: started")
         keras.utils.set_random_seed(self.config.seed + self._stages_seen)
@@ -257,28 +356,31 @@ class _Pipeline:
         epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)  # noqa: E731  (measured when needed)
         plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load,
                             passes=1)
+        if (self.dir / "spectra.png").exists():
+            self.paths["spectra"] = self.dir / "spectra.png"
         student = self._stage(
             "student_init", self.dir / "student_init.keras",
             lambda p: self._save(build_student(self.teacher, plan0, init=c.init, ds=self.ds,
                                                bn_batches=c.bn_batches, analysis=self.analysis), p),
-            keras.models.load_model, passes=bn_passes)
+            None, passes=bn_passes)
         student = self._stage(
             "student_distilled", self.dir / "student_distilled.keras",
             lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
-            keras.models.load_model, passes=lambda: adapter_passes + c.epochs * epoch_passes())
+            None, passes=lambda: adapter_passes + c.epochs * epoch_passes())
         plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p),
                             surgery.PruningPlan.load)
         student = self._stage("student_pruned", self.dir / "student_pruned.keras",
-                              lambda p: self._prune(student, plan1, p), keras.models.load_model, passes=1 + bn_passes)
+                              lambda p: self._prune(student, plan1, p), None, passes=1 + bn_passes)
         if c.recover_epochs:
             student = self._stage(
                 "student", self.dir / "student.keras",
-                lambda p: self._save(self._recover(student, recover_bn), p), keras.models.load_model,
+                lambda p: self._save(self._recover(student, recover_bn), p), None,
                 passes=lambda: adapter_passes + c.recover_epochs * epoch_passes() + (bn_passes if recover_bn else 0))
         else:
             self.paths["student"] = self.paths["student_pruned"]
         plan = _compose(plan0, plan1)
         self.paths["plan"] = plan.save(self.dir / "plan.json")
+        _compile_like(student, self.teacher, self.log)
         report = self._report(student, plan0, plan1)
         self.paths["report"] = fileio.write_json(self.dir / "report.json", report)
         self.paths["report_md"] = fileio.write_text(self.dir / "report.md", format_report(report))
@@ -300,15 +402,31 @@ class _Pipeline:
                                           width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple)
         keep = subspace.top_channels(latents, dims)
         plan = surgery.PruningPlan.from_masks(self.analysis, keep)
-        fileio.write_json(self.dir / "spectra.json", {
+        self.spectra = {
             g: {"tap": st.tap, "width": len(st.total), "k": dims[g], "samples": st.count,
                 "spectrum": [float(v) for v in st.spectrum()], "mean_square": _mean_square(st)}
             for g, st in latents.items()
-        })
+        }
+        fileio.write_json(self.dir / "spectra.json", self.spectra)
         subspace.plot_spectra(latents, dims, self.dir / "spectra.png", energy=None if c.width_ratio else c.energy)
         self.paths["spectra"] = self.dir / "spectra.png"
         plan.save(path)
         return plan
+
+    def _spectra(self) -> dict:
+        """The subspace stage's spectra: from this run, or from spectra.json on a resumed one."""
+        if self.spectra is None:
+            path = self.dir / "spectra.json"
+            try:
+                spectra = json.loads(path.read_text())
+                if not isinstance(spectra, dict) or not all(
+                        isinstance(v, dict) and {"tap", "mean_square"} <= set(v) for v in spectra.values()):
+                    raise ValueError("not a mapping of group -> {tap, mean_square, ...}")
+            except (OSError, ValueError) as e:
+                raise WorkDirError(f"{path} is missing or damaged ({e}); delete plan_subspace.json and the stages "
+                                   "after it, or pass overwrite=True (--overwrite).") from None
+            self.spectra = spectra
+        return self.spectra
 
     def _train(self, student, name, epochs, learning_rate, lasso_weight):
         c = self.config
@@ -320,7 +438,7 @@ class _Pipeline:
             trained, teacher = distribute.clone_in_scope(student, self.strategy), self._teacher_in_scope
         scope = self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()
         student_analysis = analyze(trained)
-        spectra = json.loads((self.dir / "spectra.json").read_text())
+        spectra = self._spectra()
         tap_layers = [taps[g] for g in taps if g in spectra] if c.tap_weight > 0 else []
         scales = {spectra[g]["tap"]: spectra[g]["mean_square"] for g in taps if g in spectra}
         stages = None
@@ -341,7 +459,7 @@ class _Pipeline:
             extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
                 student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks(),
                 groups_of_taps={tap: g for g, tap in student_analysis.taps().items()}))
-        fit_resumable(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
+        train_student(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
                       verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra, strategy=self.strategy)
         if trained is not student:
             student.set_weights(trained.get_weights())
@@ -359,15 +477,15 @@ class _Pipeline:
         batch = next(iter(self.ds))
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         result = surgery.apply_plan(student, plan1, check_batch=x, fold_constants=True)
-        self.surgery = {"max_abs_diff": result.max_abs_diff, "folds": result.folds}
+        self.surgery = {"max_abs_diff": result.max_abs_diff, "check_diff": result.check_diff, "folds": result.folds}
         fileio.write_json(self.dir / "surgery.json", self.surgery)
-        self.log(f"prune: slim model matches within {result.max_abs_diff:.2e}; "
+        self.log(f"prune: slim model matches its masked reference within {result.check_diff:.2e}; "
                  f"{sum(f['positions'] for f in result.folds)} constant channel inputs folded")
-        inexact = [f["layer"] for f in result.folds if not f["exact"]]
+        inexact = [f"{f['layer']} (up to {f['max_abs_diff']:.3g})" for f in result.folds if not f["exact"]]
         if inexact:
-            print(f"[tfsubspace] WARNING: constants of removed channels fold only approximately into "
-                  f"{', '.join(inexact)} ('same' padding borders); the pruned student differs from the "
-                  f"trained one by up to {result.max_abs_diff:.3g} before recovery.", flush=True)
+            warnings.warn(f"constants of removed channels fold only approximately into {', '.join(inexact)} "
+                          f"('same' padding borders); the pruned student's outputs differ from the trained one's by "
+                          f"up to {result.max_abs_diff:.3g} before recovery.", stacklevel=2)
         return self._save(self._reestimate_batchnorm(result.model), path)
 
     def _recover(self, student, reestimate_batchnorm_after):
@@ -395,6 +513,21 @@ class _Pipeline:
             surgery_info = json.loads((self.dir / "surgery.json").read_text())
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
+        budgets = {}
+        for name, option, teacher_value, reached in (("params", "target_params", t_params, s_params),
+                                                    ("macs", "target_macs", t_macs, s_macs)):
+            target = _absolute(getattr(self.config, option), teacher_value)
+            if target is None:
+                continue
+            # folding the constants of removed channels may add a bias or two: 1% of slack
+            met = reached <= target * 1.01
+            budgets[name] = {"target": int(round(target)), "reached": int(reached), "met": met}
+            if not met:
+                warnings.warn(
+                    f"{option}={getattr(self.config, option)!r}: the student has {reached:,} {name}, over the budget "
+                    f"of {int(round(target)):,}; its channel groups are at their narrowest (min_ratio="
+                    f"{self.config.min_ratio}, multiple={self.config.multiple}, output units are never removed).",
+                    stacklevel=2)
         return {
             "teacher": {"name": self.teacher.name, "params": t_params, "macs": t_macs, **teacher_eval},
             "student": {"params": s_params, "macs": s_macs, **student_eval},
@@ -402,6 +535,7 @@ class _Pipeline:
             "macs_removed": round(1 - s_macs / t_macs, 5),
             "widths": {g: {"teacher": plan0.groups[g]["size"], "subspace": len(plan0.groups[g]["keep"]),
                            "final": len(plan1.groups[g]["keep"])} for g in plan0.groups if g in plan1.groups},
+            "budgets": budgets,
             "surgery": surgery_info,
             "config": dataclasses.asdict(self.config),
             "stage_seconds": self.timings,
@@ -410,8 +544,10 @@ class _Pipeline:
 
 
 def _absolute(target, teacher_value):
-    """A budget as a count: ratios (<= 1) are of the teacher's value."""
-    return None if target is None else (target * teacher_value if target <= 1 else target)
+    """A budget as a count: a float is a ratio of the teacher's value, an integer a count."""
+    if target is None:
+        return None
+    return target * teacher_value if isinstance(target, float) else target
 
 
 def _mean_square(st: subspace.LatentStatistics) -> float:
@@ -440,8 +576,13 @@ def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.
     return surgery.PruningPlan(plan0.model, plan0.fingerprint, groups)
 
 
+def _classes(model: keras.Model) -> int:
+    return int(model.outputs[0].shape[-1])
+
+
 def evaluate(model: keras.Model, ds, teacher: keras.Model | None = None) -> dict:
-    """Top-1 accuracy (batches with labels) and agreement with `teacher` (if given)."""
+    """Top-1 accuracy (batches with labels: class indices or one-hot) and agreement with
+    `teacher` (if given)."""
     correct = agree = total = 0
     labeled = False
     for batch in ds:
@@ -450,7 +591,7 @@ def evaluate(model: keras.Model, ds, teacher: keras.Model | None = None) -> dict
         total += len(pred)
         if y is not None:
             labeled = True
-            correct += int(np.sum(pred == np.asarray(y)))
+            correct += int(np.sum(pred == inputs.labels_to_sparse(y, _classes(model))))
         if teacher is not None:
             agree += int(np.sum(pred == np.argmax(keras.ops.convert_to_numpy(teacher(x, training=False)), axis=-1)))
     if total == 0:
@@ -482,6 +623,8 @@ def format_report(report: dict) -> str:
         lines.append(f"| accuracy | {pct(t.get('accuracy'))} | {pct(s.get('accuracy'))} |")
     if "agreement" in s:
         lines.append(f"| top-1 agreement with the teacher | | {pct(s['agreement'])} |")
+    for name, b in report.get("budgets", {}).items():
+        lines.append(f"| {name} budget | | {b['target']:,}: {'met' if b['met'] else 'NOT met'} |")
     lines += ["", "## Widths per channel group", "", "| group | teacher | subspace | final |", "|---|---:|---:|---:|"]
     for g, w in report["widths"].items():
         lines.append(f"| {g} | {w['teacher']} | {w['subspace']} | {w['final']} |")

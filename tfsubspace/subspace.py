@@ -64,9 +64,8 @@ def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, ma
     for group, tap in taps.items():
         n = probe.get_layer(tap).output.shape[-1]
         stats[group] = LatentStatistics(group, tap, 0, np.zeros(n), np.zeros((n, n)))
-    target = max_batches
-    if target is None and hasattr(ds, "cardinality"):
-        target = int(ds.cardinality()) if int(ds.cardinality()) > 0 else None
+    known = int(ds.cardinality()) if hasattr(ds, "cardinality") and int(ds.cardinality()) > 0 else None
+    target = min(v for v in (max_batches, known) if v is not None) if (max_batches or known) else None
     bar = keras.utils.Progbar(target, unit_name="batch") if progress else None
     seen = 0
     for batch in ds:

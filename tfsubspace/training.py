@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import keras
 import numpy as np
 
 from tfsubspace import distribute, fileio, stats
-from tfsubspace.checkpoint import EpochCheckpoint, history_logger
+from tfsubspace.fitloop import fit_resumable
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -67,7 +68,9 @@ def train_classifier(
 
     A killed run resumes where it stopped: the state after each epoch (weights, optimizer,
     epoch counter) is kept in `work_dir`/backup by an EpochCheckpoint, and running the same
-    call again continues from it. `work_dir`/history.csv logs every epoch.
+    call again continues from it. `work_dir`/history.csv logs every epoch. The loop is
+    tfsubspace.fitloop.fit_resumable: a data set of unknown length is counted once, and a
+    NaN loss stops training with the epoch and batch named.
     The trained model is written to `output` (.keras) atomically, with a JSON of its test
     metrics beside it (`output` with the suffix .json).
     """
@@ -76,42 +79,29 @@ def train_classifier(
     output = Path(output) if output is not None else None
     if work_dir is None:
         work_dir = output.with_suffix(".work") if output is not None else None
-    steps_per_epoch = int(train_ds.cardinality())
-    if steps_per_epoch <= 0:
-        raise ValueError("The training data set is empty or of unknown length; pass a finite, batched tf.data.Dataset.")
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+
+    def compile(total_steps):
         model.compile(
-            optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, epochs * steps_per_epoch, weight_decay),
+            optimizer=make_optimizer(optimizer, learning_rate, lr_schedule, total_steps, weight_decay),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
+
     with contextlib.ExitStack() as stack:
-        if work_dir is not None:
-            work_dir = stack.enter_context(distribute.private_work_dir(work_dir, strategy))
-        return _train(model, train_ds, test_ds, epochs, output, work_dir, tensorboard_dir, verbose, strategy)
+        if work_dir is None:  # checkpoints still need a home: a temporary one
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tfsubspace-train-"))
+        work_dir = Path(stack.enter_context(distribute.private_work_dir(work_dir, strategy)))
+        return _train(model, train_ds, test_ds, epochs, compile, output, work_dir, tensorboard_dir, verbose, strategy)
 
 
-def _train(model, train_ds, test_ds, epochs, output, work_dir, tensorboard_dir, verbose, strategy):
-    callbacks, initial_epoch = [], 0
-    if work_dir is not None:
-        work_dir = Path(work_dir)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint = EpochCheckpoint(work_dir / "backup")
-        with strategy.scope() if strategy is not None else contextlib.nullcontext():  # optimizer slots mirrored
-            initial_epoch = checkpoint.restore(model)
-        callbacks.append(history_logger(work_dir / "history.csv", initial_epoch))
-        callbacks.append(checkpoint)
-    if tensorboard_dir is not None:
-        callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir)))
-    callbacks.append(keras.callbacks.TerminateOnNaN())
-
+def _train(model, train_ds, test_ds, epochs, compile, output, work_dir, tensorboard_dir, verbose, strategy):
+    work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
-    history = distribute.fit(model, train_ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=callbacks,
-                             verbose=verbose, strategy=strategy, validation_data=None if multi_worker else test_ds)
+    fit_resumable(model, train_ds, epochs=epochs, compile=compile, backup_dir=work_dir / "backup",
+                  csv_path=work_dir / "history.csv", name="training", verbose=verbose,
+                  tensorboard_dir=tensorboard_dir, strategy=strategy, validation_data=test_ds)
     wall = time.perf_counter() - start
-    if history.history.get("loss") and not all(map(_finite, history.history["loss"])):
-        raise FloatingPointError("Training stopped on a NaN or infinite loss; lower the learning rate.")
     test_loss, test_accuracy = _evaluate(model, test_ds) if multi_worker else model.evaluate(test_ds, verbose=0)
 
     metrics_path = None
@@ -139,7 +129,3 @@ def _evaluate(model, ds) -> tuple[float, float]:
         correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(logits), -1) == np.asarray(y)))
         count += len(y)
     return total / max(count, 1), correct / max(count, 1)
-
-
-def _finite(x) -> bool:
-    return x == x and abs(x) != float("inf")
