@@ -89,6 +89,14 @@ def test_batchnorm_l1_scores_are_gammas_and_its_proximal_step_soft_thresholds():
         BatchNormL1(analysis.analyze(plain))
 
 
+def trainable(model):
+    return [w.numpy().copy() for w in model.trainable_weights]
+
+
+def changed(before, after):
+    return any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
 @pytest.fixture(scope="module")
 def mnist_small():
     train = data.load("mnist", "train", batch_size=32, limit=256, seed=0)
@@ -110,7 +118,7 @@ def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
         slim = run()
         assert stats.count_params(slim) <= budget, name
         assert (tmp_path / {"l1_filter": "l1", "slimming": "slim"}[name] / f"{name}.keras").exists()
-    student = baselines.fresh_copy(slim)
+    student = baselines.fresh_copy(slim)  # the slim architecture, freshly initialised
     for name, run in {
         "kd": lambda s: baselines.train_kd(s, teacher, mnist_small, epochs=1, alpha=0.9, work_dir=tmp_path / "kd",
                                            verbose=0),
@@ -119,10 +127,11 @@ def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
         "scratch": lambda s: baselines.train_scratch(s, mnist_small, epochs=1, work_dir=tmp_path / "scratch",
                                                      verbose=0),
     }.items():
-        before = [w.copy() for w in student.get_weights()]
-        trained = run(baselines.fresh_copy(student))
+        start = baselines.trained_copy(student)  # every method starts from the same weights
+        before = trainable(start)
+        trained = run(start)
         assert stats.count_params(trained) == stats.count_params(student), name
-        assert any(not np.allclose(a, b) for a, b in zip(before, trained.get_weights())), name
+        assert changed(before, trainable(trained)), f"{name} left the weights it started from as they were"
     assert (tmp_path / "fit" / "fitnets_hint.csv").exists() and (tmp_path / "fit" / "fitnets_kd.csv").exists()
     with pytest.raises(ValueError, match="alpha"):
         baselines.train_kd(student, teacher, mnist_small, epochs=1, alpha=1.5, work_dir=tmp_path / "bad")
@@ -281,7 +290,7 @@ def test_comparison_harness_runs_every_method(tmp_path):
 
 def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = textwrap.dedent("""
-        import sys, keras, tensorflow as tf
+        import sys, keras, numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         sys.path.insert(0, "tests")
@@ -297,10 +306,18 @@ def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path)
                                           strategy=strategy)
         l1 = baselines.l1_filter_pruning(teacher, ds, params=budget, epochs=1, work_dir=work + "/l1", verbose=0,
                                          strategy=strategy)
-        kd = baselines.train_kd(baselines.fresh_copy(slim), teacher, ds, epochs=1, alpha=0.9, work_dir=work + "/kd",
+        weights = lambda model: [w.numpy().copy() for w in model.trainable_weights]
+        start = {"kd": baselines.fresh_copy(slim), "fit": baselines.fresh_copy(slim)}
+        before = {name: weights(model) for name, model in start.items()}
+        kd = baselines.train_kd(start["kd"], teacher, ds, epochs=1, alpha=0.9, work_dir=work + "/kd",
                                 verbose=0, strategy=strategy)
-        fit = baselines.fitnets(baselines.fresh_copy(slim), teacher, ds, epochs=2, work_dir=work + "/fit", verbose=0,
+        fit = baselines.fitnets(start["fit"], teacher, ds, epochs=2, work_dir=work + "/fit", verbose=0,
                                 strategy=strategy)
+        same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        for name, trained in (("kd", kd), ("fit", fit)):
+            # under a strategy the method trains and returns a copy: the model passed in keeps its weights
+            assert same(weights(start[name]), before[name]), name + ": the model passed in was changed"
+            assert not same(weights(trained), before[name]), name + ": the returned model did not train"
         print("PARAMS", max(stats.count_params(m) for m in (slim, l1, kd, fit)), budget)
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -51,6 +51,70 @@ def test_nested_model_is_expanded_and_shared_layers_count_per_call():
     assert sum(r.params for r in rows.values()) == stats.count_params(model)
 
 
+def reloaded(model, tmp_path):
+    path = tmp_path / f"{model.name}.keras"
+    model.save(path)
+    return keras.models.load_model(path)
+
+
+# conv 8x8x3 -> 8x8x4 (same), pool -> 4x4x4, conv -> 2x2x6 (valid), dense 24 -> 5
+SMALL_CNN_MACS = 8 * 8 * 9 * 3 * 4 + 2 * 2 * 9 * 4 * 6 + 24 * 5
+
+
+def small_cnn_layers():
+    return [keras.layers.Conv2D(4, 3, padding="same"), keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(6, 3), keras.layers.Flatten(), keras.layers.Dense(5)]
+
+
+def test_loaded_sequential_counts_each_call_once(tmp_path):
+    model = keras.Sequential([keras.Input((8, 8, 3)), *small_cnn_layers()], name="seq")
+    loaded = reloaded(model, tmp_path)
+    assert stats.count_macs(model) == stats.count_macs(loaded) == SMALL_CNN_MACS
+    assert stats.layer_stats(loaded) == stats.layer_stats(model)
+
+
+def test_sequential_built_with_add_counts_each_call_once():
+    model = keras.Sequential(name="added")
+    model.add(keras.Input((8, 8, 3)))
+    for layer in small_cnn_layers():
+        model.add(layer)
+    assert stats.count_macs(model) == SMALL_CNN_MACS
+
+
+def stack(x, layers):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def test_loaded_functional_counts_only_its_own_calls(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    model = keras.Model(inputs, stack(inputs, small_cnn_layers()), name="func")
+    loaded = reloaded(model, tmp_path)
+    assert stats.count_macs(model) == stats.count_macs(loaded) == SMALL_CNN_MACS
+    # Rebuilding the model for another batch size calls its layers again, outside its graph.
+    batch_one = keras.Input((8, 8, 3), batch_size=1)
+    rebuilt = keras.Model(batch_one, stack(batch_one, loaded.layers[1:]))
+    assert stats.count_macs(loaded) == stats.count_macs(rebuilt) == SMALL_CNN_MACS
+
+
+def test_shared_layers_and_nested_models_count_per_call_after_reload(tmp_path):
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="shared_conv")
+    dense = keras.layers.Dense(4, name="shared_dense")
+    inner = single(keras.layers.Dense(4, name="inner_dense"), (4,))
+    inputs = keras.Input((5, 5, 3))
+    x = keras.layers.GlobalAveragePooling2D()(conv(conv(inputs)))
+    outputs = inner(inner(dense(dense(keras.layers.Dense(4)(x)))))
+    model = keras.Model(inputs, outputs, name="shared")
+    loaded = reloaded(model, tmp_path)
+    stack(keras.Input((5, 5, 3)), [loaded.get_layer("shared_conv")])  # a third call, in no model
+    per_call = {"shared_conv": 5 * 5 * 9 * 3 * 3, "shared_dense": 16, "inner_dense": 16}
+    for m in (loaded, model):
+        rows = {r.name: r.macs for r in stats.layer_stats(m)}
+        assert {name: rows[name] for name in per_call} == {name: 2 * macs for name, macs in per_call.items()}
+        assert stats.count_macs(m) == 2 * sum(per_call.values()) + 3 * 4  # and the unshared Dense(3 -> 4)
+
+
 def test_unknown_spatial_size_is_an_error_naming_the_layer():
     inputs = keras.Input((None, None, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(2, 3, name="c")(inputs))
@@ -61,3 +125,16 @@ def test_unknown_spatial_size_is_an_error_naming_the_layer():
 def test_not_a_model():
     with pytest.raises(UnsupportedModelError, match="Expected a keras.Model"):
         stats.layer_stats("model.keras")
+
+
+def test_model_without_a_graph_is_refused_rather_than_counted_as_zero():
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    with pytest.raises(UnsupportedModelError, match="subclassed model"):
+        stats.count_macs(Subclassed())

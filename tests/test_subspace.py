@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from tfsubspace import analysis, subspace
+from tfsubspace.errors import TfSubspaceError
 
 
 def stats_from(samples: np.ndarray, name="g") -> subspace.LatentStatistics:
@@ -58,7 +59,7 @@ def test_streamed_statistics_equal_the_full_batch_ones():
     assert st.tap == "r" and st.count == 40 * 16
     full = keras.ops.convert_to_numpy(keras.Model(inputs, x)(images)).reshape(-1, 5).astype(np.float64)
     np.testing.assert_allclose(st.covariance, np.cov(full, rowvar=False, bias=True), rtol=1e-4, atol=1e-6)
-    with pytest.raises(Exception, match="empty"):
+    with pytest.raises(TfSubspaceError, match=r"^The data set is empty: latent statistics need at least one batch"):
         subspace.latent_statistics(model, ds.take(0), analysis.analyze(model), progress=False)
 
 

@@ -4,21 +4,27 @@ MACs count the multiply-accumulates of one forward pass of one example through t
 that do them: convolutions (plain, grouped, depthwise, separable, transposed) and Dense.
 BatchNormalization is not counted (it folds into the preceding layer on export), nor are
 activations, pooling and merges (no multiply-accumulates). A layer called several times
-(shared weights) counts once per call.
+(shared weights) counts once per call in the model's graph, and a nested model's layers once
+per call of the nested model. Models without a graph (subclassed ones) are refused: their
+layer calls are Python code that cannot be counted without running it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 
 import keras
 
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.graph import functional_view
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
+    """One row of layer_stats(): a layer's parameters, and its MACs summed over its calls."""
+
     name: str
     class_name: str
     params: int
@@ -51,26 +57,33 @@ def _layer_macs(layer, in_shape, out_shape) -> int:
     return 0
 
 
-def _calls(layer):
-    """(input shape, output shape) of each call of `layer` in its model's graph."""
-    for node in layer._inbound_nodes:
-        inputs, outputs = node.input_tensors, node.output_tensors
-        if not inputs or not outputs:
-            continue
-        yield tuple(inputs[0].shape), tuple(outputs[0].shape)
+def _calls_by_layer(model: keras.Model) -> dict[int, list]:
+    """The nodes of `model`'s own graph, keyed by the id of the layer each one calls.
+
+    `layer._inbound_nodes` is not enough: a layer also keeps the nodes of graphs it is not
+    part of in this model (those a Sequential builds as layers are added, or that loading a
+    .keras file builds), and summing them counts a layer several times over.
+    """
+    calls = collections.defaultdict(list)
+    for nodes in functional_view(model)._nodes_by_depth.values():
+        for node in nodes:
+            if node.operation is not None and not node.is_input:
+                calls[id(node.operation)].append(node)
+    return calls
 
 
 def layer_stats(model: keras.Model) -> list[LayerStats]:
     """Per-layer parameter and MAC counts, nested models expanded into their layers."""
-    if not isinstance(model, keras.Model):
-        raise UnsupportedModelError(f"Expected a keras.Model. Received: {type(model).__name__}")
+    calls = _calls_by_layer(model)
     rows = []
     for layer in model.layers:
-        if isinstance(layer, keras.Model) and hasattr(layer, "_inbound_nodes") and layer.layers:
-            rows.extend(layer_stats(layer))
+        nodes = calls.get(id(layer), [])
+        if isinstance(layer, keras.Model):
+            rows.extend(dataclasses.replace(row, macs=row.macs * len(nodes)) for row in layer_stats(layer))
             continue
         macs = 0
-        for in_shape, out_shape in _calls(layer):
+        for node in nodes:
+            in_shape, out_shape = tuple(node.input_tensors[0].shape), tuple(node.output_tensors[0].shape)
             if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]):
                 if hasattr(layer, "kernel_size") or isinstance(layer, keras.layers.Dense):
                     raise UnsupportedModelError(

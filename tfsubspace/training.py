@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from tfsubspace import distribute, fileio, stats
+from tfsubspace.errors import UnsupportedModelError
 from tfsubspace.fitloop import fit_resumable
 
 OPTIMIZERS = ("adam", "sgd")
@@ -110,7 +111,7 @@ def _train(model, train_ds, test_ds, epochs, compile, output, work_dir, tensorbo
         metrics_path = fileio.write_json(output.with_suffix(".json"), {
             "model": model.name,
             "params": stats.count_params(model),
-            "macs": stats.count_macs(model),
+            "macs": _macs_or_none(model),
             "test_accuracy": float(test_accuracy),
             "test_loss": float(test_loss),
             "epochs": epochs,
@@ -129,3 +130,12 @@ def _evaluate(model, ds) -> tuple[float, float]:
         correct += int(np.sum(np.argmax(keras.ops.convert_to_numpy(logits), -1) == np.asarray(y)))
         count += len(y)
     return total / max(count, 1), correct / max(count, 1)
+
+
+def _macs_or_none(model) -> int | None:
+    """MACs of a Functional or Sequential model; None for one whose graph cannot be read (a
+    subclassed model), rather than failing after the training."""
+    try:
+        return stats.count_macs(model)
+    except UnsupportedModelError:
+        return None
