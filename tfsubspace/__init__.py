@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 
 from tfsubspace.errors import (
+    DataError,
     DataFileError,
     DataMismatchWarning,
     DatasetNotAvailableError,
     TfSubspaceError,
     UnsupportedModelError,
+    WorkDirError,
 )
 
 __version__ = "0.1.0"
@@ -70,7 +72,8 @@ _LAZY = {
 }
 
 __all__ = sorted(
-    ["DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError", "UnsupportedModelError", "__version__"]
+    ["DataError", "DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError",
+     "UnsupportedModelError", "WorkDirError", "__version__"]
     + list(_LAZY)
 )
 

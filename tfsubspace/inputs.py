@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from tfsubspace.errors import DataError, UnsupportedModelError
+from tfsubspace.graph import functional_view
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -29,8 +30,7 @@ DEFAULT_BATCH_SIZE = 32
 def check_model(model) -> None:
     """Refuses what compress() does not support, before anything runs: one image input and
     one output, float32 variables."""
-    if not isinstance(model, keras.Model):
-        raise UnsupportedModelError(f"Expected a keras.Model. Received: {type(model).__name__}")
+    functional_view(model)  # a graph to analyse: not subclassed, input shape known
     if len(model.inputs or []) != 1:
         raise UnsupportedModelError(
             f"Model {model.name!r} has {len(model.inputs or [])} inputs; tfsubspace compresses models with one "
