@@ -510,7 +510,11 @@ class _Pipeline:
         student_eval = evaluate(student, self.eval_ds, self.teacher) if self.eval_ds is not None else {}
         surgery_info = self.surgery
         if surgery_info is None and (self.dir / "surgery.json").exists():
-            surgery_info = json.loads((self.dir / "surgery.json").read_text())
+            try:
+                surgery_info = json.loads((self.dir / "surgery.json").read_text())
+            except ValueError as e:
+                raise WorkDirError(f"{self.dir / 'surgery.json'} is damaged ({e}); delete it and student_pruned.keras, "
+                                   "or pass overwrite=True (--overwrite).") from None
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
         budgets = {}
@@ -570,6 +574,10 @@ def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.
     groups = {}
     for g, first in plan0.groups.items():
         keep = first["keep"]
+        if g in plan1.groups and plan1.groups[g]["size"] != len(keep):
+            raise WorkDirError(f"plan_lasso.json does not fit plan_subspace.json: group {g!r} has "
+                               f"{plan1.groups[g]['size']} channels in one and {len(keep)} in the other; delete "
+                               "plan_lasso.json and the stages after it, or pass overwrite=True (--overwrite).")
         if g in plan1.groups:
             keep = [keep[i] for i in plan1.groups[g]["keep"]]
         groups[g] = {"size": first["size"], "keep": keep}
