@@ -6,6 +6,8 @@
   learning-rate schedule spans the whole run;
 - compiles the model through `compile(total_steps)` (in the strategy's scope), restores the
   latest epoch checkpoint and continues after it;
+- trains around a oneDNN crash in the weight gradient of strided 1x1 convolutions
+  (tfsubspace.onednn);
 - logs every epoch to CSV (and TensorBoard), and stops at the first batch whose loss is NaN
   or infinite with a FloatingPointError that names the stage, the epoch and the batch. No
   checkpoint with a non-finite weight is written (EpochCheckpoint refuses it), so a rerun
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import keras
 
-from tfsubspace import distribute
+from tfsubspace import distribute, onednn
 from tfsubspace.checkpoint import EpochCheckpoint, history_logger
 from tfsubspace.errors import DataError
 
@@ -91,9 +93,10 @@ def fit_resumable(model: keras.Model, ds, *, epochs: int, compile, backup_dir, c
     if tensorboard_dir is not None:
         all_callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
     multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
-    history = distribute.fit(model, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=all_callbacks,
-                             verbose=verbose, strategy=strategy,
-                             validation_data=None if multi_worker else validation_data)
+    with onednn.strided_pointwise_workaround([model], log=log):  # the train function is traced in here
+        history = distribute.fit(model, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=all_callbacks,
+                                 verbose=verbose, strategy=strategy,
+                                 validation_data=None if multi_worker else validation_data)
     losses = history.history.get("loss", [])
     if guard.where is not None or any(not math.isfinite(v) for v in losses):
         epoch, batch = guard.where or (initial_epoch + len(losses) - 1, None)
