@@ -1,4 +1,5 @@
 # make test: set up everything (virtual environment, package, offline data) and run the tests.
+# make test-fast: the same without the slow tests; make lint: ruff (make format fixes what it can).
 # make demo: the same set-up, then the main job end to end on real MNIST.
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,11 +12,11 @@ export TFSUBSPACE_DATA_DIR ?= $(HOME)/.cache/tfsubspace/data
 # Quieter TensorFlow start-up logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install tfmot data test demo bench-cpu bench-gpu clean
+.PHONY: install tfmot data test test-fast lint format demo bench-cpu bench-gpu clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
@@ -23,7 +24,7 @@ $(VENV)/.installed: setup.py
 
 tfmot: $(TFMOT_VENV)/.installed
 
-$(TFMOT_VENV)/.installed: setup.py
+$(TFMOT_VENV)/.installed: setup.py pyproject.toml
 	$(PYTHON) -m venv $(TFMOT_VENV)
 	$(TFMOT_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(TFMOT_VENV)/bin/python -m pip install --quiet -e ".[tfmot,dev]"
@@ -38,6 +39,18 @@ data: install
 
 test: data tfmot
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything but the tests marked slow or tfmot (a few minutes).
+test-fast: data
+	$(PY) -m pytest -q tests -m "not slow and not tfmot"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The demo: train a LeNet-5 teacher on MNIST (once), then compress it without labels and
 # print the before/after table. Both steps resume if interrupted.

@@ -1,10 +1,12 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 setup(
     name="tfsubspace",
-    version="0.1.0",
+    # the one version string lives in tfsubspace/__init__.py
+    version=re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("tfsubspace").joinpath("__init__.py").read_text()).group(1),
     description="Compress trained Keras CNNs by teacher latent subspace learning and LASSO, "
     "and ship them as small, fast .tflite models.",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
@@ -23,10 +25,10 @@ setup(
     extras_require={
         "cpu": ["tensorflow-cpu==2.21.*"],
         "gpu": ["tensorflow[and-cuda]==2.21.*"],
-        "edge": ["ai-edge-litert>=2.0", "tflite-micro"],
+        "edge": ["ai-edge-litert==2.3.*", "tflite-micro==0.dev20261023182759"],
         "datasets": ["tensorflow-datasets>=4.9.6", "importlib_resources"],
         # tf-keras pulls in the full `tensorflow` wheel: use this extra in its own environment.
         "tfmot": ["tf-keras==2.21.*", "tensorflow-model-optimization==0.8.*"],
-        "dev": ["pytest>=8", "hypothesis>=6.100"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.*"],
     },
 )
