@@ -105,7 +105,8 @@ class Pair:
     """One teacher on one data set: its row, then every method at every budget."""
 
     def __init__(self, teacher_path, teacher_name, dataset, out_dir, train_limit=None):
-        from tfsubspace import data, evaluate, fileio, stats
+        from tfsubspace import data, evaluate, fileio
+        from tfsubspace.models import stats
 
         self.teacher = fileio.load_model(teacher_path)
         self.teacher_path = Path(teacher_path)
@@ -130,7 +131,8 @@ class Pair:
     def run_budget(self, budget):
         import keras
 
-        from tfsubspace import baselines, surgery
+        from tfsubspace.peers import baselines
+        from tfsubspace.prune import surgery
         from tfsubspace import compress as tfsubspace_compress
 
         work = self.runs / f"budget{budget:g}"
@@ -179,7 +181,7 @@ class Pair:
             self.record(method, budget, model, time.time() - started, edge_dir=work / method / "tflite")
 
     def run_tfmot(self, budget, work, started):
-        from tfsubspace import bridge
+        from tfsubspace.peers import bridge
 
         python = Path(_TFMOT_PYTHON.value)
         if not python.exists():
@@ -216,7 +218,7 @@ class Pair:
         return out
 
     def time_file(self, path) -> dict:
-        from tfsubspace.export import TFLiteRunner
+        from tfsubspace.edge.export import TFLiteRunner
 
         logits = TFLiteRunner(path)(self.test_images)
         return {"path": str(path), "bytes": Path(path).stat().st_size,
@@ -225,7 +227,7 @@ class Pair:
     def time_with_teacher(self, tflite) -> dict:
         """Per mode, the teacher's and this file's latency, timed one right after the other
         (the ratio then holds even when the machine's load changes during a long run)."""
-        from tfsubspace.edgebench import measure_latency
+        from tfsubspace.edge.measure import measure_latency
 
         out = {}
         for mode, entry in tflite.items():
@@ -245,14 +247,16 @@ class Pair:
         """Test accuracy of a copy of `model` whose BN statistics are measured again on 50
         training batches: what every method would score without its BN moving averages'
         lag, reported beside the accuracy it delivers."""
-        from tfsubspace import baselines, evaluate, reestimate_batchnorm
+        from tfsubspace import evaluate, reestimate_batchnorm
+        from tfsubspace.peers import baselines
 
         copy = baselines.trained_copy(model)
         reestimate_batchnorm(copy, self.unlabeled, 50)
         return evaluate(copy, self.test)["accuracy"]
 
     def record(self, method, budget, model, seconds, *, edge_dir=None, tflite=None, extra=None):
-        from tfsubspace import evaluate, fileio, stats
+        from tfsubspace import evaluate, fileio
+        from tfsubspace.models import stats
 
         row = {"teacher": self.name, "dataset": self.dataset, "method": method, "budget": budget,
                "epochs": _EPOCHS.value if method != "teacher" else None, "seed": _SEED.value,

@@ -40,7 +40,10 @@ def main(argv):
     del argv
     import keras
 
-    from tfsubspace import baselines, data, evaluate, fileio, stats, surgery
+    from tfsubspace import data, evaluate, fileio
+    from tfsubspace.peers import baselines
+    from tfsubspace.models import stats
+    from tfsubspace.prune import surgery
     from tfsubspace import compress as tfsubspace_compress
 
     out_dir = Path(_RESULTS.value) / "compress"

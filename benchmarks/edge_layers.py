@@ -31,9 +31,10 @@ def main(argv):
     del argv
     import keras
 
-    from tfsubspace import fileio, load_model, stats
-    from tfsubspace.edgebench import measure_latency
-    from tfsubspace.export import convert, with_batch_size
+    from tfsubspace import fileio, load_model
+    from tfsubspace.models import stats
+    from tfsubspace.edge.measure import measure_latency
+    from tfsubspace.edge.export import convert, with_batch_size
 
     models = {"teacher": load_model(TEACHER.value), "student": load_model(STUDENT.value)}
     student_names = {layer.name for layer in models["student"].layers}

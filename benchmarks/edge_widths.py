@@ -29,8 +29,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating rounds over the files
 
 def main(argv):
     del argv
-    from tfsubspace import PruningPlan, analyze, apply_plan, data, export, fileio, load_model, stats
-    from tfsubspace.edgebench import measure_latency
+    from tfsubspace import PruningPlan, analyze, apply_plan, data, fileio, load_model
+    from tfsubspace.edge import export
+    from tfsubspace.models import stats
+    from tfsubspace.edge.measure import measure_latency
 
     teacher, student = load_model(TEACHER.value), load_model(STUDENT.value)
     groups = {g: grp for g, grp in analyze(teacher).groups.items() if not grp.pinned}

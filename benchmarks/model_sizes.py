@@ -1,4 +1,4 @@
-"""The reference models' parameter and MAC counts (tfsubspace.stats), as a Markdown table.
+"""The reference models' parameter and MAC counts (tfsubspace.models.stats), as a Markdown table.
 
     python benchmarks/model_sizes.py   # writes benchmarks/results/models.md
 """
@@ -19,7 +19,8 @@ CASES = (
 
 def main(argv):
     del argv
-    from tfsubspace import fileio, models, stats
+    from tfsubspace import fileio, models
+    from tfsubspace.models import stats
 
     lines = ["| model | input | classes | params | MACs / image |", "|---|---|---:|---:|---:|"]
     for label, name, options, shape, classes in CASES:

@@ -25,7 +25,9 @@ def main(argv):
     del argv
     import numpy as np
 
-    from tfsubspace import analysis, fileio, models, surgery
+    from tfsubspace import fileio, models
+    from tfsubspace.prune import analysis
+    from tfsubspace.prune import surgery
 
     cases = (
         ("VGG-16 (width 1.0), 32x32x3", lambda: models.vgg16((32, 32, 3), 10, width=1.0)),

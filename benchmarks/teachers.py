@@ -31,7 +31,9 @@ def main(argv):
     del argv
     import keras
 
-    from tfsubspace import data, fileio, models, stats, training
+    from tfsubspace import data, fileio, models
+    from tfsubspace.models import stats
+    from tfsubspace.train import classifier
     from tfsubspace.errors import DatasetNotAvailableError
 
     results_dir = Path(_RESULTS.value)
@@ -61,7 +63,7 @@ def main(argv):
         model = models.build(teacher.model, info.image_shape, info.num_classes, **teacher.options)
         output = Path(_RUNS_DIR.value) / f"{key}.keras"
         start = time.time()
-        result = training.train_classifier(model, train_ds, test_ds, epochs=epochs, output=output, verbose=2)
+        result = classifier.train_classifier(model, train_ds, test_ds, epochs=epochs, output=output, verbose=2)
         fileio.write_json(result_path, {
             "key": key,
             "model": model.name,

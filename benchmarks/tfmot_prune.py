@@ -2,7 +2,7 @@
 
     .venv-tfmot/bin/python benchmarks/tfmot_prune.py --spec=DIR --dataset=mnist --sparsity=0.9 --epochs=4 --out_dir=DIR
 
-DIR holds a layer spec written by tfsubspace.bridge.save_spec. Writes float32.tflite,
+DIR holds a layer spec written by tfsubspace.peers.bridge.save_spec. Writes float32.tflite,
 int8.tflite and result.json (accuracy, sparsity, raw and gzip-compressed sizes) to --out_dir.
 """
 
@@ -28,7 +28,7 @@ def main(argv):
     import tensorflow as tf
 
     from tfsubspace import data
-    from tfsubspace.tfmot_jobs import magnitude_pruning
+    from tfsubspace.peers.tfmot_jobs import magnitude_pruning
 
     tf.keras.utils.set_random_seed(_SEED.value)
     labeled = data.load(_DATASET.value, "train", batch_size=128, seed=_SEED.value, limit=_TRAIN_LIMIT.value)

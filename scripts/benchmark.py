@@ -11,7 +11,7 @@ Writes OUT_DIR/benchmark.json, benchmark.md and the plots, and prints the table.
 
 from absl import app, flags
 
-from tfsubspace.export import MODES
+from tfsubspace.edge.export import MODES
 
 _MODELS = flags.DEFINE_list("models", None, "label=path.keras entries, labels unique; the first is the baseline.",
                             required=True)
@@ -51,7 +51,9 @@ def main(argv):
     del argv
     from pathlib import Path
 
-    from tfsubspace import data, edgebench, export, fileio, load_model
+    from tfsubspace import data, fileio, load_model
+    from tfsubspace.edge import measure
+    from tfsubspace.edge import export
 
     out = Path(_OUT.value)
     models = {}
@@ -75,14 +77,14 @@ def main(argv):
                                input_range=input_range):
             status = "ok" if r.passed else f"FAILED: {r.message}"
             print(f"{label} {r.mode}: agreement with Keras {r.agreement:.2%}, max abs error {r.max_abs_error:.3g} ({status})")
-            entries.append(edgebench.BenchEntry(label, r.path, r.mode, model))
-    report = edgebench.benchmark(entries, eval_ds=test, eval_examples=_EVAL.value, reference=next(iter(models.values())),
+            entries.append(measure.BenchEntry(label, r.path, r.mode, model))
+    report = measure.benchmark(entries, eval_ds=test, eval_examples=_EVAL.value, reference=next(iter(models.values())),
                                  threads=_THREADS.value, warmup=_WARMUP.value, runs=_RUNS.value,
                                  input_range=input_range)
     fileio.write_json(out / "benchmark.json", report)
-    table = edgebench.format_table(report)
+    table = measure.format_table(report)
     fileio.write_text(out / "benchmark.md", table)
-    edgebench.plot(report, out)
+    measure.plot(report, out)
     print(table)
 
 

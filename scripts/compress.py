@@ -10,7 +10,7 @@ same command again after a crash or a kill and it resumes where it stopped.
 
 from absl import app, flags
 
-from tfsubspace.pipeline import CompressionConfig
+from tfsubspace.distill.pipeline import CompressionConfig
 
 _D = CompressionConfig()
 
@@ -76,7 +76,8 @@ def _budget(value):
 
 def main(argv):
     del argv
-    from tfsubspace import compress, data, distribute, load_model
+    from tfsubspace import compress, data, load_model
+    from tfsubspace.train import distribute
 
     strategy = distribute.get_strategy(_STRATEGY.value)
     teacher = load_model(_TEACHER.value, safe_mode=not _UNSAFE.value)

@@ -15,7 +15,7 @@ import sys
 
 from absl import app, flags
 
-from tfsubspace.export import MODES
+from tfsubspace.edge.export import MODES
 
 _MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", required=True)
 _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in --model.")
@@ -47,7 +47,8 @@ _TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", None, "Python of the tfmot e
 
 def main(argv):
     del argv
-    from tfsubspace import data, export, load_model
+    from tfsubspace import data, load_model
+    from tfsubspace.edge import export
 
     model = load_model(_MODEL.value, safe_mode=not _UNSAFE.value)
     input_range, why = export.resolve_input_range(model, _INPUT_RANGE.value)

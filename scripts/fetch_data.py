@@ -5,7 +5,7 @@
 
 from absl import app, flags
 
-from tfsubspace.fetch import FASHION_MNIST_DEBIAN_DIR, FETCHABLE, fetch
+from tfsubspace.data.fetch import FASHION_MNIST_DEBIAN_DIR, FETCHABLE, fetch
 
 _DATASETS = flags.DEFINE_multi_enum("datasets", list(FETCHABLE), list(FETCHABLE), "Data sets to fetch.")
 _DATA_DIR = flags.DEFINE_string(

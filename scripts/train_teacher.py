@@ -43,7 +43,10 @@ def main(argv):
     del argv
     import keras
 
-    from tfsubspace import data, distribute, models, stats, training
+    from tfsubspace import data, models
+    from tfsubspace.train import distribute
+    from tfsubspace.models import stats
+    from tfsubspace.train import classifier
 
     strategy = distribute.get_strategy(_STRATEGY.value)
     keras.utils.set_random_seed(_SEED.value)
@@ -59,7 +62,7 @@ def main(argv):
     print(f"{model.name} on {info.name}: {stats.count_params(model):,} params, "
           f"{stats.count_macs(model):,} MACs per image")
     verbose = _VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value)
-    result = training.train_classifier(
+    result = classifier.train_classifier(
         model, train_ds, test_ds,
         epochs=_EPOCHS.value, optimizer=_OPTIMIZER.value, learning_rate=_LR.value,
         lr_schedule=_SCHEDULE.value, weight_decay=_WEIGHT_DECAY.value,

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from tfsubspace.checkpoint import EpochCheckpoint
+from tfsubspace.train.checkpoint import EpochCheckpoint
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -51,7 +51,7 @@ def test_backup_removed_after_success(tmp_path):
 
 
 def test_history_logger_cuts_rows_a_resumed_run_repeats(tmp_path):
-    from tfsubspace.checkpoint import history_logger
+    from tfsubspace.train.checkpoint import history_logger
 
     path = tmp_path / "history.csv"
     path.write_text("epoch,loss\n0,1.0\n1,0.5\n2,0.4\n")  # epoch 2 was logged, then the run was killed
@@ -66,7 +66,7 @@ def test_a_resumed_fit_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
     state: killed after epoch 1 and resumed, training ends where it would have."""
     import tensorflow as tf
 
-    from tfsubspace import distribute
+    from tfsubspace.train import distribute
 
     x = np.random.default_rng(0).normal(size=(96, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
@@ -118,8 +118,8 @@ def test_a_resumed_fit_under_mirrored_strategy_repeats_the_uninterrupted_one(tmp
         import numpy as np, tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tfsubspace import distribute
-        from tfsubspace.checkpoint import EpochCheckpoint
+        from tfsubspace.train import distribute
+        from tfsubspace.train.checkpoint import EpochCheckpoint
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         x = np.random.default_rng(0).normal(size=(96, 4)).astype("float32")
         y = (x[:, 0] > 0).astype("int32")

@@ -16,7 +16,9 @@ import tensorflow as tf
 from conftest import REPO
 
 import tfsubspace
-from tfsubspace import analysis, data, surgery
+from tfsubspace import data
+from tfsubspace.prune import analysis
+from tfsubspace.prune import surgery
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -190,7 +192,10 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
         import numpy as np, tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from tfsubspace import analysis, distill, models, regularizers
+        from tfsubspace import models
+        from tfsubspace.prune import analysis
+        from tfsubspace.distill import trainer
+        from tfsubspace.distill import regularizers
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         assert strategy.num_replicas_in_sync == 2
         keras.utils.set_random_seed(0)
@@ -198,7 +203,7 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
             teacher = models.vgg16((8, 8, 1), 3, width=0.125)
             student = models.vgg16((8, 8, 1), 3, width=0.125)
             lasso = regularizers.ChannelLasso(analysis.analyze(student))
-            trainer = distill.StudentTrainer(student, teacher, taps=["relu2", "pool5"], lasso=lasso,
+            trainer = trainer.StudentTrainer(student, teacher, taps=["relu2", "pool5"], lasso=lasso,
                                              lasso_weight=5.0, lasso_learning_rate=0.1)
             trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
         x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
@@ -242,7 +247,7 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
                                  recover_epochs=0, lasso=2.5, target_params=0.3, verbose=0)
     assert result.student.count_params() <= 0.3 * teacher.count_params() + 64
     distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
-    norms = tfsubspace.regularizers.ChannelLasso(analysis.analyze(distilled)).norms()
+    norms = tfsubspace.distill.regularizers.ChannelLasso(analysis.analyze(distilled)).norms()
     plan = surgery.PruningPlan.load(tmp_path / "plan_lasso.json")
     removed = np.concatenate([np.delete(norms[g], plan.groups[g]["keep"]) for g in norms])
     kept = np.concatenate([norms[g][plan.groups[g]["keep"]] for g in norms])
@@ -374,11 +379,11 @@ def test_stage_wise_lasso_shrinks_only_the_stages_trained_so_far(teacher_and_dat
     a = analysis.analyze(student)
     taps = a.taps()
     order = list(taps.values())  # p1, p2, r3: graph order
-    lasso = tfsubspace.regularizers.ChannelLasso(a)
+    lasso = tfsubspace.distill.regularizers.ChannelLasso(a)
     trainer = tfsubspace.StudentTrainer(student, teacher, taps=order, stages=[order[:1], order[1:]], lasso=lasso,
                                         lasso_weight=1.0)
     remove_all = lambda norms: {g: np.zeros(len(n), bool) for g, n in norms.items()}  # noqa: E731
-    callback = tfsubspace.distill.BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
+    callback = tfsubspace.distill.trainer.BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
     callback.set_model(trainer)
     trainer.set_stage(0)
     callback._update()

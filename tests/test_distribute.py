@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tfsubspace import distribute
+from tfsubspace.train import distribute
 from tfsubspace.errors import TfSubspaceError
 
 WORKER = textwrap.dedent("""
     import json, sys
     import keras, numpy as np
-    from tfsubspace import compress, data, distribute, fileio
+    from tfsubspace import compress, data, fileio
+    from tfsubspace.train import distribute
     strategy = distribute.get_strategy(sys.argv[1], timeout_s=float(sys.argv[4]))
     teacher = fileio.load_model(sys.argv[2])
     ds = data.load("mnist", "train", batch_size=32, limit=int(sys.argv[5]), labels=False, seed=0)

@@ -14,7 +14,8 @@ import pytest
 from conftest import REPO
 from test_compress import small_teacher
 
-from tfsubspace import analysis, surgery
+from tfsubspace.prune import analysis
+from tfsubspace.prune import surgery
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 from conftest import REPO
 
-from tfsubspace import edgebench, export, fileio
+from tfsubspace import fileio
+from tfsubspace.edge import measure
+from tfsubspace.edge import export
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -121,13 +123,13 @@ def test_benchmark_side_by_side(exported, tmp_path):
     model, results = exported
     by_mode = {r.mode: r for r in results}
     small = keras.Model(model.inputs, model.outputs, name="same")
-    entries = [edgebench.BenchEntry("a", by_mode["float32"].path, "float32", model),
-               edgebench.BenchEntry("a", by_mode["int8"].path, "int8", model),
-               edgebench.BenchEntry("b", by_mode["float32"].path, "float32", small),
-               edgebench.BenchEntry("c", by_mode["dynamic"].path, "dynamic")]
+    entries = [measure.BenchEntry("a", by_mode["float32"].path, "float32", model),
+               measure.BenchEntry("a", by_mode["int8"].path, "int8", model),
+               measure.BenchEntry("b", by_mode["float32"].path, "float32", small),
+               measure.BenchEntry("c", by_mode["dynamic"].path, "dynamic")]
     x = images(40, 2)
     labels = keras.ops.convert_to_numpy(model(x)).argmax(-1)
-    report = edgebench.benchmark(entries, eval_ds=as_ds(x, labels), reference=model, runs=5, warmup=1)
+    report = measure.benchmark(entries, eval_ds=as_ds(x, labels), reference=model, runs=5, warmup=1)
     rows = report["rows"]
     assert [r["label"] for r in rows] == ["a", "a", "b", "c"]
     assert rows[0]["speedup_vs_first"] == 1.0 and rows[1]["speedup_vs_first"] == 1.0
@@ -136,9 +138,9 @@ def test_benchmark_side_by_side(exported, tmp_path):
     assert "micro_arena_bytes" in rows[1] and "micro_arena_bytes" not in rows[3]  # TFLM runs no dynamic-range model
     lat = rows[0]["latency"]
     assert lat["min_ms"] <= lat["median_ms"] <= lat["p90_ms"] <= lat["max_ms"] and lat["runs"] == 5
-    table = edgebench.format_table(report)
+    table = measure.format_table(report)
     assert "| a | int8 |" in table and "5 timed invokes" in table
-    for path in edgebench.plot(report, tmp_path):
+    for path in measure.plot(report, tmp_path):
         assert path.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -176,9 +178,9 @@ def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
     x = images(11, 2)
     np.testing.assert_allclose(runner(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)
     single = export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(16, 1)))[0]
-    entries = [edgebench.BenchEntry("b1", single.path, "float32", model),
-               edgebench.BenchEntry("b8", results[0].path, "float32", model)]
-    report = edgebench.benchmark(entries, eval_ds=as_ds(images(20, 3)), runs=3, warmup=1)
+    entries = [measure.BenchEntry("b1", single.path, "float32", model),
+               measure.BenchEntry("b8", results[0].path, "float32", model)]
+    report = measure.benchmark(entries, eval_ds=as_ds(images(20, 3)), runs=3, warmup=1)
     assert [r["batch"] for r in report["rows"]] == [1, 8]
     assert report["rows"][1]["speedup_vs_first"] == 1.0  # compared within its own batch size
     assert report["rows"][1]["latency"]["per_image_ms"] == pytest.approx(report["rows"][1]["latency"]["median_ms"] / 8)

@@ -15,7 +15,9 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, idx_bytes
 
-from tfsubspace import data, edgebench, export
+from tfsubspace import data
+from tfsubspace.edge import measure
+from tfsubspace.edge import export
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -102,7 +104,7 @@ def test_data_in_the_wrong_range_is_refused(setup, tmp_path):
     with pytest.raises(error, match=r"the check images \(check_ds\) are all within"):
         export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(test255 / 255))
     with pytest.raises(error, match=r"evaluation images \(eval_ds\) are all within"):
-        edgebench.benchmark([], eval_ds=as_ds(test255 / 255), reference=model)
+        measure.benchmark([], eval_ds=as_ds(test255 / 255), reference=model)
     with pytest.raises(error, match="input_range='0-255' was given .* all within"):
         export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(test255 / 255), input_range="0-255")
     plain = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Rescaling(2.0), keras.layers.Flatten()])

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from conftest import idx_bytes, write_idx_dataset
 
-from tfsubspace import data, fetch, fileio
+from tfsubspace import data, fileio
+from tfsubspace.data import fetch
 from tfsubspace.errors import DataFileError, DatasetNotAvailableError
 
 

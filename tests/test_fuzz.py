@@ -10,9 +10,11 @@ from conftest import idx_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tfsubspace import analysis, data, export, fileio, models
+from tfsubspace import data, fileio, models
+from tfsubspace.prune import analysis
+from tfsubspace.edge import export
 from tfsubspace.errors import DataFileError, TfSubspaceError
-from tfsubspace.surgery import PlanError, PruningPlan
+from tfsubspace.prune.surgery import PlanError, PruningPlan
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

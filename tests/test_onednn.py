@@ -1,4 +1,4 @@
-"""The oneDNN heap overflow in strided 1x1 convolution weight gradients (tfsubspace.onednn).
+"""The oneDNN heap overflow in strided 1x1 convolution weight gradients (tfsubspace.train.onednn).
 
 TensorFlow 2.21 (oneDNN v3.7.3) corrupts the heap in Conv2DBackpropFilter of a 1x1 convolution
 with strides > 1 when its input has fewer channels than oneDNN's channel block (16 with
@@ -54,7 +54,7 @@ MODEL = textwrap.dedent('''
 
 FIT = MODEL + textwrap.dedent("""
     import numpy as np
-    from tfsubspace import onednn
+    from tfsubspace.train import onednn
 
     keras.utils.set_random_seed(0)
     # 4 stem channels: fewer than the channel block of AVX2 (8) as well as AVX-512 (16)
@@ -132,7 +132,7 @@ def test_the_rewrite_is_exact_and_scoped():
     import keras
     import tensorflow as tf
 
-    from tfsubspace import onednn
+    from tfsubspace.train import onednn
 
     rng = np.random.default_rng(0)
     base = onednn._conv_base()
@@ -169,7 +169,7 @@ def test_the_rewrite_is_exact_and_scoped():
 
 
 def test_the_workaround_is_off_without_onednn(monkeypatch):
-    from tfsubspace import onednn
+    from tfsubspace.train import onednn
 
     monkeypatch.setattr(onednn, "onednn_enabled", lambda: False)
     with onednn.strided_pointwise_workaround() as active:

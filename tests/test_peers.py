@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tfsubspace import analysis, baselines, bridge, data, export, models, ranking, stats, surgery
-from tfsubspace.regularizers import BatchNormL1
+from tfsubspace import data, models
+from tfsubspace.prune import analysis
+from tfsubspace.peers import baselines
+from tfsubspace.peers import bridge
+from tfsubspace.edge import export
+from tfsubspace.prune import ranking
+from tfsubspace.models import stats
+from tfsubspace.prune import surgery
+from tfsubspace.distill.regularizers import BatchNormL1
 
 TFMOT_PYTHON = os.environ.get("TFSUBSPACE_TFMOT_PYTHON", str(REPO / ".venv-tfmot" / "bin" / "python"))
 
@@ -170,7 +177,7 @@ def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
         bridge.save_spec(model, tmp_path / name)
         np.save(tmp_path / name / "x.npy", x)
         np.save(tmp_path / name / "keras3.npy", keras.ops.convert_to_numpy(model(x, training=False)))
-    code = ("import sys, numpy as np; from tfsubspace.bridge import build_tf_keras\n"
+    code = ("import sys, numpy as np; from tfsubspace.peers.bridge import build_tf_keras\n"
             "for d in sys.argv[1:]:\n"
             "    m = build_tf_keras(d)\n"
             "    np.save(d + '/tf_keras.npy', m(np.load(d + '/x.npy'), training=False).numpy())\n")
@@ -185,7 +192,7 @@ def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_funct
     # moving mean becomes the average of the batch means, whatever it was before
     code = textwrap.dedent("""
         import numpy as np, tensorflow as tf, tf_keras
-        from tfsubspace import tfmot_jobs
+        from tfsubspace.peers import tfmot_jobs
         inputs = tf_keras.Input((4, 4, 2))
         x = tf_keras.layers.Conv2D(3, 1, use_bias=False, name="conv")(inputs)
         x = tf_keras.layers.BatchNormalization(name="bn")(x)
@@ -295,7 +302,9 @@ def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path)
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         sys.path.insert(0, "tests")
         from test_compress import small_teacher
-        from tfsubspace import baselines, data, stats
+        from tfsubspace import data
+        from tfsubspace.peers import baselines
+        from tfsubspace.models import stats
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         keras.utils.set_random_seed(0)
         teacher = small_teacher()

@@ -1,4 +1,4 @@
-"""The real offline data sets, as fetched by `make data` (tfsubspace.fetch)."""
+"""The real offline data sets, as fetched by `make data` (tfsubspace.data.fetch)."""
 
 import numpy as np
 import pytest

@@ -2,7 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from tfsubspace import analysis, models, regularizers
+from tfsubspace import models
+from tfsubspace.prune import analysis
+from tfsubspace.distill import regularizers
 
 
 def test_l1_and_group_lasso_by_hand():

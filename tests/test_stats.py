@@ -1,7 +1,8 @@
 import keras
 import pytest
 
-from tfsubspace import models, stats
+from tfsubspace import models
+from tfsubspace.models import stats
 from tfsubspace.errors import UnsupportedModelError
 
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfsubspace import analysis, subspace
+from tfsubspace.prune import analysis
+from tfsubspace.distill import subspace
 from tfsubspace.errors import TfSubspaceError
 
 

@@ -8,9 +8,12 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tfsubspace import analysis, channels, models, surgery
+from tfsubspace import models
+from tfsubspace.prune import analysis
+from tfsubspace.prune import channels
+from tfsubspace.prune import surgery
 from tfsubspace.errors import UnsupportedModelError
-from tfsubspace.surgery import PlanError, PruningPlan, VerificationError
+from tfsubspace.prune.surgery import PlanError, PruningPlan, VerificationError
 
 L = keras.layers
 

@@ -17,7 +17,10 @@ import pytest
 import tensorflow as tf
 
 import tfsubspace
-from tfsubspace import distill, fileio, inputs, workdir
+from tfsubspace import fileio
+from tfsubspace.distill import trainer
+from tfsubspace.data import inputs
+from tfsubspace.train import workdir
 from tfsubspace.errors import DataError, TfSubspaceError, UnsupportedModelError, WorkDirError
 
 FAST = dict(width_ratio=0.5, multiple=2, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
@@ -101,7 +104,7 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path
             workdir.WorkDir(tmp_path).__enter__()
     code = textwrap.dedent(f"""
         import os, signal
-        from tfsubspace import workdir
+        from tfsubspace.train import workdir
         with workdir.WorkDir({str(tmp_path)!r}):
             os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -127,11 +130,11 @@ def test_a_data_set_of_unknown_length_gets_a_schedule_over_every_step(teacher_an
     filtered = batched(images).filter(lambda x: True)
     assert int(filtered.cardinality()) == tf.data.UNKNOWN_CARDINALITY
     student = keras.models.clone_model(teacher)
-    trainer = distill.StudentTrainer(student, teacher, kd_weight=1.0)
-    distill.train_student(trainer, filtered, epochs=3, learning_rate=1e-3, work_dir=tmp_path, name="kd", verbose=0)
-    schedule = trainer.optimizer._learning_rate  # the CosineDecay the loop compiled
+    kd = trainer.StudentTrainer(student, teacher, kd_weight=1.0)
+    trainer.train_student(kd, filtered, epochs=3, learning_rate=1e-3, work_dir=tmp_path, name="kd", verbose=0)
+    schedule = kd.optimizer._learning_rate  # the CosineDecay the loop compiled
     assert schedule.decay_steps == 3 * 6  # 6 batches counted, not 1 (cardinality -2)
-    assert int(trainer.optimizer.iterations) == 18
+    assert int(kd.optimizer.iterations) == 18
     assert float(schedule(12)) > 1e-4  # not spent after the first epoch
 
 
@@ -201,13 +204,13 @@ def test_a_softmax_teacher_is_distilled_from_its_logits(teacher_and_images):
     teacher, images, _ = teacher_and_images
     with_softmax = tiny_teacher(softmax=True, name="tiny")
     with_softmax.set_weights(teacher.get_weights())
-    logits = distill.logits_output(with_softmax)
+    logits = trainer.logits_output(with_softmax)
     probe = keras.Model(with_softmax.inputs, logits)
     np.testing.assert_allclose(probe(images[:8]), teacher(images[:8]), atol=1e-5)
     options = {**FAST, "epochs": 2, "kd_weight": 1.0, "tap_weight": 0.0, "lasso": 0.0}
     a = tfsubspace.compress(teacher, batched(images), **options).student
     b = tfsubspace.compress(with_softmax, batched(images), **options).student
-    b_logits = keras.Model(b.inputs, distill.logits_output(b))
+    b_logits = keras.Model(b.inputs, trainer.logits_output(b))
     np.testing.assert_allclose(b_logits(images[:16]), a(images[:16]), atol=1e-4)
     np.testing.assert_allclose(b(images[:16]), keras.ops.softmax(a(images[:16])), atol=1e-5)
 

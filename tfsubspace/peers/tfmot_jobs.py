@@ -2,8 +2,8 @@
 
 These run in their own process, in an environment with the `tfmot` extra (`make tfmot`):
 importing TFMOT switches tf.keras to tf_keras for the whole process. The models arrive as
-layer specs (tfsubspace.bridge.save_spec); the main process calls them through
-scripts/qat.py (tfsubspace.export.export_qat) and benchmarks/tfmot_prune.py.
+layer specs (tfsubspace.peers.bridge.save_spec); the main process calls them through
+scripts/qat.py (tfsubspace.edge.export.export_qat) and benchmarks/tfmot_prune.py.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _int8_tflite(model, calibration_ds, samples: int = 256) -> bytes:
 
 
 def run_job(path: str | os.PathLike) -> None:
-    """Runs the job a JSON file describes (written by tfsubspace.export.export_qat)."""
+    """Runs the job a JSON file describes (written by tfsubspace.edge.export.export_qat)."""
     import json
 
     import tensorflow as tf
@@ -114,7 +114,7 @@ def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | 
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    from tfsubspace.bridge import build_tf_keras
+    from tfsubspace.peers.bridge import build_tf_keras
 
     student = build_tf_keras(student_spec)
     teacher = build_tf_keras(teacher_spec)
@@ -137,7 +137,7 @@ def _with_batchnorm_reestimated(model, ds, batches: int = 50):
     and with its statistics measured again."""
     import tf_keras
 
-    from tfsubspace.student import reestimate_batchnorm
+    from tfsubspace.distill.student import reestimate_batchnorm
 
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
@@ -154,7 +154,7 @@ def magnitude_pruning(model_spec, labeled_ds, test_ds, out_dir: str | os.PathLik
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
-    from tfsubspace.bridge import build_tf_keras
+    from tfsubspace.peers.bridge import build_tf_keras
 
     model = build_tf_keras(model_spec)
     steps = int(labeled_ds.cardinality()) * epochs

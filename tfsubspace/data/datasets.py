@@ -5,7 +5,7 @@ rescale their input themselves: `value_range="0-255"`); labels as int32. Every l
 also give the unlabeled view (images only) that compression uses.
 
 MNIST and Fashion-MNIST are read from local IDX files (raw or gzipped) under the data
-directory: `$TFSUBSPACE_DATA_DIR`, else `~/.cache/tfsubspace/data`. `tfsubspace.fetch`
+directory: `$TFSUBSPACE_DATA_DIR`, else `~/.cache/tfsubspace/data`. `tfsubspace.data.fetch`
 (or `make data`) puts them there on a fresh machine. CIFAR-10/100 and SVHN load through
 tensorflow-datasets when it is installed and the data is already prepared; nothing is
 downloaded unless `download=True` is passed.

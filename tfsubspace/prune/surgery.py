@@ -1,6 +1,6 @@
 """Surgery: rebuild a physically slimmer Keras model from a pruning plan, and prove it.
 
-A `PruningPlan` keeps, for each channel group of a model (tfsubspace.analysis), the indices
+A `PruningPlan` keeps, for each channel group of a model (tfsubspace.prune.analysis), the indices
 of the channels to keep. `apply_plan(model, plan)` builds a new model whose layers have only
 those channels, with weights sliced from the original, and checks it against
 `masked_predict(model, plan, x)`: the original model run with every removed channel forced
@@ -26,10 +26,12 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import channels, fileio, stats
-from tfsubspace.analysis import ChannelAnalysis, analyze
+from tfsubspace import fileio
+from tfsubspace.prune import channels
+from tfsubspace.models import stats
+from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.errors import TfSubspaceError
-from tfsubspace.graph import Graph, substitute
+from tfsubspace.prune.graph import Graph, substitute
 
 PLAN_FORMAT = "tfsubspace.pruning_plan/1"
 

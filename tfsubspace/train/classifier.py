@@ -12,9 +12,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import distribute, fileio, stats
+from tfsubspace import fileio
+from tfsubspace.train import distribute
+from tfsubspace.models import stats
 from tfsubspace.errors import UnsupportedModelError
-from tfsubspace.fitloop import fit_resumable
+from tfsubspace.train.fitloop import fit_resumable
 
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
@@ -70,7 +72,7 @@ def train_classifier(
     A killed run resumes where it stopped: the state after each epoch (weights, optimizer,
     epoch counter) is kept in `work_dir`/backup by an EpochCheckpoint, and running the same
     call again continues from it. `work_dir`/history.csv logs every epoch. The loop is
-    tfsubspace.fitloop.fit_resumable: a data set of unknown length is counted once, and a
+    tfsubspace.train.fitloop.fit_resumable: a data set of unknown length is counted once, and a
     NaN loss stops training with the epoch and batch named.
     The trained model is written to `output` (.keras) atomically, with a JSON of its test
     metrics beside it (`output` with the suffix .json).

@@ -19,9 +19,9 @@ work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
   smallest scale removed under one global threshold, then fine-tuning with labels (Liu et
   al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
 The pruning methods take a parameter budget (absolute count) and meet it with
-tfsubspace.ranking.plan_for_budget; like compress(), they measure BatchNormalization
+tfsubspace.prune.ranking.plan_for_budget; like compress(), they measure BatchNormalization
 statistics again after the cut and after a fine-tuning too short for BN's moving averages.
-Every method takes a tf.distribute `strategy` (tfsubspace.distribute): it then trains copies
+Every method takes a tf.distribute `strategy` (tfsubspace.train.distribute): it then trains copies
 whose variables live under it (and returns the trained copy).
 """
 
@@ -33,12 +33,15 @@ import contextlib
 
 import keras
 
-from tfsubspace import distribute, fileio, ranking, surgery
-from tfsubspace.analysis import analyze
-from tfsubspace.distill import StudentTrainer, train_student
-from tfsubspace.pipeline import lasso_plan
-from tfsubspace.regularizers import BatchNormL1, ChannelLasso
-from tfsubspace.student import reestimate_batchnorm, too_short_for_batchnorm
+from tfsubspace import fileio
+from tfsubspace.train import distribute
+from tfsubspace.prune import ranking
+from tfsubspace.prune import surgery
+from tfsubspace.prune.analysis import analyze
+from tfsubspace.distill.trainer import StudentTrainer, train_student
+from tfsubspace.distill.pipeline import lasso_plan
+from tfsubspace.distill.regularizers import BatchNormL1, ChannelLasso
+from tfsubspace.distill.student import reestimate_batchnorm, too_short_for_batchnorm
 
 
 def fresh_copy(model: keras.Model) -> keras.Model:

@@ -17,7 +17,7 @@ import os
 import keras
 import numpy as np
 
-from tfsubspace.analysis import ChannelAnalysis
+from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.errors import TfSubspaceError
 
 

@@ -33,12 +33,19 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from tfsubspace import distribute, fileio, inputs, ranking, stats, subspace, surgery, workdir
-from tfsubspace.analysis import ChannelAnalysis, analyze
-from tfsubspace.distill import BudgetTargets, StudentTrainer, stage_split, train_student
+from tfsubspace import fileio
+from tfsubspace.train import distribute
+from tfsubspace.data import inputs
+from tfsubspace.prune import ranking
+from tfsubspace.models import stats
+from tfsubspace.distill import subspace
+from tfsubspace.prune import surgery
+from tfsubspace.train import workdir
+from tfsubspace.prune.analysis import ChannelAnalysis, analyze
+from tfsubspace.distill.trainer import BudgetTargets, StudentTrainer, stage_split, train_student
 from tfsubspace.errors import DataMismatchWarning, TfSubspaceError, WorkDirError
-from tfsubspace.regularizers import ChannelLasso
-from tfsubspace.student import (INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm,
+from tfsubspace.distill.regularizers import ChannelLasso
+from tfsubspace.distill.student import (INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm,
                                 too_short_for_batchnorm)
 
 SCHEDULES = ("end_to_end", "stage_wise")
@@ -194,7 +201,7 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=No
             temporary directory, removed at the end (`paths` is then empty).
         eval_ds: (images, labels) or images for the report: accuracy where it has labels
             (class indices or one-hot), top-1 agreement with the teacher always.
-        strategy: a tf.distribute strategy for the training stages (tfsubspace.distribute;
+        strategy: a tf.distribute strategy for the training stages (tfsubspace.train.distribute;
             `ds` then holds global batches). Under MultiWorkerMirroredStrategy every worker runs
             the same command; only the chief writes to work_dir, the others to a private copy.
         overwrite: clear work_dir's stages and start over.
@@ -210,7 +217,7 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=No
             weight and temperature.
         lasso: channel LASSO factor (proximal step after each optimizer step); 0 disables.
         lasso_learning_rate: SGD learning rate of the variables LASSO measures (see
-            tfsubspace.distill): each step soft-thresholds channels by this times `lasso`.
+            tfsubspace.distill.trainer): each step soft-thresholds channels by this times `lasso`.
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
         target_params: a parameter budget for the student: a ratio of the teacher's as a
             float in (0, 1], or a count as an integer > 1. During training, LASSO is aimed at
@@ -562,7 +569,7 @@ def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multi
                budget: float | None = None, macs_budget: float | None = None) -> surgery.PruningPlan:
     """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
     under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
-    the weakest by normalized norm until both are met (tfsubspace.ranking.plan_for_budget)."""
+    the weakest by normalized norm until both are met (tfsubspace.prune.ranking.plan_for_budget)."""
     norms = ChannelLasso(analysis).norms()
     alive = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
     return ranking.plan_for_budget(analysis, norms, params=budget, macs=macs_budget, compare="normalized",

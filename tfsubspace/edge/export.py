@@ -358,13 +358,13 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
     TFMOT needs tf_keras, so this runs in its own process with the Python of the `tfmot`
     environment (`make tfmot`; `python`, else $TFSUBSPACE_TFMOT_PYTHON, else
     .venv-tfmot/bin/python): `model` (and `teacher`) travel as layer specs
-    (tfsubspace.bridge), the student is fine-tuned with fake quantization for `epochs` on up
+    (tfsubspace.peers.bridge), the student is fine-tuned with fake quantization for `epochs` on up
     to `train_examples` images of `ds` (labels unused) against the softened outputs of
     `teacher` (default: the float model itself), and the int8 file is checked against
     `model` like export()'s; both image sets must be in the range the model takes
     (`input_range`, as in export()). Use it when post-training int8 loses too much.
     """
-    from tfsubspace import bridge
+    from tfsubspace.peers import bridge
 
     python = Path(python or os.environ.get("TFSUBSPACE_TFMOT_PYTHON", ".venv-tfmot/bin/python"))
     if not python.exists():
@@ -386,7 +386,7 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
             "kind": "qat", "student": str(tmp / "student"), "teacher": str(tmp / "teacher"),
             "images": str(tmp / "images.npy"), "output": str(out.resolve()), "epochs": epochs,
             "learning_rate": learning_rate, "verbose": verbose})
-        code = "import sys; from tfsubspace.tfmot_jobs import run_job; run_job(sys.argv[1])"
+        code = "import sys; from tfsubspace.peers.tfmot_jobs import run_job; run_job(sys.argv[1])"
         result = subprocess.run([str(python), "-c", code, str(tmp / "job.json")], check=False,
                                 capture_output=verbose == 0, text=True)
         if result.returncode != 0:

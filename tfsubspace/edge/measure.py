@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from tfsubspace import fileio
-from tfsubspace.export import TFLiteRunner, check_input_range, micro_arena_bytes
+from tfsubspace.edge.export import TFLiteRunner, check_input_range, micro_arena_bytes
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
     """
     import keras
 
-    from tfsubspace import stats
+    from tfsubspace.models import stats
 
     images = labels = reference_logits = None
     if eval_ds is not None:

@@ -1,7 +1,7 @@
 """Channel groups: the sets of channels that must be kept or removed together.
 
-`analyze(model)` walks the traced graph (tfsubspace.graph) and asks each layer's handler
-(tfsubspace.channels) how it maps channels. Every producer (Conv, Dense, the pointwise part
+`analyze(model)` walks the traced graph (tfsubspace.prune.graph) and asks each layer's handler
+(tfsubspace.prune.channels) how it maps channels. Every producer (Conv, Dense, the pointwise part
 of SeparableConv) starts a group; a merge (Add, Multiply, ...) ties channel i of its inputs
 into one channel, and so merges their groups; the model's inputs and outputs, and channels
 that reach a channel-mixing layer, are pinned (never removed).
@@ -16,7 +16,8 @@ import json
 import keras
 import numpy as np
 
-from tfsubspace import channels, graph
+from tfsubspace.prune import channels
+from tfsubspace.prune import graph
 
 
 @dataclasses.dataclass

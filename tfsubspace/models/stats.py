@@ -18,7 +18,7 @@ import math
 import keras
 
 from tfsubspace.errors import UnsupportedModelError
-from tfsubspace.graph import functional_view
+from tfsubspace.prune.graph import functional_view
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 `L1` and `GroupLasso` are Keras regularizers for one weight tensor (kernel_regularizer=...),
 serializable with .keras models. `ChannelLasso` is the penalty the compression trainer uses:
-one group norm per prunable channel of the model (tfsubspace.analysis), gathered over every
+one group norm per prunable channel of the model (tfsubspace.prune.analysis), gathered over every
 layer that produces that channel, taken relative to its group (scale-invariant), with a
 proximal soft-threshold step that sets whole channels to exact zeros.
 """
@@ -13,8 +13,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfsubspace import channels
-from tfsubspace.analysis import ChannelAnalysis
+from tfsubspace.prune import channels
+from tfsubspace.prune.analysis import ChannelAnalysis
 
 
 def _check_factor(name: str, value) -> float:
@@ -28,7 +28,7 @@ class L1(keras.regularizers.Regularizer):
     """Element-wise LASSO: `loss = l1 * reduce_sum(abs(x))`.
 
     Example:
-        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.regularizers.L1(1e-4))
+        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.distill.regularizers.L1(1e-4))
 
     Args:
         l1: the penalty factor (non-negative float).
@@ -53,7 +53,7 @@ class GroupLasso(keras.regularizers.Regularizer):
     whole filters to zero rather than single weights.
 
     Example:
-        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.regularizers.GroupLasso(1e-3))
+        keras.layers.Conv2D(16, 3, kernel_regularizer=tfsubspace.distill.regularizers.GroupLasso(1e-3))
 
     Args:
         factor: the penalty factor (non-negative float).

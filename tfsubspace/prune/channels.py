@@ -307,7 +307,7 @@ def handler_for(layer) -> Handler:
         if handler is not None:
             return handler
     _fail(layer, "no channel handler is registered for this layer type; register one with "
-          "tfsubspace.channels.register(LayerClass, handler).")
+          "tfsubspace.prune.channels.register(LayerClass, handler).")
 
 
 L = keras.layers

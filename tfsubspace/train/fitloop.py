@@ -7,7 +7,7 @@
 - compiles the model through `compile(total_steps)` (in the strategy's scope), restores the
   latest epoch checkpoint and continues after it;
 - trains around a oneDNN crash in the weight gradient of strided 1x1 convolutions
-  (tfsubspace.onednn);
+  (tfsubspace.train.onednn);
 - logs every epoch to CSV (and TensorBoard), and stops at the first batch whose loss is NaN
   or infinite with a FloatingPointError that names the stage, the epoch and the batch. No
   checkpoint with a non-finite weight is written (EpochCheckpoint refuses it), so a rerun
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import keras
 
-from tfsubspace import distribute, onednn
-from tfsubspace.checkpoint import EpochCheckpoint, history_logger
+from tfsubspace.train import distribute
+from tfsubspace.train import onednn
+from tfsubspace.train.checkpoint import EpochCheckpoint, history_logger
 from tfsubspace.errors import DataError
 
 

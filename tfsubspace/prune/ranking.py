@@ -19,9 +19,10 @@ import bisect
 import keras
 import numpy as np
 
-from tfsubspace import stats, surgery
-from tfsubspace.analysis import ChannelAnalysis
-from tfsubspace.regularizers import ChannelIndex, _kernel
+from tfsubspace.models import stats
+from tfsubspace.prune import surgery
+from tfsubspace.prune.analysis import ChannelAnalysis
+from tfsubspace.distill.regularizers import ChannelIndex, _kernel
 
 COMPARE = ("normalized", "rank", "raw")
 

@@ -7,8 +7,8 @@ import sys
 import keras
 import numpy as np
 
-from tfsubspace import surgery
-from tfsubspace.analysis import ChannelAnalysis
+from tfsubspace.prune import surgery
+from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.errors import DataError
 
 INITS = ("teacher", "random")

@@ -30,8 +30,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tfsubspace.fitloop import fit_resumable
-from tfsubspace.regularizers import ChannelLasso
+from tfsubspace.train.fitloop import fit_resumable
+from tfsubspace.distill.regularizers import ChannelLasso
 
 
 def _adapter(rank: int, teacher_channels: int, name: str):
@@ -374,11 +374,11 @@ def train_student(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
                   steps_per_epoch: int | None = None) -> keras.callbacks.History:
     """Fits `trainer` on `ds` with Adam (cosine decay over every step), resumably.
 
-    tfsubspace.fitloop.fit_resumable runs it: the state after each epoch goes to
+    tfsubspace.train.fitloop.fit_resumable runs it: the state after each epoch goes to
     work_dir/NAME_backup and the metrics to work_dir/NAME.csv (and to TensorBoard under
     tensorboard_dir/NAME when given); a rerun continues after the last finished epoch; a NaN
     or infinite loss stops the run with a FloatingPointError naming the epoch and batch.
-    Under a `strategy` (tfsubspace.distribute), build `trainer` in its scope; `ds` holds global
+    Under a `strategy` (tfsubspace.train.distribute), build `trainer` in its scope; `ds` holds global
     batches.
     """
     work_dir = Path(work_dir)
