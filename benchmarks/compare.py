@@ -218,7 +218,7 @@ class Pair:
         return out
 
     def time_file(self, path) -> dict:
-        from tfsubspace.edge.export import TFLiteRunner
+        from tfsubspace.edge.runtime import TFLiteRunner
 
         logits = TFLiteRunner(path)(self.test_images)
         return {"path": str(path), "bytes": Path(path).stat().st_size,

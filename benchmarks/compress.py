@@ -44,6 +44,7 @@ def main(argv):
     from tfsubspace.peers import baselines
     from tfsubspace.models import stats
     from tfsubspace.prune import surgery
+    from tfsubspace.prune.plan import PruningPlan
     from tfsubspace import compress as tfsubspace_compress
 
     out_dir = Path(_RESULTS.value) / "compress"
@@ -87,7 +88,7 @@ def main(argv):
                        {"stage_seconds": compressed.report["stage_seconds"]})
             final_arch = surgery.apply_plan(teacher, compressed.plan).model
             subspace_arch = surgery.apply_plan(
-                teacher, surgery.PruningPlan.load(compressed.paths["plan_subspace"])).model
+                teacher, PruningPlan.load(compressed.paths["plan_subspace"])).model
             runs = {
                 "scratch": lambda: baselines.train_scratch(
                     baselines.fresh_copy(final_arch), labeled, epochs=total_epochs, work_dir=work / "scratch",

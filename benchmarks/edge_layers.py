@@ -34,7 +34,7 @@ def main(argv):
     from tfsubspace import fileio, load_model
     from tfsubspace.models import stats
     from tfsubspace.edge.measure import measure_latency
-    from tfsubspace.edge.export import convert, with_batch_size
+    from tfsubspace.edge.convert import convert, with_batch_size
 
     models = {"teacher": load_model(TEACHER.value), "student": load_model(STUDENT.value)}
     student_names = {layer.name for layer in models["student"].layers}

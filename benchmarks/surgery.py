@@ -28,6 +28,7 @@ def main(argv):
     from tfsubspace import fileio, models
     from tfsubspace.prune import analysis
     from tfsubspace.prune import surgery
+    from tfsubspace.prune.plan import PruningPlan
 
     cases = (
         ("VGG-16 (width 1.0), 32x32x3", lambda: models.vgg16((32, 32, 3), 10, width=1.0)),
@@ -45,7 +46,7 @@ def main(argv):
             masks = {g.name: rng.random(g.size) < 0.5 for g in a.groups.values() if g.prunable}
             for mask in masks.values():
                 mask[0] = True
-            plan = surgery.PruningPlan.from_masks(a, masks)
+            plan = PruningPlan.from_masks(a, masks)
             start = time.perf_counter()
             result = surgery.apply_plan(model, plan, analysis=a)
             surgery_s.append(time.perf_counter() - start)

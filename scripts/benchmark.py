@@ -10,14 +10,14 @@ Writes OUT_DIR/benchmark.json, benchmark.md and the plots, and prints the table.
 """
 
 from absl import app, flags
+from flagdefs import define_dataset
 
-from tfsubspace.edge.export import MODES
+from tfsubspace.edge.convert import MODES
 
 _MODELS = flags.DEFINE_list("models", None, "label=path.keras entries, labels unique; the first is the baseline.",
                             required=True)
 _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in the models.")
-_DATASET = flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"],
-                             "Calibration (train) and evaluation (test) images.")
+_DATASET = define_dataset("Calibration (train) and evaluation (test) images.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
 _INPUT_RANGE = flags.DEFINE_enum("input_range", "auto", ["auto", "0-1", "0-255"],
                                  "Pixel range of the images; auto: 0-255 if the models start with Rescaling(1/255) "
@@ -54,13 +54,14 @@ def main(argv):
     from tfsubspace import data, fileio, load_model
     from tfsubspace.edge import measure
     from tfsubspace.edge import export
+    from tfsubspace.edge.input_range import resolve_input_range
 
     out = Path(_OUT.value)
     models = {}
     for spec in _MODELS.value:
         label, path = spec.split("=", 1)
         models[label] = load_model(path, safe_mode=not _UNSAFE.value)
-    ranges = {label: export.resolve_input_range(model, _INPUT_RANGE.value) for label, model in models.items()}
+    ranges = {label: resolve_input_range(model, _INPUT_RANGE.value) for label, model in models.items()}
     if len({r for r, _ in ranges.values()}) > 1:
         raise app.UsageError("--input_range=auto: the models take different pixel ranges ("
                              + "; ".join(f"{label}: {r}, {why}" for label, (r, why) in ranges.items())

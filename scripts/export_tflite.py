@@ -14,13 +14,13 @@ Rescaling(1/255), else 0-1), and the range used is printed.
 import sys
 
 from absl import app, flags
+from flagdefs import define_dataset
 
-from tfsubspace.edge.export import MODES
+from tfsubspace.edge.convert import MODES
 
 _MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", required=True)
 _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in --model.")
-_DATASET = flags.DEFINE_enum("dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"],
-                             "Images for int8 calibration (train split) and the checks (test split).")
+_DATASET = define_dataset("Images for int8 calibration (train split) and the checks (test split).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
 _INPUT_RANGE = flags.DEFINE_enum("input_range", "auto", ["auto", "0-1", "0-255"],
                                  "Pixel range of the calibration and check images; auto: 0-255 if the model "
@@ -48,10 +48,11 @@ _TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", None, "Python of the tfmot e
 def main(argv):
     del argv
     from tfsubspace import data, load_model
-    from tfsubspace.edge import export
+    from tfsubspace.edge import edgetpu, export, micro, qat
+    from tfsubspace.edge.input_range import resolve_input_range
 
     model = load_model(_MODEL.value, safe_mode=not _UNSAFE.value)
-    input_range, why = export.resolve_input_range(model, _INPUT_RANGE.value)
+    input_range, why = resolve_input_range(model, _INPUT_RANGE.value)
     print(f"input range: {input_range} ({why})")
     common = dict(batch_size=100, labels=False, data_dir=_DATA_DIR.value, value_range=input_range)
     calibration = data.load(_DATASET.value, "train", seed=0, **common)
@@ -62,11 +63,11 @@ def main(argv):
                             input_range=input_range)
     if _QAT.value:
         teacher = load_model(_QAT_TEACHER.value, safe_mode=not _UNSAFE.value) if _QAT_TEACHER.value else None
-        results.append(export.export_qat(model, _OUT.value, calibration, teacher=teacher, epochs=_QAT_EPOCHS.value,
-                                         train_examples=_QAT_EXAMPLES.value, check_ds=checks,
-                                         check_examples=_CHECK.value, min_agreement=_MIN_AGREE.value,
-                                         name=_NAME.value, python=_TFMOT_PYTHON.value,
-                                         input_range=input_range))
+        results.append(qat.export_qat(model, _OUT.value, calibration, teacher=teacher, epochs=_QAT_EPOCHS.value,
+                                      train_examples=_QAT_EXAMPLES.value, check_ds=checks,
+                                      check_examples=_CHECK.value, min_agreement=_MIN_AGREE.value,
+                                      name=_NAME.value, python=_TFMOT_PYTHON.value,
+                                      input_range=input_range))
     print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
     for r in results:
         print(f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
@@ -74,11 +75,11 @@ def main(argv):
     int8 = next((r for r in results if r.mode == "int8"), None)
     if int8 is not None and (_C_ARRAY.value or _EDGETPU.value):
         if _C_ARRAY.value:
-            arena = export.micro_arena_bytes(int8.path)
-            for path in export.write_c_array(int8.path, _OUT.value, arena_bytes=arena):
+            arena = micro.micro_arena_bytes(int8.path)
+            for path in micro.write_c_array(int8.path, _OUT.value, arena_bytes=arena):
                 print(f"wrote {path} (TFLite Micro arena: {arena} bytes)")
         if _EDGETPU.value:
-            print(export.format_edgetpu_report(export.edgetpu_check(int8.path)))
+            print(edgetpu.format_edgetpu_report(edgetpu.edgetpu_check(int8.path)))
     failed = [r for r in results if not r.passed]
     for r in failed:
         print(f"ERROR: {r.path}: {r.message}", file=sys.stderr)

@@ -8,14 +8,13 @@ A killed run resumes from its last finished epoch when started again with the sa
 """
 
 from absl import app, flags
+from flagdefs import define_dataset
 
 _MODEL = flags.DEFINE_enum("model", "lenet5", ["lenet5", "vgg16", "wrn"], "Reference model to train.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "VGG-16 channel multiplier.", lower_bound=1e-3)
 _DEPTH = flags.DEFINE_integer("depth", 16, "Wide ResNet depth (6n + 4).", lower_bound=10)
 _WIDEN = flags.DEFINE_integer("widen_factor", 4, "Wide ResNet widen factor k.", lower_bound=1)
-_DATASET = flags.DEFINE_enum(
-    "dataset", "mnist", ["mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"], "Training data set."
-)
+_DATASET = define_dataset("Training data set.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data).")
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", None, "Use only this many training examples.", lower_bound=1)
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", None, "Use only this many test examples.", lower_bound=1)

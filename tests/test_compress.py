@@ -19,6 +19,8 @@ import tfsubspace
 from tfsubspace import data
 from tfsubspace.prune import analysis
 from tfsubspace.prune import surgery
+from tfsubspace.prune.plan import PruningPlan
+from tfsubspace.distill.budget import BudgetTargets
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -69,7 +71,7 @@ def test_compress_end_to_end(teacher_and_data, tmp_path):
     for name in ("plan", "student", "report", "report_md", "spectra"):
         assert result.paths[name].exists(), name
     # The composed plan rebuilds the student's architecture from the teacher.
-    rebuilt = surgery.apply_plan(teacher, surgery.PruningPlan.load(result.paths["plan"])).model
+    rebuilt = surgery.apply_plan(teacher, PruningPlan.load(result.paths["plan"])).model
     shapes = lambda m: [tuple(w.shape) for layer in m.layers for w in layer.weights if "kernel" in w.path]  # noqa: E731
     assert shapes(rebuilt) == shapes(result.student)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
@@ -194,16 +196,16 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from tfsubspace import models
         from tfsubspace.prune import analysis
-        from tfsubspace.distill import trainer
-        from tfsubspace.distill import regularizers
+        from tfsubspace.distill.lasso import ChannelLasso
+        from tfsubspace.distill.trainer import StudentTrainer
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         assert strategy.num_replicas_in_sync == 2
         keras.utils.set_random_seed(0)
         with strategy.scope():
             teacher = models.vgg16((8, 8, 1), 3, width=0.125)
             student = models.vgg16((8, 8, 1), 3, width=0.125)
-            lasso = regularizers.ChannelLasso(analysis.analyze(student))
-            trainer = trainer.StudentTrainer(student, teacher, taps=["relu2", "pool5"], lasso=lasso,
+            lasso = ChannelLasso(analysis.analyze(student))
+            trainer = StudentTrainer(student, teacher, taps=["relu2", "pool5"], lasso=lasso,
                                              lasso_weight=5.0, lasso_learning_rate=0.1)
             trainer.compile(optimizer=keras.optimizers.Adam(1e-3))
         x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
@@ -223,7 +225,7 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
 def test_adapters_start_as_the_least_squares_map(teacher_and_data):
     teacher, _, ds, _ = teacher_and_data
     a = analysis.analyze(teacher)
-    student = surgery.apply_plan(teacher, surgery.PruningPlan.from_masks(a, {"c2": np.arange(24) < 12})).model
+    student = surgery.apply_plan(teacher, PruningPlan.from_masks(a, {"c2": np.arange(24) < 12})).model
     trainer = tfsubspace.StudentTrainer(student, teacher, taps=["r1", "p2", "r3"])
     trainer.fit_adapters(ds, batches=4)
     x = next(iter(ds))
@@ -247,8 +249,8 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
                                  recover_epochs=0, lasso=2.5, target_params=0.3, verbose=0)
     assert result.student.count_params() <= 0.3 * teacher.count_params() + 64
     distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
-    norms = tfsubspace.distill.regularizers.ChannelLasso(analysis.analyze(distilled)).norms()
-    plan = surgery.PruningPlan.load(tmp_path / "plan_lasso.json")
+    norms = tfsubspace.distill.lasso.ChannelLasso(analysis.analyze(distilled)).norms()
+    plan = PruningPlan.load(tmp_path / "plan_lasso.json")
     removed = np.concatenate([np.delete(norms[g], plan.groups[g]["keep"]) for g in norms])
     kept = np.concatenate([norms[g][plan.groups[g]["keep"]] for g in norms])
     assert removed.size > 0
@@ -284,7 +286,7 @@ def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_
     assert max(drift.values()) < 0.25, drift
     # the distilled student's statistics, kept as they were, would not fit the cut model
     distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
-    cut = surgery.apply_plan(distilled, surgery.PruningPlan.load(tmp_path / "plan_lasso.json")).model
+    cut = surgery.apply_plan(distilled, PruningPlan.load(tmp_path / "plan_lasso.json")).model
     assert max(_batchnorm_drift(cut, ds).values()) > 4 * max(drift.values())
     assert result.report["params_removed"] >= 0.7
 
@@ -375,15 +377,15 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
 
 def test_stage_wise_lasso_shrinks_only_the_stages_trained_so_far(teacher_and_data):
     teacher, _, ds, _ = teacher_and_data
-    student = surgery.apply_plan(teacher, surgery.PruningPlan.keep_all(analysis.analyze(teacher))).model
+    student = surgery.apply_plan(teacher, PruningPlan.keep_all(analysis.analyze(teacher))).model
     a = analysis.analyze(student)
     taps = a.taps()
     order = list(taps.values())  # p1, p2, r3: graph order
-    lasso = tfsubspace.distill.regularizers.ChannelLasso(a)
+    lasso = tfsubspace.distill.lasso.ChannelLasso(a)
     trainer = tfsubspace.StudentTrainer(student, teacher, taps=order, stages=[order[:1], order[1:]], lasso=lasso,
                                         lasso_weight=1.0)
     remove_all = lambda norms: {g: np.zeros(len(n), bool) for g, n in norms.items()}  # noqa: E731
-    callback = tfsubspace.distill.trainer.BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
+    callback = BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
     callback.set_model(trainer)
     trainer.set_stage(0)
     callback._update()

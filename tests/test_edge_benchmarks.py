@@ -16,6 +16,7 @@ from test_compress import small_teacher
 
 from tfsubspace.prune import analysis
 from tfsubspace.prune import surgery
+from tfsubspace.prune.plan import PruningPlan
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def pair(tmp_path_factory):
     teacher = small_teacher()
     a = analysis.analyze(teacher)
     masks = {g.name: np.arange(g.size) % 2 == 0 for g in a.groups.values() if g.prunable}
-    student = surgery.apply_plan(teacher, surgery.PruningPlan.from_masks(a, masks)).model
+    student = surgery.apply_plan(teacher, PruningPlan.from_masks(a, masks)).model
     root = tmp_path_factory.mktemp("edge")
     teacher.save(root / "teacher.keras")
     student.save(root / "student.keras")

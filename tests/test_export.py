@@ -12,8 +12,12 @@ import tensorflow as tf
 from conftest import REPO
 
 from tfsubspace import fileio
-from tfsubspace.edge import measure
+from tfsubspace.edge import convert
+from tfsubspace.edge import edgetpu
 from tfsubspace.edge import export
+from tfsubspace.edge import measure
+from tfsubspace.edge import micro
+from tfsubspace.edge import runtime
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -44,14 +48,14 @@ def exported(tmp_path_factory):
 
 def test_every_mode_is_written_and_checked(exported):
     model, results = exported
-    assert [r.mode for r in results] == list(export.MODES)
+    assert [r.mode for r in results] == list(convert.MODES)
     by_mode = {r.mode: r for r in results}
     assert by_mode["float32"].max_abs_error < 1e-4 and by_mode["float32"].agreement == 1.0
     assert by_mode["int8"].passed and by_mode["int8"].agreement >= 0.98
     assert by_mode["int8"].size_bytes < by_mode["float16"].size_bytes < by_mode["float32"].size_bytes
     for r in results:
         assert r.path.read_bytes()[4:8] == b"TFL3" and r.examples == 64
-    runner = export.TFLiteRunner(by_mode["int8"].path)
+    runner = runtime.TFLiteRunner(by_mode["int8"].path)
     assert runner.input["dtype"] == np.int8 and list(runner.input["shape"]) == [1, 12, 12, 1]
 
 
@@ -67,37 +71,37 @@ def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
 def test_uint8_io_and_bad_arguments(tmp_path):
     model = tiny_model()
     result = export.export(model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), io_dtype="uint8")[0]
-    assert export.TFLiteRunner(result.path).input["dtype"] == np.uint8 and result.agreement > 0.9
+    assert runtime.TFLiteRunner(result.path).input["dtype"] == np.uint8 and result.agreement > 0.9
     with pytest.raises(ValueError, match="Unknown export mode 'int4'"):
         export.export(model, tmp_path, modes=("int4",), calibration_ds=as_ds(images()))
     with pytest.raises(ValueError, match="needs check_ds"):
         export.export(model, tmp_path)
     with pytest.raises(ValueError, match="needs calibration images"):
-        export.convert(model, "int8")
+        convert.convert(model, "int8")
 
 
 def test_edgetpu_report(exported, tmp_path):
     _, results = exported
     by_mode = {r.mode: r for r in results}
-    report = export.edgetpu_check(by_mode["int8"].path)
+    report = edgetpu.edgetpu_check(by_mode["int8"].path)
     assert report["compatible"], report["problems"]
     assert {row["op"] for row in report["operators"]} >= {"CONV_2D", "MAX_POOL_2D", "FULLY_CONNECTED"}
-    floats = export.edgetpu_check(by_mode["float32"].path)
+    floats = edgetpu.edgetpu_check(by_mode["float32"].path)
     assert not floats["compatible"] and any("FLOAT32, not 8-bit integer" in p for p in floats["problems"])
     exp_model = tiny_model("exponential")
     path = export.export(exp_model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), min_agreement=0.0)[0].path
-    report = export.edgetpu_check(path)
+    report = edgetpu.edgetpu_check(path)
     assert "operator EXP is not supported by the Edge TPU" in report["problems"]
-    assert "EXP                          1          Not supported by the Edge TPU" in export.format_edgetpu_report(report)
+    assert "EXP                          1          Not supported by the Edge TPU" in edgetpu.format_edgetpu_report(report)
 
 
 def test_micro_arena_and_c_array(exported, tmp_path):
     _, results = exported
     by_mode = {r.mode: r for r in results}
-    float_arena = export.micro_arena_bytes(by_mode["float32"].path)
-    int8_arena = export.micro_arena_bytes(by_mode["int8"].path)
+    float_arena = micro.micro_arena_bytes(by_mode["float32"].path)
+    int8_arena = micro.micro_arena_bytes(by_mode["int8"].path)
     assert 0 < int8_arena < float_arena
-    header, source = export.write_c_array(by_mode["int8"].path, tmp_path, arena_bytes=int8_arena)
+    header, source = micro.write_c_array(by_mode["int8"].path, tmp_path, arena_bytes=int8_arena)
     data = bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", source.read_text()))
     assert data == by_mode["int8"].path.read_bytes()
     assert f"g_model_len = {len(data)};" in source.read_text()
@@ -108,7 +112,7 @@ def test_corrupt_files_are_named(tmp_path):
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(TfSubspaceError, match="bad.tflite is not a TFLite flatbuffer"):
-        export.TFLiteRunner(bad)
+        runtime.TFLiteRunner(bad)
     keras_file = tmp_path / "m.keras"
     tiny_model().save(keras_file)
     truncated = tmp_path / "t.keras"
@@ -158,7 +162,7 @@ def test_scripts_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
     assert "input range: 0-1 (auto: model 'm' does not start with a Rescaling" in result.stdout
-    assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in export.MODES}
+    assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in convert.MODES}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), f"--models=one={model_path},two={model_path}",
                              f"--out_dir={tmp_path / 'bench'}", "--runs=5", "--warmup=1", "--eval_examples=100"],
                             capture_output=True, text=True, timeout=300, env=env)
@@ -173,7 +177,7 @@ def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
                             check_ds=as_ds(images(50, 1)), batch_size=8)
     assert [r.path.name for r in results] == ["tiny_float32_b8.tflite", "tiny_int8_b8.tflite"]
     assert all(r.passed and r.examples == 50 for r in results)  # 50 images: six full batches and a padded one
-    runner = export.TFLiteRunner(results[0].path)
+    runner = runtime.TFLiteRunner(results[0].path)
     assert runner.batch_size == 8
     x = images(11, 2)
     np.testing.assert_allclose(runner(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)

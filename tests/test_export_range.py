@@ -16,8 +16,9 @@ import tensorflow as tf
 from conftest import REPO, idx_bytes
 
 from tfsubspace import data
-from tfsubspace.edge import measure
 from tfsubspace.edge import export
+from tfsubspace.edge import input_range
+from tfsubspace.edge import measure
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -77,7 +78,7 @@ def test_data_load_value_range(setup):
 
 def test_int8_is_calibrated_and_checked_in_the_range_the_model_takes(setup, tmp_path):
     root, model = setup
-    assert export.model_input_range(model) == "0-255"
+    assert input_range.model_input_range(model) == "0-255"
     test255, labels = arrays(root, "test")
     assert np.mean(model.predict(test255, verbose=0).argmax(-1) == labels) > 0.9  # the model works on 0-255
     # The old path: calibrated and checked on [0, 1]; it looks perfect, and fails on real 0-255 input.
@@ -96,7 +97,7 @@ def test_int8_is_calibrated_and_checked_in_the_range_the_model_takes(setup, tmp_
 def test_data_in_the_wrong_range_is_refused(setup, tmp_path):
     root, model = setup
     test255, _ = arrays(root, "test")
-    error = getattr(export, "InputRangeError", TfSubspaceError)
+    error = getattr(input_range, "InputRangeError", TfSubspaceError)
     with pytest.raises(error, match=r"'takes255' starts with Rescaling 'to_unit' \(scale=0.003922, offset=0.0\): "
                        r"it takes 0-255 images, but the calibration images \(calibration_ds\) are all within \[0, 1\]"):
         export.export(model, tmp_path, modes=("int8",), calibration_ds=as_ds(arrays(root, "train")[0] / 255),
@@ -108,7 +109,7 @@ def test_data_in_the_wrong_range_is_refused(setup, tmp_path):
     with pytest.raises(error, match="input_range='0-255' was given .* all within"):
         export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(test255 / 255), input_range="0-255")
     plain = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Rescaling(2.0), keras.layers.Flatten()])
-    assert export.input_rescaling(plain) is None and export.model_input_range(plain) == "0-1"
+    assert input_range.input_rescaling(plain) is None and input_range.model_input_range(plain) == "0-1"
 
 
 def test_export_script_uses_the_models_range(setup, tmp_path):

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from tfsubspace import data, fileio, models
 from tfsubspace.prune import analysis
-from tfsubspace.edge import export
+from tfsubspace.edge import convert
+from tfsubspace.edge import runtime
 from tfsubspace.errors import DataFileError, TfSubspaceError
-from tfsubspace.prune.surgery import PlanError, PruningPlan
+from tfsubspace.prune.plan import PlanError, PruningPlan
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -71,7 +72,7 @@ def files(tmp_path_factory):
     model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Conv2D(2, 3)(inputs))))
     model.save(d / "m.keras")
     x = np.random.default_rng(0).uniform(size=(16, 6, 6, 1)).astype("float32")
-    tflite = export.convert(export.with_batch_size(model), "int8", calibration=x)
+    tflite = convert.convert(convert.with_batch_size(model), "int8", calibration=x)
     return (d / "m.keras").read_bytes(), tflite, x
 
 
@@ -92,6 +93,6 @@ def test_tflite_file(tmp_path, files, cut, flips):
     path = tmp_path / "m.tflite"
     path.write_bytes(corrupt(files[1], cut, flips))
     try:
-        export.TFLiteRunner(path)(files[2][:1])
+        runtime.TFLiteRunner(path)(files[2][:1])
     except TfSubspaceError as e:
         assert str(path) in str(e)

@@ -16,11 +16,14 @@ from tfsubspace import data, models
 from tfsubspace.prune import analysis
 from tfsubspace.peers import baselines
 from tfsubspace.peers import bridge
-from tfsubspace.edge import export
+from tfsubspace.edge import convert
+from tfsubspace.edge import qat
+from tfsubspace.edge import runtime
 from tfsubspace.prune import ranking
 from tfsubspace.models import stats
 from tfsubspace.prune import surgery
-from tfsubspace.distill.regularizers import BatchNormL1
+from tfsubspace.prune.plan import PruningPlan
+from tfsubspace.distill.lasso import BatchNormL1
 
 TFMOT_PYTHON = os.environ.get("TFSUBSPACE_TFMOT_PYTHON", str(REPO / ".venv-tfmot" / "bin" / "python"))
 
@@ -157,7 +160,7 @@ def test_pruning_peers_measure_batchnorm_statistics_after_the_cut(mnist_small, t
     slim = baselines.l1_filter_pruning(teacher, mnist_small, params=int(0.4 * stats.count_params(teacher)),
                                        epochs=0, work_dir=tmp_path, verbose=0)
     drift = max(_batchnorm_drift(slim, images).values())
-    stale = surgery.apply_plan(teacher, surgery.PruningPlan.load(tmp_path / "plan.json")).model
+    stale = surgery.apply_plan(teacher, PruningPlan.load(tmp_path / "plan.json")).model
     assert drift < 0.1 and max(_batchnorm_drift(stale, images).values()) > 4 * drift
 
 
@@ -234,15 +237,15 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(train, epochs=1, verbose=0)
     test = data.load("mnist", "test", batch_size=100, limit=200, shuffle=False, labels=False)
-    result = export.export_qat(model, tmp_path, train, epochs=1, train_examples=512, check_ds=test,
-                               python=TFMOT_PYTHON, verbose=0)
+    result = qat.export_qat(model, tmp_path, train, epochs=1, train_examples=512, check_ds=test,
+                            python=TFMOT_PYTHON, verbose=0)
     assert result.mode == "int8_qat" and result.path.exists()
     assert result.agreement >= 0.95, result
-    runner = export.TFLiteRunner(result.path)
+    runner = runtime.TFLiteRunner(result.path)
     assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
     assert list(runner.input["shape_signature"]) == [1, 28, 28, 1]  # static batch 1, as export() writes
-    with pytest.raises(export.ExportError, match="make tfmot"):
-        export.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
+    with pytest.raises(convert.ExportError, match="make tfmot"):
+        qat.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
 
 
 def test_comparison_harness_runs_every_method(tmp_path):

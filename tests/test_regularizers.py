@@ -5,11 +5,11 @@ import pytest
 from tfsubspace import models
 from tfsubspace.prune import analysis
 from tfsubspace.distill import regularizers
+from tfsubspace.distill.lasso import ChannelLasso
 
 
-def test_l1_and_group_lasso_by_hand():
+def test_group_lasso_by_hand():
     x = np.array([[3.0, 0.0], [-4.0, 1.0]], dtype="float32")  # columns are the groups
-    assert float(regularizers.L1(0.5)(x)) == pytest.approx(0.5 * 8.0)
     assert float(regularizers.GroupLasso(2.0, epsilon=0.0)(x)) == pytest.approx(2.0 * (5.0 + 1.0))
     kernel = np.zeros((3, 3, 2, 4), "float32")
     kernel[..., 1] = 1.0  # one filter of 18 ones: norm sqrt(18)
@@ -17,18 +17,16 @@ def test_l1_and_group_lasso_by_hand():
 
 
 def test_regularizers_validate_and_survive_keras_save_load(tmp_path):
-    with pytest.raises(ValueError, match="l1 must be a non-negative float. Received: l1=-1"):
-        regularizers.L1(-1)
+    with pytest.raises(ValueError, match="factor must be a non-negative float. Received: factor=-1"):
+        regularizers.GroupLasso(-1)
     inputs = keras.Input((4,))
-    outputs = keras.layers.Dense(3, kernel_regularizer=regularizers.GroupLasso(0.25),
-                                 bias_regularizer=regularizers.L1(0.125))(inputs)
+    outputs = keras.layers.Dense(3, kernel_regularizer=regularizers.GroupLasso(0.25))(inputs)
     model = keras.Model(inputs, outputs)
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     dense = loaded.layers[-1]
     assert isinstance(dense.kernel_regularizer, regularizers.GroupLasso)
     assert dense.kernel_regularizer.get_config() == {"factor": 0.25, "epsilon": 1e-12}
-    assert dense.bias_regularizer.get_config() == {"l1": 0.125}
 
 
 def test_soft_threshold_zeroes_exactly_the_small_groups():
@@ -41,7 +39,7 @@ def test_soft_threshold_zeroes_exactly_the_small_groups():
 def test_channel_lasso_members_norms_and_proximal():
     model = models.vgg16((8, 8, 1), 3, width=0.125)
     a = analysis.analyze(model)
-    lasso = regularizers.ChannelLasso(a)
+    lasso = ChannelLasso(a)
     # BN follows every conv and fc1: LASSO measures gamma and beta, never the free-scale kernels.
     assert {v.path.rsplit("/", 1)[1] for v, _ in lasso.members} == {"gamma", "beta"}
     assert lasso.num_channels == sum(g.size for g in a.groups.values() if g.prunable)
@@ -71,7 +69,7 @@ def test_channel_lasso_spans_residual_producers_without_bn():
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(keras.layers.Add()([a_, b_]))))
     model.get_layer("a").set_weights([np.ones((1, 1, 3, 2), "float32"), np.array([1.0, 0.0], "float32")])
     model.get_layer("b").set_weights([np.full((1, 1, 3, 2), 2.0, "float32")])
-    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    lasso = ChannelLasso(analysis.analyze(model))
     # channel 0: a's filter (3 ones) + a's bias (1) + b's filter (3 twos): sqrt(3 + 1 + 12)
     np.testing.assert_allclose(lasso.norms()["a"], [4.0, np.sqrt(15.0)], rtol=1e-6)
 
@@ -83,7 +81,7 @@ def test_proximal_restores_the_scale_only_where_it_is_free():
     kernel = np.zeros((3, 4), "float32")
     kernel[0] = [0.1, 0.2, 1.0, 2.0]  # channel norms; mean 0.825
     model.get_layer("d").kernel.assign(kernel)
-    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    lasso = ChannelLasso(analysis.analyze(model))
     lasso.proximal(0.5)  # threshold 0.4125: the first two die, 1.0 loses 0.4125, the strongest is spared
     np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 1.0 - 0.4125, 2.0], rtol=1e-5)
     lasso.proximal(100.0)  # however strong the LASSO, a group keeps its strongest channel
@@ -96,7 +94,7 @@ def test_channel_lasso_targets_limit_the_proximal_step():
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.ReLU()(x)
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(keras.layers.Flatten()(x)))
-    lasso = regularizers.ChannelLasso(analysis.analyze(model))
+    lasso = ChannelLasso(analysis.analyze(model))
     group = next(iter(lasso.group_sizes))
     model.get_layer("bn").gamma.assign(np.array([1.0, 0.2, 0.3, 2.0], "float32"))
     lasso.set_targets({group: np.array([False, True, False, False]), "out_not_prunable": np.ones(2, bool)})

@@ -13,7 +13,8 @@ from tfsubspace.prune import analysis
 from tfsubspace.prune import channels
 from tfsubspace.prune import surgery
 from tfsubspace.errors import UnsupportedModelError
-from tfsubspace.prune.surgery import PlanError, PruningPlan, VerificationError
+from tfsubspace.prune.plan import PlanError, PruningPlan
+from tfsubspace.prune.surgery import VerificationError
 
 L = keras.layers
 
@@ -380,12 +381,16 @@ def test_unsupported_and_lambda_layers_are_named():
     model = keras.Model(inputs, L.Dense(2)(Custom(name="doubler")(L.Dense(3)(inputs))))
     with pytest.raises(UnsupportedModelError, match="'doubler' \\(Custom\\): no channel handler"):
         analysis.analyze(model)
-    channels.register(Custom, channels.PassThrough())
-    try:
-        a = analysis.analyze(model)
-        assert [g.size for g in a.groups.values()] == [3, 2]
-    finally:
-        channels._REGISTRY.pop(Custom)
+    # a handler for one call: the analysis and the surgery built on it use it, the registry is untouched
+    a = analysis.analyze(model, handlers={Custom: channels.PassThrough()})
+    assert [g.size for g in a.groups.values()] == [3, 2]
+    plan = PruningPlan.from_masks(a, {g: np.arange(g_.size) < g_.size - 1 for g, g_ in a.groups.items() if g_.prunable})
+    slim = surgery.apply_plan(model, plan, analysis=a, check_batch=np.ones((2, 4), "float32"))
+    assert slim.max_abs_diff >= 0 and slim.model.count_params() < model.count_params()
+    with pytest.raises(UnsupportedModelError, match="no channel handler"):
+        analysis.analyze(model)
+    with pytest.raises(TypeError, match="handler for Custom must be a tfsubspace.prune.channels.Handler"):
+        analysis.analyze(model, handlers={Custom: "pass"})
     lam = keras.Model(inputs, L.Lambda(lambda t: t[..., :2], name="slicer")(L.Dense(3)(inputs)))
     with pytest.raises(UnsupportedModelError, match="'slicer' \\(Lambda\\): a Lambda layer"):
         analysis.analyze(lam)

@@ -40,13 +40,16 @@ from tfsubspace.prune import ranking
 from tfsubspace.models import stats
 from tfsubspace.distill import subspace
 from tfsubspace.prune import surgery
+from tfsubspace.prune.plan import PruningPlan
 from tfsubspace.train import workdir
 from tfsubspace.prune.analysis import ChannelAnalysis, analyze
-from tfsubspace.distill.trainer import BudgetTargets, StudentTrainer, stage_split, train_student
+from tfsubspace.distill.budget import BudgetTargets
+from tfsubspace.distill.trainer import StudentTrainer, stage_split, train_student
 from tfsubspace.errors import DataMismatchWarning, TfSubspaceError, WorkDirError
-from tfsubspace.distill.regularizers import ChannelLasso
-from tfsubspace.distill.student import (INITS, batchnorm_layers, batchnorm_mismatch, build_student, reestimate_batchnorm,
-                                too_short_for_batchnorm)
+from tfsubspace.distill.lasso import ChannelLasso, alive, lasso_plan
+from tfsubspace.distill.batchnorm import batchnorm_layers, batchnorm_mismatch, reestimate_batchnorm, too_short_for_batchnorm
+from tfsubspace.distill.report import evaluate, format_report
+from tfsubspace.distill.student import INITS, build_student
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -55,34 +58,50 @@ SCHEDULES = ("end_to_end", "stage_wise")
 _PRESENTATION = ("verbose", "tensorboard_dir")
 
 
+def _option(default, help_text: str):
+    """A CompressionConfig field with its one-line help (the scripts' --help reads it)."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass
 class CompressionConfig:
-    """Every option of compress(); see compress() for their meaning."""
+    """Every option of compress(); see compress() for their meaning. Each field's metadata
+    carries its help line, from which scripts/compress.py declares its flags."""
 
-    energy: float | None = 0.99
-    width_ratio: float | None = None
-    min_ratio: float = 0.0
-    multiple: int = 8
-    init: str = "teacher"
-    schedule: str = "end_to_end"
-    epochs: int = 5
-    recover_epochs: int = 2
-    steps_per_epoch: int | None = None
-    learning_rate: float = 1e-3
-    recover_learning_rate: float = 3e-4
-    tap_weight: float = 1.0
-    kd_weight: float = 1.0
-    temperature: float = 4.0
-    lasso: float = 0.25
-    lasso_learning_rate: float = 0.01
-    zero_tolerance: float = 1e-6
-    target_params: float | int | None = None
-    target_macs: float | int | None = None
-    stats_batches: int = 100
-    bn_batches: int = 50
-    seed: int = 0
-    tensorboard_dir: str | None = None
-    verbose: int | str = "auto"
+    energy: float | None = _option(0.99, "Share of latent energy each group's subspace keeps.")
+    width_ratio: float | None = _option(None, "A fixed share of each group's width (instead of energy).")
+    min_ratio: float = _option(0.0, "Lower bound of each width, as a share of the teacher's.")
+    multiple: int = _option(8, "Round every width up to a multiple of this (SIMD, Edge TPU).")
+    init: str = _option(
+        "teacher", "Student initialisation: 'teacher' (its channels of most latent energy) or 'random'."
+    )
+    schedule: str = _option(
+        "end_to_end", "Latent learning: 'end_to_end' (all taps at once) or 'stage_wise' (tap by tap)."
+    )
+    epochs: int = _option(5, "Epochs of latent learning with LASSO.")
+    recover_epochs: int = _option(2, "Epochs of recovery after pruning.")
+    steps_per_epoch: int | None = _option(
+        None, "Batches per epoch (default: the whole data set; needed when it repeats)."
+    )
+    learning_rate: float = _option(1e-3, "Adam learning rate of latent learning (cosine decay).")
+    recover_learning_rate: float = _option(3e-4, "Adam learning rate of recovery (cosine decay).")
+    tap_weight: float = _option(1.0, "Weight of each latent matching loss.")
+    kd_weight: float = _option(1.0, "Weight of output distillation.")
+    temperature: float = _option(4.0, "Distillation temperature.")
+    lasso: float = _option(0.25, "Channel LASSO factor (0 disables).")
+    lasso_learning_rate: float = _option(0.01, "SGD learning rate of the variables LASSO measures.")
+    zero_tolerance: float = _option(1e-6, "Channel norm under which LASSO counts a channel as zeroed.")
+    target_params: float | int | None = _option(
+        None, "Parameter budget: a ratio of the teacher's (float in (0, 1]) or a count (integer > 1)."
+    )
+    target_macs: float | int | None = _option(
+        None, "MAC budget per image: a ratio of the teacher's (float in (0, 1]) or a count (integer > 1)."
+    )
+    stats_batches: int = _option(100, "Batches for the latent statistics.")
+    bn_batches: int = _option(50, "Batches for each BatchNormalization re-estimation.")
+    seed: int = _option(0, "Random seed.")
+    tensorboard_dir: str | None = _option(None, "Write TensorBoard logs of the training stages there.")
+    verbose: int | str = _option("auto", "Progress output: 'auto', 0, 1 or 2.")
 
     def validate(self) -> None:
         """Raises a ValueError naming the first option whose type or value is wrong."""
@@ -168,7 +187,7 @@ class CompressionResult:
     written into work_dir (empty when compress() ran without one)."""
 
     student: keras.Model
-    plan: surgery.PruningPlan
+    plan: PruningPlan
     report: dict
     paths: dict[str, Path]
 
@@ -361,7 +380,7 @@ class _Pipeline:
         recover_bn = bn_passes > 0 and too_short_for_batchnorm(self.teacher, self.ds, c.recover_epochs)
         adapter_passes = int(c.tap_weight > 0)
         epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)  # noqa: E731  (measured when needed)
-        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, surgery.PruningPlan.load,
+        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, PruningPlan.load,
                             passes=1)
         if (self.dir / "spectra.png").exists():
             self.paths["spectra"] = self.dir / "spectra.png"
@@ -375,7 +394,7 @@ class _Pipeline:
             lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
             None, passes=lambda: adapter_passes + c.epochs * epoch_passes())
         plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p),
-                            surgery.PruningPlan.load)
+                            PruningPlan.load)
         student = self._stage("student_pruned", self.dir / "student_pruned.keras",
                               lambda p: self._prune(student, plan1, p), None, passes=1 + bn_passes)
         if c.recover_epochs:
@@ -408,7 +427,7 @@ class _Pipeline:
         dims = subspace.choose_dimensions(latents, energy=None if c.width_ratio else c.energy,
                                           width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple)
         keep = subspace.top_channels(latents, dims)
-        plan = surgery.PruningPlan.from_masks(self.analysis, keep)
+        plan = PruningPlan.from_masks(self.analysis, keep)
         self.spectra = {
             g: {"tap": st.tap, "width": len(st.total), "k": dims[g], "samples": st.count,
                 "spectrum": [float(v) for v in st.spectrum()], "mean_square": _mean_square(st)}
@@ -462,9 +481,9 @@ class _Pipeline:
         extra = []
         if lasso is not None and c.target_params is not None:
             budget = _absolute(c.target_params, stats.count_params(self.teacher))
-            alive = lambda n: {g: v > c.zero_tolerance * max(1.0, float(v.max(initial=0.0))) for g, v in n.items()}  # noqa: E731
             extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
-                student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms)).masks(),
+                student_analysis, norms, params=budget, multiple=c.multiple,
+                keep=alive(norms, c.zero_tolerance)).masks(),
                 groups_of_taps={tap: g for g, tap in student_analysis.taps().items()}))
         train_student(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
                       verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra, strategy=self.strategy)
@@ -503,8 +522,8 @@ class _Pipeline:
     def _reestimate_batchnorm(self, student):
         """Moving BN statistics measured on the student as it is. After pruning: removing
         channels LASSO did not zero (a budget cut short of them) shifts what every later
-        BatchNormalization sees, and inference mode falls far below training mode (a WRN-16-4
-        cut on 10k MNIST images: 27.6% without this, 97.9% with it)."""
+        BatchNormalization sees, and inference mode falls far below training mode while
+        training mode looks fine (benchmarks/README.md has the measurements)."""
         used = reestimate_batchnorm(student, self.ds, self.config.bn_batches)
         if used:
             self.log(f"BN statistics re-estimated on {used} batches")
@@ -565,18 +584,7 @@ def _mean_square(st: subspace.LatentStatistics) -> float:
     return float(max(np.trace(st.cross) / max(st.count, 1) / len(st.total), 1e-12))
 
 
-def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multiple: int = 1,
-               budget: float | None = None, macs_budget: float | None = None) -> surgery.PruningPlan:
-    """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
-    under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
-    the weakest by normalized norm until both are met (tfsubspace.prune.ranking.plan_for_budget)."""
-    norms = ChannelLasso(analysis).norms()
-    alive = {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
-    return ranking.plan_for_budget(analysis, norms, params=budget, macs=macs_budget, compare="normalized",
-                                   multiple=multiple, keep=alive)
-
-
-def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.PruningPlan:
+def _compose(plan0: PruningPlan, plan1: PruningPlan) -> PruningPlan:
     """The teacher's kept channels of the final student: plan1 (student) after plan0 (teacher)."""
     groups = {}
     for g, first in plan0.groups.items():
@@ -588,60 +596,4 @@ def _compose(plan0: surgery.PruningPlan, plan1: surgery.PruningPlan) -> surgery.
         if g in plan1.groups:
             keep = [keep[i] for i in plan1.groups[g]["keep"]]
         groups[g] = {"size": first["size"], "keep": keep}
-    return surgery.PruningPlan(plan0.model, plan0.fingerprint, groups)
-
-
-def _classes(model: keras.Model) -> int:
-    return int(model.outputs[0].shape[-1])
-
-
-def evaluate(model: keras.Model, ds, teacher: keras.Model | None = None) -> dict:
-    """Top-1 accuracy (batches with labels: class indices or one-hot) and agreement with
-    `teacher` (if given)."""
-    correct = agree = total = 0
-    labeled = False
-    for batch in ds:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-        pred = np.argmax(keras.ops.convert_to_numpy(model(x, training=False)), axis=-1)
-        total += len(pred)
-        if y is not None:
-            labeled = True
-            correct += int(np.sum(pred == inputs.labels_to_sparse(y, _classes(model))))
-        if teacher is not None:
-            agree += int(np.sum(pred == np.argmax(keras.ops.convert_to_numpy(teacher(x, training=False)), axis=-1)))
-    if total == 0:
-        raise TfSubspaceError("The evaluation data set is empty.")
-    out = {"examples": total}
-    if labeled:
-        out["accuracy"] = correct / total
-    if teacher is not None:
-        out["agreement"] = agree / total
-    return out
-
-
-def format_report(report: dict) -> str:
-    """Markdown: the before/after summary and the per-layer table of a compress() report."""
-    t, s = report["teacher"], report["student"]
-
-    def pct(v):
-        return "n/a" if v is None else f"{100 * v:.2f}%"
-
-    lines = [
-        f"# Compression of {t['name']}",
-        "",
-        "| | teacher | student |",
-        "|---|---:|---:|",
-        f"| params | {t['params']:,} | {s['params']:,} ({pct(report['params_removed'])} removed) |",
-        f"| MACs / image | {t['macs']:,} | {s['macs']:,} ({pct(report['macs_removed'])} removed) |",
-    ]
-    if "accuracy" in s:
-        lines.append(f"| accuracy | {pct(t.get('accuracy'))} | {pct(s.get('accuracy'))} |")
-    if "agreement" in s:
-        lines.append(f"| top-1 agreement with the teacher | | {pct(s['agreement'])} |")
-    for name, b in report.get("budgets", {}).items():
-        lines.append(f"| {name} budget | | {b['target']:,}: {'met' if b['met'] else 'NOT met'} |")
-    lines += ["", "## Widths per channel group", "", "| group | teacher | subspace | final |", "|---|---:|---:|---:|"]
-    for g, w in report["widths"].items():
-        lines.append(f"| {g} | {w['teacher']} | {w['subspace']} | {w['final']} |")
-    lines += ["", "## Layers", "", surgery.format_report(report["layers"])]
-    return "\n".join(lines) + "\n"
+    return PruningPlan(plan0.model, plan0.fingerprint, groups)

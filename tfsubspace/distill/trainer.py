@@ -30,8 +30,9 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from tfsubspace import keras_private
 from tfsubspace.train.fitloop import fit_resumable
-from tfsubspace.distill.regularizers import ChannelLasso
+from tfsubspace.distill.lasso import ChannelLasso
 
 
 def _adapter(rank: int, teacher_channels: int, name: str):
@@ -71,11 +72,11 @@ def logits_output(model: keras.Model):
     layer's output computed without its activation.
     """
     output = model.outputs[0]
-    history = getattr(output, "_keras_history", None)
-    if history is None:
+    made_by = keras_private.producer(output)
+    if made_by is None:
         return output
-    layer = history.operation
-    inputs = layer._inbound_nodes[history.node_index].input_tensors
+    layer, node_index = made_by
+    inputs = keras_private.inbound_nodes(layer)[node_index].input_tensors
     if isinstance(layer, keras.layers.Softmax) or (
             isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)):
         return inputs[0]
@@ -325,48 +326,6 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
     stages = max(1, min(stages, len(taps)))
     bounds = np.linspace(0, len(taps), stages + 1).round().astype(int)
     return [taps[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-class BudgetTargets(keras.callbacks.Callback):
-    """Aims a ChannelLasso at a budget: every `every` steps, marks the channels that
-    `choose(norms)` (a function from the current channel norms to keep-masks, e.g. the plan
-    that meets a parameter budget) would remove, and restricts the proximal step to them
-    (stage-wise, to those of the groups whose taps `groups_of_taps` lists as trained so far).
-    LASSO then drives exactly those channels to zero while the rest of the network learns
-    to do without them, so pruning to the budget afterwards removes zeros only."""
-
-    def __init__(self, lasso: ChannelLasso, choose, every: int = 50, groups_of_taps: dict[str, str] | None = None):
-        super().__init__()
-        self.lasso, self.choose, self.every = lasso, choose, every
-        self.groups_of_taps = groups_of_taps  # tap -> group, to follow a stage-wise schedule
-
-    def _update(self):
-        keep = self.choose(self.lasso.norms())
-        targets = {g: ~np.asarray(m, bool) for g, m in keep.items()}
-        if self.groups_of_taps is not None and self.model.stages is not None:
-            # stage-wise: a layer whose latent is not trained yet gets no gradient to make up
-            # for what LASSO takes, so only the groups of the taps trained so far shrink
-            trained = {self.groups_of_taps[t] for t in self.model.trained_taps() if t in self.groups_of_taps}
-            targets = {g: m if g in trained else np.zeros_like(m) for g, m in targets.items()}
-        self.lasso.set_targets(targets)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.model.stages is not None:
-            self._update()  # the stage may have changed
-
-    def on_train_begin(self, logs=None):
-        # steps count from the optimizer's, and the targets are saved with the trainer's
-        # weights: a resumed run continues the same schedule from the same targets
-        if self._step() == 0:
-            self._update()
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._step() % self.every == 0:
-            self._update()
-
-    def _step(self) -> int:
-        # convert_to_numpy also reads a distributed (mirrored) counter, which int() cannot
-        return int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
 
 
 def train_student(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,

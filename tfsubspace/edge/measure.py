@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from tfsubspace import fileio
-from tfsubspace.edge.export import TFLiteRunner, check_input_range, micro_arena_bytes
+from tfsubspace.edge.input_range import check_input_range
+from tfsubspace.edge.micro import micro_arena_bytes
+from tfsubspace.edge.runtime import TFLiteRunner
 
 
 @dataclasses.dataclass
@@ -77,7 +79,7 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
         reference: a Keras model whose top-1 answers define agreement (e.g. the teacher).
         micro: measure the TFLite Micro arena of float32 and int8 files.
         input_range: None (guess), "0-1" or "0-255": the pixel range of eval_ds, checked
-            against `reference` and every entry's Keras model (export.check_input_range).
+            against `reference` and every entry's Keras model (check_input_range).
     """
     import keras
 

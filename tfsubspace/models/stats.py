@@ -17,6 +17,8 @@ import math
 
 import keras
 
+from tfsubspace import keras_private
+
 from tfsubspace.errors import UnsupportedModelError
 from tfsubspace.prune.graph import functional_view
 
@@ -65,7 +67,7 @@ def _calls_by_layer(model: keras.Model) -> dict[int, list]:
     .keras file builds), and summing them counts a layer several times over.
     """
     calls = collections.defaultdict(list)
-    for nodes in functional_view(model)._nodes_by_depth.values():
+    for nodes in keras_private.nodes_by_depth(functional_view(model)).values():
         for node in nodes:
             if node.operation is not None and not node.is_input:
                 calls[id(node.operation)].append(node)

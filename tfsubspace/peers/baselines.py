@@ -39,9 +39,8 @@ from tfsubspace.prune import ranking
 from tfsubspace.prune import surgery
 from tfsubspace.prune.analysis import analyze
 from tfsubspace.distill.trainer import StudentTrainer, train_student
-from tfsubspace.distill.pipeline import lasso_plan
-from tfsubspace.distill.regularizers import BatchNormL1, ChannelLasso
-from tfsubspace.distill.student import reestimate_batchnorm, too_short_for_batchnorm
+from tfsubspace.distill.lasso import BatchNormL1, ChannelLasso, lasso_plan
+from tfsubspace.distill.batchnorm import reestimate_batchnorm, too_short_for_batchnorm
 
 
 def fresh_copy(model: keras.Model) -> keras.Model:

@@ -3,7 +3,7 @@
 These run in their own process, in an environment with the `tfmot` extra (`make tfmot`):
 importing TFMOT switches tf.keras to tf_keras for the whole process. The models arrive as
 layer specs (tfsubspace.peers.bridge.save_spec); the main process calls them through
-scripts/qat.py (tfsubspace.edge.export.export_qat) and benchmarks/tfmot_prune.py.
+scripts/qat.py (tfsubspace.edge.qat.export_qat) and benchmarks/tfmot_prune.py.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _int8_tflite(model, calibration_ds, samples: int = 256) -> bytes:
 
 
 def run_job(path: str | os.PathLike) -> None:
-    """Runs the job a JSON file describes (written by tfsubspace.edge.export.export_qat)."""
+    """Runs the job a JSON file describes (written by tfsubspace.edge.qat.export_qat)."""
     import json
 
     import tensorflow as tf
@@ -74,8 +74,7 @@ def run_job(path: str | os.PathLike) -> None:
 def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> None:
     """Starts every activation range of `quantized` at the range the float model's layer
     outputs take on `batches` batches. TFMOT starts them at [-6, 6] and moves them by a slow
-    moving average, so a short QAT run would keep clipping wide activations such as logits
-    (seen: 11% top-1 agreement before training, 96% after two epochs)."""
+    moving average, so a short QAT run would keep clipping wide activations such as logits."""
     import tf_keras
 
     layers = [layer for layer in float_model.layers if not isinstance(layer, tf_keras.layers.InputLayer)]
@@ -109,8 +108,7 @@ def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | 
 
     Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
     layers are frozen: in training mode they would normalize by batch statistics and drift
-    their moving averages (seen: a Conv-BN-ReLU student fell from 87% to 55% top-1 agreement
-    in two epochs; frozen, it reached 99%)."""
+    their moving averages away from the statistics the model was trained with."""
     import tensorflow_model_optimization as tfmot
     import tf_keras
 
@@ -137,7 +135,7 @@ def _with_batchnorm_reestimated(model, ds, batches: int = 50):
     and with its statistics measured again."""
     import tf_keras
 
-    from tfsubspace.distill.student import reestimate_batchnorm
+    from tfsubspace.distill.batchnorm import reestimate_batchnorm
 
     copy = tf_keras.models.clone_model(model)
     copy.set_weights(model.get_weights())

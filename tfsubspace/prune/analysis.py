@@ -59,10 +59,15 @@ class _UnionFind:
 
 
 class ChannelAnalysis:
-    """The channel groups of a model and the channel ids of every tensor of its graph."""
+    """The channel groups of a model and the channel ids of every tensor of its graph.
 
-    def __init__(self, model: keras.Model):
+    `handlers` maps layer classes to channel handlers for this analysis only (and the surgery
+    and LASSO built on it), ahead of the registry of tfsubspace.prune.channels.register.
+    """
+
+    def __init__(self, model: keras.Model, handlers: dict | None = None):
         self.model = model
+        self.handlers = channels.check_handlers(handlers)
         self.graph = graph.trace(model)
         self._channels = _UnionFind()
         self._producer_of_channel: list[str] = []  # global channel -> producing layer path
@@ -125,7 +130,7 @@ class ChannelAnalysis:
             else:  # a shared layer's weights serve every call: its inputs keep the same channels
                 for a, b in zip(first[0], in_ids):
                     self.tie(a, b, node.layer)
-            handler = channels.handler_for(node.layer)
+            handler = self.handler_for(node.layer)
             out = handler.map_channels(node.layer, in_ids, [ref.shape for ref in node.inputs], self)
             self._node = None
             if len(out) != node.outputs[0].shape[-1]:
@@ -240,12 +245,16 @@ class ChannelAnalysis:
                 readers = consumers.get(node.outputs[0].key, [])
                 if len(readers) != 1 or "/" in readers[0].path or isinstance(readers[0].layer, _NOISE_LAYERS):
                     break
-                handler = channels.handler_for(readers[0].layer)
+                handler = self.handler_for(readers[0].layer)
                 if not isinstance(handler, (channels.PassThrough, channels.Follower, channels.Merge)):
                     break
                 node = readers[0]
             taps[group.name] = node.path
         return taps
+
+    def handler_for(self, layer) -> channels.Handler:
+        """The handler of `layer`: this analysis's own handlers first, then the registry."""
+        return channels.handler_for(layer, self.handlers)
 
     def fingerprint(self) -> str:
         """A short hash of the group structure, to tell whether a plan fits this model."""
@@ -267,6 +276,12 @@ _NOISE_LAYERS = (
 )
 
 
-def analyze(model: keras.Model) -> ChannelAnalysis:
-    """The channel groups of a Functional or Sequential model (see ChannelAnalysis)."""
-    return ChannelAnalysis(model)
+def analyze(model: keras.Model, handlers: dict | None = None) -> ChannelAnalysis:
+    """The channel groups of a Functional or Sequential model (see ChannelAnalysis).
+
+    Args:
+        model: the model to analyse.
+        handlers: {layer class: channels.Handler} for this call only, ahead of the global
+            registry (e.g. `{MyLayer: channels.PassThrough()}`).
+    """
+    return ChannelAnalysis(model, handlers)

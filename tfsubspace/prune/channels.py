@@ -10,6 +10,8 @@ per multiplier). Every supported layer type has a handler with the same four job
 - `slice_weights`: the layer's weights cut to the kept positions, in get_weights() order;
 - `count_params`: the parameter count for given kept input and output counts.
 
+`kernel_of(layer)` is the weight that holds a producer's output channels.
+
 `register(layer_class, handler)` adds or replaces a handler, so a custom layer can take
 part; a layer whose class has no handler is an error that names it.
 """
@@ -290,20 +292,43 @@ class Unsupported(Handler):
         _fail(layer, self.reason)
 
 
+def kernel_of(layer):
+    """The kernel that holds `layer`'s output channels: a separable convolution's pointwise
+    kernel, any other layer's `kernel`. Its output channels lie on the last axis, except for a
+    transposed convolution (TransposeProducer), whose kernel is (..., out, in)."""
+    return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+
+
 _REGISTRY: dict[type, Handler] = {}
 
 
-def register(layer_class: type, handler: Handler) -> None:
-    """Registers `handler` for `layer_class` and its subclasses (replacing any earlier one)."""
+def _check_pair(layer_class, handler) -> None:
     if not isinstance(layer_class, type) or not issubclass(layer_class, keras.layers.Layer):
         raise TypeError(f"layer_class must be a keras Layer class. Received: {layer_class!r}")
+    if not isinstance(handler, Handler):
+        raise TypeError(f"handler for {layer_class.__name__} must be a tfsubspace.prune.channels.Handler. "
+                        f"Received: {handler!r}")
+
+
+def register(layer_class: type, handler: Handler) -> None:
+    """Registers `handler` for `layer_class` and its subclasses (replacing any earlier one), for
+    every analysis; to use a handler in one analysis only, pass analyze(model, handlers=...)."""
+    _check_pair(layer_class, handler)
     _REGISTRY[layer_class] = handler
 
 
-def handler_for(layer) -> Handler:
-    """The handler of `layer`'s class (or its nearest registered base class)."""
+def check_handlers(handlers: dict | None) -> dict:
+    """A copy of a per-call {layer class: handler} mapping, each pair checked."""
+    for layer_class, handler in (handlers or {}).items():
+        _check_pair(layer_class, handler)
+    return dict(handlers or {})
+
+
+def handler_for(layer, handlers: dict | None = None) -> Handler:
+    """The handler of `layer`'s class (or of its nearest base class): from `handlers` (one
+    analysis's own) first, then from the registry."""
     for cls in type(layer).__mro__:
-        handler = _REGISTRY.get(cls)
+        handler = (handlers or {}).get(cls) or _REGISTRY.get(cls)
         if handler is not None:
             return handler
     _fail(layer, "no channel handler is registered for this layer type; register one with "

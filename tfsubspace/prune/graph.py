@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import keras
 
+from tfsubspace import keras_private
+
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -71,7 +73,7 @@ def functional_view(model, name: str = "model") -> keras.Model:
                 "keras.Input(shape=...) so that its graph exists."
             )
         return keras.Model(inputs, outputs, name=model.name)
-    if not hasattr(model, "_nodes_by_depth"):
+    if not keras_private.has_graph(model):
         raise UnsupportedModelError(
             f"Model {model.name!r} ({type(model).__name__}) is a subclassed model: its call() is "
             "Python code with no layer graph to analyse. Rebuild it with the Functional API "
@@ -104,8 +106,8 @@ def _trace(model, input_refs, counter, prefix) -> Graph:
             inputs.append(outer)
 
     nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
+    for depth in sorted(keras_private.nodes_by_depth(model), reverse=True):
+        for node in keras_private.nodes_by_depth(model)[depth]:
             if node.operation is None or node.is_input:
                 continue
             if not all(id(t) in refs for t in node.input_tensors):

@@ -20,9 +20,10 @@ import keras
 import numpy as np
 
 from tfsubspace.models import stats
-from tfsubspace.prune import surgery
+from tfsubspace.prune import channels, surgery
 from tfsubspace.prune.analysis import ChannelAnalysis
-from tfsubspace.distill.regularizers import ChannelIndex, _kernel
+from tfsubspace.prune.plan import PruningPlan
+from tfsubspace.prune.index import ChannelIndex
 
 COMPARE = ("normalized", "rank", "raw")
 
@@ -33,14 +34,14 @@ def filter_l1_norms(analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
     index = ChannelIndex(analysis)
     total = np.zeros(index.num_channels)
     for node, _, channel_index in index.producers():
-        kernel = keras.ops.convert_to_numpy(_kernel(node.layer))
+        kernel = keras.ops.convert_to_numpy(channels.kernel_of(node.layer))
         np.add.at(total, channel_index, np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0))
     return index.split(total)
 
 
 def plan_for_budget(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], *, params: float | None = None,
                     macs: float | None = None, compare: str = "normalized", multiple: int = 1,
-                    keep: dict[str, np.ndarray] | None = None) -> surgery.PruningPlan:
+                    keep: dict[str, np.ndarray] | None = None) -> PruningPlan:
     """The plan that removes the fewest lowest-scored channels for the model to have at most
     `params` parameters and `macs` MACs per image (absolute counts; None: no limit).
 
@@ -56,7 +57,7 @@ def plan_for_budget(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], *,
             mask[int(np.argmax(scores[g]))] = True
 
     def finish(trial):
-        plan = surgery.PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=scores)
+        plan = PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=scores)
         return ensure_every_layer_kept(analysis, plan, scores)
 
     if params is not None or macs is not None:
@@ -158,5 +159,5 @@ def ensure_every_layer_kept(analysis, plan, scores):
             continue
         g, i = max(candidates, key=lambda p: float(scores.get(p[0], np.zeros(p[1] + 1))[p[1]]))
         masks[g][i] = True
-    return surgery.PruningPlan(plan.model, plan.fingerprint, {
+    return PruningPlan(plan.model, plan.fingerprint, {
         g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()})

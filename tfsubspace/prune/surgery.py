@@ -1,10 +1,11 @@
 """Surgery: rebuild a physically slimmer Keras model from a pruning plan, and prove it.
 
-A `PruningPlan` keeps, for each channel group of a model (tfsubspace.prune.analysis), the indices
-of the channels to keep. `apply_plan(model, plan)` builds a new model whose layers have only
-those channels, with weights sliced from the original, and checks it against
-`masked_predict(model, plan, x)`: the original model run with every removed channel forced
-to zero wherever it appears. The two agree up to float rounding, or surgery fails.
+A `PruningPlan` (tfsubspace.prune.plan) keeps, for each channel group of a model
+(tfsubspace.prune.analysis), the indices of the channels to keep. `apply_plan(model, plan)`
+builds a new model whose layers have only those channels, with weights sliced from the
+original, and checks it against `masked_predict(model, plan, x)`: the original model run with
+every removed channel forced to zero wherever it appears. The two agree up to float rounding,
+or surgery fails.
 
 A removed channel can still carry a non-zero constant in the original (act(beta) after a
 BatchNormalization whose conv filter LASSO zeroed). With `fold_constants=True` that constant
@@ -18,183 +19,26 @@ other error, and each fold reports how far it moves its layer's output on the ch
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 
 import keras
 import numpy as np
 
-from tfsubspace import fileio
-from tfsubspace.prune import channels
+from tfsubspace.prune import channels, graph
 from tfsubspace.models import stats
 from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.errors import TfSubspaceError
 from tfsubspace.prune.graph import Graph, substitute
+from tfsubspace.prune.plan import PlanError, PruningPlan
 
-PLAN_FORMAT = "tfsubspace.pruning_plan/1"
-
-
-class PlanError(TfSubspaceError, ValueError):
-    """A pruning plan that is malformed or does not fit the model it is applied to."""
+__all__ = [
+    "PlanError", "PruningPlan", "SurgeryResult", "VerificationError", "apply_plan", "format_report",
+    "layer_report", "masked_predict", "plan_params",
+]
 
 
 class VerificationError(TfSubspaceError, AssertionError):
     """The slim model does not reproduce the masked model within the tolerance."""
-
-
-@dataclasses.dataclass
-class PruningPlan:
-    """Kept channel indices per channel group of one model.
-
-    Saved as JSON beside the slim model, so that the slim model can be rebuilt from the
-    original: {"format", "model", "fingerprint", "groups": {name: {"size", "keep"}}}.
-    """
-
-    model: str
-    fingerprint: str
-    groups: dict[str, dict]  # name -> {"size": int, "keep": [int, ...]}
-    # The file the plan was loaded from, named by every error about it (not part of the plan).
-    source: str | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    def _error(self, message: str) -> PlanError:
-        return PlanError(f"Pruning plan {self.source}: {message}" if self.source else message)
-
-    def check(self) -> None:
-        """Raises PlanError unless every group has a positive size and distinct, increasing kept
-        indices below it: the plan's own consistency, whatever model it is for. masks() and
-        surgery index arrays with these, so a bad one must stop here rather than as an
-        IndexError (or, for a negative index, silently count from the end)."""
-        if not isinstance(self.groups, dict):
-            raise self._error("'groups' must map group names to {'size', 'keep'}.")
-        for name, g in self.groups.items():
-            size, keep = (g.get("size"), g.get("keep")) if isinstance(g, dict) else (None, None)
-            if not _is_index(size) or size < 1 or not isinstance(keep, list):
-                raise self._error(f"Group {name!r} must have a positive integer 'size' and a 'keep' list.")
-            problem = _keep_problem(keep, size)
-            if problem:
-                raise self._error(f"Group {name!r}: kept indices must be distinct integers in [0, {size}), "
-                                  f"in increasing order; found {problem}.")
-
-    @classmethod
-    def keep_all(cls, analysis: ChannelAnalysis) -> "PruningPlan":
-        return cls(analysis.model.name, analysis.fingerprint(),
-                   {g.name: {"size": g.size, "keep": list(range(g.size))} for g in analysis.groups.values()})
-
-    @classmethod
-    def from_masks(cls, analysis: ChannelAnalysis, masks: dict[str, np.ndarray]) -> "PruningPlan":
-        """A plan from boolean keep-masks (or index lists) for some groups; others keep all."""
-        plan = cls.keep_all(analysis)
-        for name, mask in masks.items():
-            if name not in plan.groups:
-                raise PlanError(f"No channel group {name!r} in model {analysis.model.name!r}; "
-                                f"groups: {', '.join(plan.groups)}.")
-            mask, size = np.asarray(mask), plan.groups[name]["size"]
-            if mask.dtype == bool and mask.shape != (size,):
-                raise PlanError(f"Group {name!r}: a keep-mask of shape {mask.shape} for a group of {size} channels.")
-            if mask.dtype != bool and mask.size and not np.issubdtype(mask.dtype, np.integer):
-                raise PlanError(f"Group {name!r}: kept indices must be integers, not {mask.dtype}.")
-            keep = np.nonzero(mask)[0] if mask.dtype == bool else np.unique(mask)
-            plan.groups[name]["keep"] = [int(i) for i in keep]
-        plan.check()
-        return plan
-
-    def masks(self) -> dict[str, np.ndarray]:
-        self.check()
-        out = {}
-        for name, g in self.groups.items():
-            mask = np.zeros(g["size"], dtype=bool)
-            mask[g["keep"]] = True
-            out[name] = mask
-        return out
-
-    def round_up(self, multiple: int, scores: dict[str, np.ndarray] | None = None) -> "PruningPlan":
-        """A plan whose kept counts are rounded up to a multiple (capped at the group size),
-        adding back the removed channels of highest score (or lowest index)."""
-        if multiple < 1:
-            raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
-        self.check()
-        groups = {}
-        for name, g in self.groups.items():
-            keep = set(g["keep"])
-            target = min(g["size"], math.ceil(len(keep) / multiple) * multiple) if keep else 0
-            removed = [i for i in range(g["size"]) if i not in keep]
-            if scores is not None and name in scores:
-                removed.sort(key=lambda i: -float(scores[name][i]))
-            keep.update(removed[: target - len(keep)])
-            groups[name] = {"size": g["size"], "keep": sorted(keep)}
-        return PruningPlan(self.model, self.fingerprint, groups)
-
-    def validate(self, analysis: ChannelAnalysis) -> None:
-        """Raises PlanError unless this plan fits `analysis`'s model and keeps what it must."""
-        self.check()
-        if self.fingerprint != analysis.fingerprint() or set(self.groups) != set(analysis.groups):
-            raise self._error(
-                f"This plan was made for model {self.model!r} with other channel groups than "
-                f"model {analysis.model.name!r} has (fingerprint {self.fingerprint} vs "
-                f"{analysis.fingerprint()}). Apply a plan to the model it was made for."
-            )
-        for name, group in analysis.groups.items():
-            keep = self.groups[name]["keep"]
-            if self.groups[name]["size"] != group.size:
-                raise self._error(f"Group {name!r}: expected size {group.size}, the plan says "
-                                  f"{self.groups[name]['size']}.")
-            if not keep:
-                raise self._error(f"Group {name!r} would lose all {group.size} channels, which disconnects "
-                                  f"the model at {', '.join(group.producers)}; keep at least one.")
-            if group.pinned and len(keep) != group.size:
-                raise self._error(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
-        kept = analysis.keep_vector(self.masks())
-        for node in analysis.graph.walk():
-            if not len(analysis.kept_positions(node.outputs[0], kept)):
-                raise self._error(
-                    f"The plan removes every output channel of layer {node.path!r} (its channels are "
-                    f"one part of a merged group); keep at least one of them."
-                )
-
-    def to_json(self) -> dict:
-        return {"format": PLAN_FORMAT, "model": self.model, "fingerprint": self.fingerprint, "groups": self.groups}
-
-    @classmethod
-    def from_json(cls, obj, source: str | None = None) -> "PruningPlan":
-        """The plan in `obj` (as to_json() makes it); `source` names it in errors."""
-        where = f": {source}" if source else ""
-        if not isinstance(obj, dict) or obj.get("format") != PLAN_FORMAT or not isinstance(obj.get("groups"), dict):
-            raise PlanError(f"Not a tfsubspace pruning plan{where} (expected format {PLAN_FORMAT!r}).")
-        if not isinstance(obj.get("model"), str) or not isinstance(obj.get("fingerprint"), str):
-            raise PlanError(f"Pruning plan{where} lacks the 'model' and 'fingerprint' strings that tie it to "
-                            f"its model; make it again with PruningPlan.from_masks or keep_all.")
-        plan = cls(obj["model"], obj["fingerprint"], obj["groups"], source)
-        plan.check()
-        return plan
-
-    def save(self, path: str | os.PathLike) -> Path:
-        return fileio.write_json(path, self.to_json())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PruningPlan":
-        try:
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise PlanError(f"Cannot read pruning plan {path}: {e}") from None
-        return cls.from_json(obj, source=str(path))
-
-
-def _is_index(i) -> bool:
-    return isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_))
-
-
-def _keep_problem(keep: list, size: int) -> str | None:
-    """The first kept index that is no integer, out of range or not above the one before."""
-    for n, i in enumerate(keep):
-        if not _is_index(i):
-            return f"{i!r} (not an integer)"
-        if not 0 <= i < size:
-            return f"{i} (out of range)"
-        if n and i <= keep[n - 1]:
-            return f"{i} after {keep[n - 1]} (not increasing)"
-    return None
 
 
 @dataclasses.dataclass
@@ -265,19 +109,18 @@ def _constant_channels(analysis: ChannelAnalysis, kept: np.ndarray, x):
     """
     constant = ~kept
     for node in analysis.graph.walk():
-        if isinstance(channels.handler_for(node.layer), channels.Producer):
+        if isinstance(analysis.handler_for(node.layer), channels.Producer):
             layer = node.layer
-            kernel = layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
-            kernel = keras.ops.convert_to_numpy(kernel)
+            kernel = keras.ops.convert_to_numpy(channels.kernel_of(layer))
             live = np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)
-            if isinstance(channels.handler_for(layer), channels.TransposeProducer):
+            if isinstance(analysis.handler_for(layer), channels.TransposeProducer):
                 live = np.any(np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2]) != 0, axis=0)
             constant[analysis.ids[node.outputs[0].key][live]] = False
     values = _run_inputs(analysis, x)
     _run(analysis.graph, values, lambda node, out: out)
     per_node = {}
     for node in analysis.graph.walk():
-        if not isinstance(channels.handler_for(node.layer), channels.Producer):
+        if not isinstance(analysis.handler_for(node.layer), channels.Producer):
             continue
         a = keras.ops.convert_to_numpy(values[node.inputs[0].key])
         a = a.reshape(-1, a.shape[-1])
@@ -344,7 +187,7 @@ def apply_plan(
             if not carrying:
                 continue
             keep_in = analysis.kept_positions(node.inputs[0], kept)
-            folded = channels.handler_for(node.layer).fold_constants(node.layer, constants, keep_in)
+            folded = analysis.handler_for(node.layer).fold_constants(node.layer, constants, keep_in)
             carried[node.path] = np.nan_to_num(constants)
             fold = {"layer": node.path, "positions": int(carrying), "folded": folded is not None,
                     "exact": folded is not None and bool(folded[1]), "max_abs_diff": math.nan}
@@ -462,7 +305,7 @@ def _rebuild(g: Graph, analysis, kept, deltas, built, weights) -> keras.Model:
 
 def _slim_layer(node, analysis, kept, delta, weights):
     """The rebuilt layer of `node`; its sliced weights go to `weights` (set once built)."""
-    handler = channels.handler_for(node.layer)
+    handler = analysis.handler_for(node.layer)
     keep_in = [analysis.kept_positions(ref, kept) for ref in node.inputs]
     keep_out = analysis.kept_positions(node.outputs[0], kept)
     values = handler.slice_weights(node.layer, keep_in, keep_out)
@@ -492,7 +335,7 @@ def plan_params(analysis: ChannelAnalysis, plan: PruningPlan) -> int:
         seen.add(id(node.layer))
         n_in = len(analysis.kept_positions(node.inputs[0], kept)) if node.inputs else 0
         n_out = len(analysis.kept_positions(node.outputs[0], kept))
-        total += channels.handler_for(node.layer).count_params(node.layer, n_in, n_out)
+        total += analysis.handler_for(node.layer).count_params(node.layer, n_in, n_out)
     return total
 
 
@@ -502,7 +345,7 @@ def layer_report(original: keras.Model, slim: keras.Model) -> list[dict]:
     after = {r.name: r for r in stats.layer_stats(slim)}
     channels_of = {}
     for m, key in ((original, 0), (slim, 1)):
-        for node in analyze(m).graph.walk():
+        for node in graph.trace(m).walk():  # shapes only: no channel handlers needed
             channels_of.setdefault(node.layer.name, [None, None])[key] = node.outputs[0].shape[-1]
     rows = []
     for name, b in before.items():
