@@ -62,8 +62,9 @@ _RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
 _TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot environment.")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed LiteRT invokes per file.", lower_bound=1)
-_README = flags.DEFINE_string("readme", "README.md", "README whose comparison block (between the markers "
-                              "<!-- compare:SUITE:start --> and <!-- compare:SUITE:end -->) is regenerated; empty: none.")
+_README = flags.DEFINE_string("readme", "benchmarks/README.md", "Markdown file (path from the working directory) "
+                              "whose comparison block, between the markers <!-- compare:SUITE:start --> and "
+                              "<!-- compare:SUITE:end -->, is regenerated; empty: none.")
 
 
 def main(argv):

@@ -31,3 +31,12 @@ def test_import_does_not_load_tensorflow():
     code = "import sys, tfsubspace; print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_one_public_name_per_thing():
+    seen = {}
+    for name in tfsubspace.__all__:
+        seen.setdefault(id(getattr(tfsubspace, name)), []).append(name)
+    assert [names for names in seen.values() if len(names) > 1] == []
+    # the report's formatter is the one that takes a compress() report
+    assert tfsubspace.format_report.__module__ == "tfsubspace.distill.report"

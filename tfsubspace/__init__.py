@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import importlib
 
-from tfsubspace.errors import (
-    DataError,
-    DataFileError,
-    DataMismatchWarning,
-    DatasetNotAvailableError,
-    TfSubspaceError,
-    UnsupportedModelError,
-    WorkDirError,
-)
+from tfsubspace.errors import DataError as DataError
+from tfsubspace.errors import DataFileError as DataFileError
+from tfsubspace.errors import DataMismatchWarning as DataMismatchWarning
+from tfsubspace.errors import DatasetNotAvailableError as DatasetNotAvailableError
+from tfsubspace.errors import TfSubspaceError as TfSubspaceError
+from tfsubspace.errors import UnsupportedModelError as UnsupportedModelError
+from tfsubspace.errors import WorkDirError as WorkDirError
 
 __version__ = "0.1.0"
 
@@ -41,6 +39,7 @@ _LAZY = {
     "PlanError": ("tfsubspace.prune.plan", "PlanError"),
     "VerificationError": ("tfsubspace.prune.surgery", "VerificationError"),
     "apply_plan": ("tfsubspace.prune.surgery", "apply_plan"),
+    "SurgeryResult": ("tfsubspace.prune.surgery", "SurgeryResult"),
     "masked_predict": ("tfsubspace.prune.surgery", "masked_predict"),
     "plan_params": ("tfsubspace.prune.surgery", "plan_params"),
     "layer_report": ("tfsubspace.prune.surgery", "layer_report"),
@@ -55,6 +54,7 @@ _LAZY = {
     "CompressionConfig": ("tfsubspace.distill.pipeline", "CompressionConfig"),
     "CompressionResult": ("tfsubspace.distill.pipeline", "CompressionResult"),
     "evaluate": ("tfsubspace.distill.report", "evaluate"),
+    "format_report": ("tfsubspace.distill.report", "format_report"),
     "StudentTrainer": ("tfsubspace.distill.trainer", "StudentTrainer"),
     "build_student": ("tfsubspace.distill.student", "build_student"),
     "reestimate_batchnorm": ("tfsubspace.distill.batchnorm", "reestimate_batchnorm"),
@@ -71,11 +71,9 @@ _LAZY = {
     "BenchEntry": ("tfsubspace.edge.measure", "BenchEntry"),
 }
 
-__all__ = sorted(
-    ["DataError", "DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError",
-     "UnsupportedModelError", "WorkDirError", "__version__"]
-    + list(_LAZY)
-)
+_ERRORS = ["DataError", "DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError",
+           "UnsupportedModelError", "WorkDirError"]
+__all__ = sorted([*_ERRORS, "__version__", *_LAZY])  # every public name, once
 
 
 def __getattr__(name: str):

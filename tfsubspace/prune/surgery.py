@@ -43,6 +43,9 @@ class VerificationError(TfSubspaceError, AssertionError):
 
 @dataclasses.dataclass
 class SurgeryResult:
+    """What apply_plan() built: the slim model, its plan, how far it is from the original (and
+    from its masked reference, check_diff) on the check batch, and each constant fold."""
+
     model: keras.Model
     plan: PruningPlan
     # slim vs masked original on the check batch (with fold_constants: the original's constants
