@@ -40,31 +40,50 @@ from absl import app, flags
 from suites import SUITES
 
 CODE = None
-METHODS = ("tfsubspace", "tfsubspace_stagewise", "tfsubspace_macs", "l1_filter", "slimming", "kd", "fitnets", "scratch",
-           "tfmot")
+METHODS = (
+    "tfsubspace",
+    "tfsubspace_stagewise",
+    "tfsubspace_macs",
+    "l1_filter",
+    "slimming",
+    "kd",
+    "fitnets",
+    "scratch",
+    "tfmot",
+)
 
 _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and data sets.")
 _TEACHERS = flags.DEFINE_list("teachers", None, "Override the suite's teachers (e.g. vgg16_w0.25).")
 _DATASETS = flags.DEFINE_list("datasets", None, "Override the suite's data sets.")
 _BUDGETS = flags.DEFINE_list("budgets", None, "Shares of the teacher's parameters removed (default: the suite's).")
 # tfsubspace_macs is asked for by name: the suites compare at equal parameter budgets
-_METHODS = flags.DEFINE_list("methods", [m for m in METHODS if m != "tfsubspace_macs"],
-                             f"Methods to run, of {', '.join(METHODS)}.")
-_EPOCHS = flags.DEFINE_integer("epochs", 4, "Training epochs per method (tfsubspace: latent learning + recovery).",
-                               lower_bound=2)
+_METHODS = flags.DEFINE_list(
+    "methods", [m for m in METHODS if m != "tfsubspace_macs"], f"Methods to run, of {', '.join(METHODS)}."
+)
+_EPOCHS = flags.DEFINE_integer(
+    "epochs", 4, "Training epochs per method (tfsubspace: latent learning + recovery).", lower_bound=2
+)
 _RECOVER = flags.DEFINE_integer("recover_epochs", 1, "Of --epochs, tfsubspace's recovery epochs.", lower_bound=0)
 _LASSO = flags.DEFINE_float("lasso", 0.25, "tfsubspace's channel LASSO factor.", lower_bound=0)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every method.")
-_TRAIN_LIMIT = flags.DEFINE_integer("train_limit", None, "Use only this many training images (default: the suite's "
-                                    "limit for the teacher, else all; 0: all).", lower_bound=0)
+_TRAIN_LIMIT = flags.DEFINE_integer(
+    "train_limit",
+    None,
+    "Use only this many training images (default: the suite's limit for the teacher, else all; 0: all).",
+    lower_bound=0,
+)
 _TEACHERS_DIR = flags.DEFINE_string("teachers_dir", "runs/teachers", "Where benchmarks/teachers.py wrote the teachers.")
 _RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
 _TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", ".venv-tfmot/bin/python", "Python of the tfmot environment.")
 _LATENCY_RUNS = flags.DEFINE_integer("latency_runs", 200, "Timed LiteRT invokes per file.", lower_bound=1)
-_README = flags.DEFINE_string("readme", "benchmarks/README.md", "Markdown file (path from the working directory) "
-                              "whose comparison block, between the markers <!-- compare:SUITE:start --> and "
-                              "<!-- compare:SUITE:end -->, is regenerated; empty: none.")
+_README = flags.DEFINE_string(
+    "readme",
+    "benchmarks/README.md",
+    "Markdown file (path from the working directory) "
+    "whose comparison block, between the markers <!-- compare:SUITE:start --> and "
+    "<!-- compare:SUITE:end -->, is regenerated; empty: none.",
+)
 
 
 def main(argv):
@@ -132,9 +151,9 @@ class Pair:
     def run_budget(self, budget):
         import keras
 
+        from tfsubspace import compress as tfsubspace_compress
         from tfsubspace.peers import baselines
         from tfsubspace.prune import surgery
-        from tfsubspace import compress as tfsubspace_compress
 
         work = self.runs / f"budget{budget:g}"
         params = int((1 - budget) * self.teacher_params)
@@ -143,9 +162,19 @@ class Pair:
         def compress(schedule, macs=False):
             keras.utils.set_random_seed(_SEED.value)
             return tfsubspace_compress(
-                self.teacher, self.unlabeled, work_dir=work / (schedule + ("_macs" if macs else "")), energy=0.99,
-                epochs=total - recover, recover_epochs=recover, lasso=_LASSO.value, target_params=1 - budget,
-                target_macs=1 - budget if macs else None, schedule=schedule, seed=_SEED.value, verbose=2)
+                self.teacher,
+                self.unlabeled,
+                work_dir=work / (schedule + ("_macs" if macs else "")),
+                energy=0.99,
+                epochs=total - recover,
+                recover_epochs=recover,
+                lasso=_LASSO.value,
+                target_params=1 - budget,
+                target_macs=1 - budget if macs else None,
+                schedule=schedule,
+                seed=_SEED.value,
+                verbose=2,
+            )
 
         arch = None  # tfsubspace's student architecture, for the methods that train a given one
 
@@ -160,15 +189,20 @@ class Pair:
             "tfsubspace_stagewise": lambda: compress("stage_wise").student,
             "tfsubspace_macs": lambda: compress("end_to_end", macs=True).student,
             "l1_filter": lambda: baselines.l1_filter_pruning(
-                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "l1_filter", verbose=2),
+                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "l1_filter", verbose=2
+            ),
             "slimming": lambda: baselines.network_slimming(
-                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "slimming", verbose=2),
+                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "slimming", verbose=2
+            ),
             "kd": lambda: baselines.train_kd(
-                student(), self.teacher, self.labeled, epochs=total, alpha=0.9, work_dir=work / "kd", verbose=2),
+                student(), self.teacher, self.labeled, epochs=total, alpha=0.9, work_dir=work / "kd", verbose=2
+            ),
             "fitnets": lambda: baselines.fitnets(
-                student(), self.teacher, self.labeled, epochs=total, work_dir=work / "fitnets", verbose=2),
+                student(), self.teacher, self.labeled, epochs=total, work_dir=work / "fitnets", verbose=2
+            ),
             "scratch": lambda: baselines.train_scratch(
-                student(), self.labeled, epochs=total, work_dir=work / "scratch", verbose=2),
+                student(), self.labeled, epochs=total, work_dir=work / "scratch", verbose=2
+            ),
         }
         for method in _METHODS.value:
             if self.done(method, budget):
@@ -189,8 +223,16 @@ class Pair:
             print(f"skip tfmot: no tfmot environment at {python} (make tfmot makes it)")
             return
         spec = bridge.save_spec(self.teacher, work / "spec")
-        command = [str(python), "benchmarks/tfmot_prune.py", f"--spec={spec}", f"--dataset={self.dataset}",
-                   f"--sparsity={budget}", f"--epochs={_EPOCHS.value}", f"--seed={_SEED.value}", f"--out_dir={work}"]
+        command = [
+            str(python),
+            "benchmarks/tfmot_prune.py",
+            f"--spec={spec}",
+            f"--dataset={self.dataset}",
+            f"--sparsity={budget}",
+            f"--epochs={_EPOCHS.value}",
+            f"--seed={_SEED.value}",
+            f"--out_dir={work}",
+        ]
         if self.train_limit:
             command.append(f"--train_limit={self.train_limit}")
         subprocess.run(command, check=True)
@@ -199,9 +241,13 @@ class Pair:
         for mode in tflite:
             tflite[mode]["gzip_bytes"] = result[f"{mode}_gzip_bytes"]
         # the dense model keeps every parameter; the nonzero ones are what sparsity saves
-        extra = {"tfmot": result, "accuracy": result["accuracy"], "params": result["params"],
-                 "nonzero_params": result["nonzero_params"],
-                 "accuracy_bn_reestimated": result.get("accuracy_bn_reestimated")}
+        extra = {
+            "tfmot": result,
+            "accuracy": result["accuracy"],
+            "params": result["params"],
+            "nonzero_params": result["nonzero_params"],
+            "accuracy_bn_reestimated": result.get("accuracy_bn_reestimated"),
+        }
         self.record("tfmot", budget, None, time.time() - started, tflite=tflite, extra=extra)
 
     # ------------------------------------------------------------ measurements
@@ -210,20 +256,28 @@ class Pair:
         """float32 and int8 files of `model`, checked, sized, timed and scored on the test split."""
         from tfsubspace import export_tflite
 
-        exported = export_tflite(model, out_dir, modes=("float32", "int8"), calibration_ds=self.unlabeled,
-                                 check_ds=self.test, name="model")
+        exported = export_tflite(
+            model, out_dir, modes=("float32", "int8"), calibration_ds=self.unlabeled, check_ds=self.test, name="model"
+        )
         out = {}
         for e in exported:
-            out[e.mode] = {**self.time_file(e.path), "check_max_abs_error": e.max_abs_error,
-                           "check_agreement": e.agreement, "check_passed": e.passed}
+            out[e.mode] = {
+                **self.time_file(e.path),
+                "check_max_abs_error": e.max_abs_error,
+                "check_agreement": e.agreement,
+                "check_passed": e.passed,
+            }
         return out
 
     def time_file(self, path) -> dict:
         from tfsubspace.edge.runtime import TFLiteRunner
 
         logits = TFLiteRunner(path)(self.test_images)
-        return {"path": str(path), "bytes": Path(path).stat().st_size,
-                "accuracy": float((logits.argmax(-1) == self.test_labels).mean())}
+        return {
+            "path": str(path),
+            "bytes": Path(path).stat().st_size,
+            "accuracy": float((logits.argmax(-1) == self.test_labels).mean()),
+        }
 
     def time_with_teacher(self, tflite) -> dict:
         """Per mode, the teacher's and this file's latency, timed one right after the other
@@ -234,8 +288,11 @@ class Pair:
         for mode, entry in tflite.items():
             teacher = measure_latency(self.teacher_tflite[mode]["path"], threads=1, warmup=20, runs=_LATENCY_RUNS.value)
             entry["latency"] = measure_latency(entry["path"], threads=1, warmup=20, runs=_LATENCY_RUNS.value)
-            out[mode] = {"teacher_median_ms": teacher["median_ms"], "median_ms": entry["latency"]["median_ms"],
-                         "speedup": teacher["median_ms"] / entry["latency"]["median_ms"]}
+            out[mode] = {
+                "teacher_median_ms": teacher["median_ms"],
+                "median_ms": entry["latency"]["median_ms"],
+                "speedup": teacher["median_ms"] / entry["latency"]["median_ms"],
+            }
         return out
 
     def done(self, method, budget) -> bool:
@@ -259,10 +316,18 @@ class Pair:
         from tfsubspace import evaluate, fileio
         from tfsubspace.models import stats
 
-        row = {"teacher": self.name, "dataset": self.dataset, "method": method, "budget": budget,
-               "epochs": _EPOCHS.value if method != "teacher" else None, "seed": _SEED.value,
-               "teacher_params": self.teacher_params, "teacher_macs": self.teacher_macs,
-               "teacher_accuracy": self.teacher_eval["accuracy"], "train_limit": self.train_limit}
+        row = {
+            "teacher": self.name,
+            "dataset": self.dataset,
+            "method": method,
+            "budget": budget,
+            "epochs": _EPOCHS.value if method != "teacher" else None,
+            "seed": _SEED.value,
+            "teacher_params": self.teacher_params,
+            "teacher_macs": self.teacher_macs,
+            "teacher_accuracy": self.teacher_eval["accuracy"],
+            "train_limit": self.train_limit,
+        }
         if model is not None:
             row.update(params=stats.count_params(model), macs=stats.count_macs(model), **evaluate(model, self.test))
             row["accuracy_bn_reestimated"] = self.accuracy_bn_reestimated(model)
@@ -277,11 +342,18 @@ class Pair:
         for mode, timing in self.time_with_teacher(tflite).items():
             row[f"speedup_{mode}"] = timing["speedup"]
             row[f"teacher_latency_{mode}_ms"] = timing["teacher_median_ms"]
-        row.update(wall_time_s=round(seconds, 1), machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                   command=" ".join(["python", *sys.argv]), code=CODE or code_version())
+        row.update(
+            wall_time_s=round(seconds, 1),
+            machine=f"{platform.machine()}, {os.cpu_count()} cores",
+            command=" ".join(["python", *sys.argv]),
+            code=CODE or code_version(),
+        )
         fileio.write_json(self.row_path(method, budget), row)
-        print(f"{self.name} {self.dataset} {budget:g} {method}: accuracy {100 * row['accuracy']:.2f}% "
-              f"(teacher {100 * row['teacher_accuracy']:.2f}%), {100 * row['params_removed']:.1f}% removed", flush=True)
+        print(
+            f"{self.name} {self.dataset} {budget:g} {method}: accuracy {100 * row['accuracy']:.2f}% "
+            f"(teacher {100 * row['teacher_accuracy']:.2f}%), {100 * row['params_removed']:.1f}% removed",
+            flush=True,
+        )
 
 
 def _arrays(ds):
@@ -297,12 +369,14 @@ def _arrays(ds):
 def code_version() -> str:
     """The commit in use, with -dirty when tracked files had uncommitted changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           check=False)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, check=False
+    )
     return (head.stdout.strip() or "unknown") + ("-dirty" if dirty.stdout.strip() else "")
 
 
 # ---------------------------------------------------------------- report
+
 
 def _bn_remeasured(row) -> str:
     value = row.get("accuracy_bn_reestimated", row.get("tfmot", {}).get("accuracy_bn_reestimated"))
@@ -320,35 +394,52 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
     if wall_time_s is not None:
         runs_file = out_dir / "run.json"
         log = json.loads(runs_file.read_text()) if runs_file.exists() else []
-        log.append({"command": " ".join(["python", *sys.argv]), "wall_time_s": round(wall_time_s),
-                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "finished": time.strftime("%Y-%m-%d %H:%M")})
+        log.append(
+            {
+                "command": " ".join(["python", *sys.argv]),
+                "wall_time_s": round(wall_time_s),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "finished": time.strftime("%Y-%m-%d %H:%M"),
+            }
+        )
         fileio.write_json(runs_file, log)
     order = {m: i for i, m in enumerate(("teacher", *METHODS))}
     rows.sort(key=lambda r: (r["teacher"], r["dataset"], r["budget"], -r["accuracy"], order.get(r["method"], 99)))
-    lines = ["# tfsubspace against its peers at equal parameter budgets", "",
-             f"Generated by `python benchmarks/compare.py --suite={out_dir.name}` from the row files beside this one. "
-             "One seed; accuracy on the full test split (Keras float32 model; the int8 column is the int8 .tflite "
-             "file run by LiteRT); drop = teacher - method, in points; latency is the median of one-image LiteRT "
-             "invokes on 1 thread (200 after 20 warm-up), each timed right after the teacher's file in the same process "
-             "(speed-up = teacher / method). BN re-measured: the same model's accuracy with its BatchNormalization "
-             "statistics measured again on 50 training batches (rows made before it was recorded: -). "
-             "TFMOT's params are its nonzero weights; its files stay dense (gzip size in brackets).", ""]
+    lines = [
+        "# tfsubspace against its peers at equal parameter budgets",
+        "",
+        f"Generated by `python benchmarks/compare.py --suite={out_dir.name}` from the row files beside this one. "
+        "One seed; accuracy on the full test split (Keras float32 model; the int8 column is the int8 .tflite "
+        "file run by LiteRT); drop = teacher - method, in points; latency is the median of one-image LiteRT "
+        "invokes on 1 thread (200 after 20 warm-up), each timed right after the teacher's file in the same process "
+        "(speed-up = teacher / method). BN re-measured: the same model's accuracy with its BatchNormalization "
+        "statistics measured again on 50 training batches (rows made before it was recorded: -). "
+        "TFMOT's params are its nonzero weights; its files stay dense (gzip size in brackets).",
+        "",
+    ]
     pairs = sorted({(r["teacher"], r["dataset"]) for r in rows})
     for teacher, dataset in pairs:
         group = [r for r in rows if (r["teacher"], r["dataset"]) == (teacher, dataset)]
-        lines += [f"## {teacher} on {dataset}", "",
-                  "| budget | method | params | removed | MACs | accuracy | drop | BN re-measured | int8 acc. | "
-                  "float32 file | int8 file | float32 latency | int8 latency | speed-up f32 / int8 | epochs | wall time |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {teacher} on {dataset}",
+            "",
+            "| budget | method | params | removed | MACs | accuracy | drop | BN re-measured | int8 acc. | "
+            "float32 file | int8 file | float32 latency | int8 latency | speed-up f32 / int8 | epochs | wall time |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         limits = sorted({r.get("train_limit") for r in group if r["method"] != "teacher"} - {None})
         if limits:
-            lines[-2:-2] = [f"Every method trained on the first {' / '.join(f'{n:,}' for n in limits)} training "
-                            "images (the suite's limit, or `--train_limit`); the teacher on all of them.", ""]
+            lines[-2:-2] = [
+                f"Every method trained on the first {' / '.join(f'{n:,}' for n in limits)} training "
+                "images (the suite's limit, or `--train_limit`); the teacher on all of them.",
+                "",
+            ]
         for r in group:
             t = r["tflite"]
-            gz = lambda m: f" ({t[m]['gzip_bytes'] / 1024:.0f})" if "gzip_bytes" in t[m] else ""  # noqa: B023,E731
+            gz = lambda m: f" ({t[m]['gzip_bytes'] / 1024:.0f})" if "gzip_bytes" in t[m] else ""
             best = r["method"] != "teacher" and r["accuracy"] == max(
-                x["accuracy"] for x in group if x["budget"] == r["budget"] and x["method"] != "teacher")
+                x["accuracy"] for x in group if x["budget"] == r["budget"] and x["method"] != "teacher"
+            )
             acc = f"{100 * r['accuracy']:.2f}%"
             lines.append(
                 f"| {100 * r['budget']:.0f}% | {r['method']} | {r.get('nonzero_params', r['params']):,} | "
@@ -358,7 +449,8 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
                 f"{gz('float32')} | {t['int8']['bytes'] / 1024:.0f} KiB{gz('int8')} | "
                 f"{t['float32']['latency']['median_ms']:.3f} ms | {t['int8']['latency']['median_ms']:.3f} ms | "
                 f"{r['speedup_float32']:.2f}x / {r['speedup_int8']:.2f}x | {r['epochs'] or '-'} | "
-                f"{r['wall_time_s'] / 60:.1f} min |")
+                f"{r['wall_time_s'] / 60:.1f} min |"
+            )
         lines.append("")
     lines.append(f"Machine: {rows[0]['machine']}. Code: {', '.join(sorted({r['code'] for r in rows}))}.")
     runs_file = out_dir / "run.json"
@@ -374,7 +466,7 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
         text = readme.read_text(encoding="utf-8")
         if start in text and end in text:
             block = headline(rows, pairs, out_dir)
-            text = text[:text.index(start) + len(start)] + "\n" + block + text[text.index(end):]
+            text = text[: text.index(start) + len(start)] + "\n" + block + text[text.index(end) :]
             fileio.write_text(readme, text)
 
 
@@ -386,10 +478,15 @@ def headline(rows, pairs, out_dir) -> str:
         t = next((r for r in group if r["method"] == "teacher"), None)
         budgets = sorted({r["budget"] for r in group if r["method"] != "teacher"})
         methods = sorted({r["method"] for r in group} - {"teacher"}, key=lambda m: METHODS.index(m))
-        title = f"**{teacher} on {dataset}**" + (f" (teacher {100 * t['accuracy']:.2f}%, "
-                                                 f"{t['params']:,} params)" if t else "")
-        lines += [title, "", "| method | " + " | ".join(f"{100 * b:.0f}% removed" for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
+        title = f"**{teacher} on {dataset}**" + (
+            f" (teacher {100 * t['accuracy']:.2f}%, {t['params']:,} params)" if t else ""
+        )
+        lines += [
+            title,
+            "",
+            "| method | " + " | ".join(f"{100 * b:.0f}% removed" for b in budgets) + " |",
+            "|---|" + "---:|" * len(budgets),
+        ]
         for method in methods:
             cells = []
             for b in budgets:
@@ -397,14 +494,18 @@ def headline(rows, pairs, out_dir) -> str:
                 if r is None:
                     cells.append("-")
                     continue
-                best = r["accuracy"] == max(x["accuracy"] for x in group if x["budget"] == b and x["method"] != "teacher")
+                best = r["accuracy"] == max(
+                    x["accuracy"] for x in group if x["budget"] == b and x["method"] != "teacher"
+                )
                 change = 100 * -r["drop"] if abs(r["drop"]) >= 5e-5 else 0.0
                 cell = f"{100 * r['accuracy']:.2f}% ({change:+.2f})"
                 cells.append(f"**{cell}**" if best else cell)
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append(f"Accuracy (change against the teacher, in points) on the full test split; best per budget in bold. "
-                 f"Every column: {out_dir.parent.name}/{out_dir.name}.md, with sizes, MACs, int8 accuracy and latency.")
+    lines.append(
+        f"Accuracy (change against the teacher, in points) on the full test split; best per budget in bold. "
+        f"Every column: {out_dir.parent.name}/{out_dir.name}.md, with sizes, MACs, int8 accuracy and latency."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -421,10 +522,18 @@ def plot(rows, teacher, dataset, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in sorted({r["method"] for r in group} - {"teacher"}):
         points = sorted((r for r in group if r["method"] == method), key=lambda r: r["budget"])
-        axes[0].plot([r.get("nonzero_params", r["params"]) for r in points], [100 * r["accuracy"] for r in points],
-                     marker="o", label=method)
-        axes[1].plot([r["tflite"]["int8"]["latency"]["median_ms"] for r in points],
-                     [100 * r["tflite"]["int8"]["accuracy"] for r in points], marker="o", label=method)
+        axes[0].plot(
+            [r.get("nonzero_params", r["params"]) for r in points],
+            [100 * r["accuracy"] for r in points],
+            marker="o",
+            label=method,
+        )
+        axes[1].plot(
+            [r["tflite"]["int8"]["latency"]["median_ms"] for r in points],
+            [100 * r["tflite"]["int8"]["accuracy"] for r in points],
+            marker="o",
+            label=method,
+        )
     teacher_row = next((r for r in group if r["method"] == "teacher"), None)
     for ax in axes:
         if teacher_row:

@@ -40,12 +40,12 @@ def main(argv):
     del argv
     import keras
 
+    from tfsubspace import compress as tfsubspace_compress
     from tfsubspace import data, evaluate, fileio
-    from tfsubspace.peers import baselines
     from tfsubspace.models import stats
+    from tfsubspace.peers import baselines
     from tfsubspace.prune import surgery
     from tfsubspace.prune.plan import PruningPlan
-    from tfsubspace import compress as tfsubspace_compress
 
     out_dir = Path(_RESULTS.value) / "compress"
     code = code_version()  # the code this process imported, whatever commits come during the run
@@ -62,43 +62,71 @@ def main(argv):
 
             def record(method, model, started, extra=None):
                 result = {
-                    "dataset": dataset, "teacher": teacher.name, "method": method, "lasso": lasso,
-                    "epochs": total_epochs, "teacher_accuracy": teacher_eval["accuracy"],
-                    "teacher_params": stats.count_params(teacher), "teacher_macs": stats.count_macs(teacher),
-                    "params": stats.count_params(model), "macs": stats.count_macs(model),
-                    **{k: v for k, v in evaluate(model, test, teacher).items()},
+                    "dataset": dataset,
+                    "teacher": teacher.name,
+                    "method": method,
+                    "lasso": lasso,
+                    "epochs": total_epochs,
+                    "teacher_accuracy": teacher_eval["accuracy"],
+                    "teacher_params": stats.count_params(teacher),
+                    "teacher_macs": stats.count_macs(teacher),
+                    "params": stats.count_params(model),
+                    "macs": stats.count_macs(model),
+                    **dict(evaluate(model, test, teacher).items()),
                     "wall_time_s": round(time.time() - started, 1),
                     "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                    "command": " ".join(["python", *sys.argv]), "code": code, **(extra or {}),
+                    "command": " ".join(["python", *sys.argv]),
+                    "code": code,
+                    **(extra or {}),
                 }
                 result["params_removed"] = 1 - result["params"] / result["teacher_params"]
                 result["drop"] = result["teacher_accuracy"] - result["accuracy"]
                 fileio.write_json(out_dir / f"{key}_{method}.json", result)
-                print(f"{key} {method}: acc {result['accuracy']:.4f} (teacher {result['teacher_accuracy']:.4f}), "
-                      f"{100 * result['params_removed']:.1f}% params removed", flush=True)
+                print(
+                    f"{key} {method}: acc {result['accuracy']:.4f} (teacher {result['teacher_accuracy']:.4f}), "
+                    f"{100 * result['params_removed']:.1f}% params removed",
+                    flush=True,
+                )
 
-            done = lambda method: (out_dir / f"{key}_{method}.json").exists()  # noqa: E731
+            done = lambda method: (out_dir / f"{key}_{method}.json").exists()
             started = time.time()
             keras.utils.set_random_seed(0)
             compressed = tfsubspace_compress(
-                teacher, unlabeled, work_dir=work / "tfsubspace", energy=_ENERGY.value, epochs=_EPOCHS.value,
-                recover_epochs=_RECOVER.value, lasso=lasso, verbose=2)
+                teacher,
+                unlabeled,
+                work_dir=work / "tfsubspace",
+                energy=_ENERGY.value,
+                epochs=_EPOCHS.value,
+                recover_epochs=_RECOVER.value,
+                lasso=lasso,
+                verbose=2,
+            )
             if "tfsubspace" in _METHODS.value and not done("tfsubspace"):
-                record("tfsubspace", compressed.student, started,
-                       {"stage_seconds": compressed.report["stage_seconds"]})
+                record("tfsubspace", compressed.student, started, {"stage_seconds": compressed.report["stage_seconds"]})
             final_arch = surgery.apply_plan(teacher, compressed.plan).model
-            subspace_arch = surgery.apply_plan(
-                teacher, PruningPlan.load(compressed.paths["plan_subspace"])).model
+            subspace_arch = surgery.apply_plan(teacher, PruningPlan.load(compressed.paths["plan_subspace"])).model
             runs = {
                 "scratch": lambda: baselines.train_scratch(
-                    baselines.fresh_copy(final_arch), labeled, epochs=total_epochs, work_dir=work / "scratch",
-                    verbose=2),
+                    baselines.fresh_copy(final_arch), labeled, epochs=total_epochs, work_dir=work / "scratch", verbose=2
+                ),
                 "scratch_lasso": lambda: baselines.train_scratch(
-                    baselines.fresh_copy(subspace_arch), labeled, epochs=_EPOCHS.value, lasso=lasso,
-                    recover_epochs=_RECOVER.value, multiple=8, work_dir=work / "scratch_lasso", verbose=2),
+                    baselines.fresh_copy(subspace_arch),
+                    labeled,
+                    epochs=_EPOCHS.value,
+                    lasso=lasso,
+                    recover_epochs=_RECOVER.value,
+                    multiple=8,
+                    work_dir=work / "scratch_lasso",
+                    verbose=2,
+                ),
                 "kd_only": lambda: baselines.train_kd_only(
-                    baselines.fresh_copy(final_arch), teacher, unlabeled, epochs=total_epochs,
-                    work_dir=work / "kd_only", verbose=2),
+                    baselines.fresh_copy(final_arch),
+                    teacher,
+                    unlabeled,
+                    epochs=total_epochs,
+                    work_dir=work / "kd_only",
+                    verbose=2,
+                ),
             }
             for method, run in runs.items():
                 if method in _METHODS.value and not done(method):
@@ -111,8 +139,9 @@ def main(argv):
 def code_version() -> str:
     """The commit the run used, with -dirty when the tree had uncommitted changes."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return (head or "unknown") + ("-dirty" if dirty else "")
 
 
@@ -138,8 +167,11 @@ def write_table(results: Path):
             f"{r['epochs']} | {r['wall_time_s'] / 60:.1f} min |"
         )
     if rows:
-        lines += ["", f"Machine: {rows[0]['machine']}. Teacher accuracy: " + ", ".join(
-            sorted({f"{r['dataset']} {100 * r['teacher_accuracy']:.2f}%" for r in rows}))]
+        lines += [
+            "",
+            f"Machine: {rows[0]['machine']}. Teacher accuracy: "
+            + ", ".join(sorted({f"{r['dataset']} {100 * r['teacher_accuracy']:.2f}%" for r in rows})),
+        ]
     fileio.write_text(results / "compress.md", "\n".join(lines) + "\n")
 
 

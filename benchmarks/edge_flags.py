@@ -6,6 +6,7 @@ same pair of models."""
 from absl import flags
 
 TEACHER = flags.DEFINE_string("teacher", "runs/teachers/vgg16_w0.25_mnist.keras", "Teacher (.keras).")
-STUDENT = flags.DEFINE_string("student", "runs/compare/cpu/vgg16_w0.25_mnist/budget0.9/end_to_end/student.keras",
-                              "Student (.keras).")
+STUDENT = flags.DEFINE_string(
+    "student", "runs/compare/cpu/vgg16_w0.25_mnist/budget0.9/end_to_end/student.keras", "Student (.keras)."
+)
 DATASET = flags.DEFINE_string("dataset", "mnist", "Calibration and test data set (edge.py, edge_widths.py).")

@@ -1,6 +1,6 @@
 """The reference models' parameter and MAC counts (tfsubspace.models.stats), as a Markdown table.
 
-    python benchmarks/model_sizes.py   # writes benchmarks/results/models.md
+python benchmarks/model_sizes.py   # writes benchmarks/results/models.md
 """
 
 from absl import app, flags
@@ -25,8 +25,10 @@ def main(argv):
     lines = ["| model | input | classes | params | MACs / image |", "|---|---|---:|---:|---:|"]
     for label, name, options, shape, classes in CASES:
         model = models.build(name, shape, classes, **options)
-        lines.append(f"| {label} | {'x'.join(map(str, shape))} | {classes} | "
-                     f"{stats.count_params(model):,} | {stats.count_macs(model):,} |")
+        lines.append(
+            f"| {label} | {'x'.join(map(str, shape))} | {classes} | "
+            f"{stats.count_params(model):,} | {stats.count_macs(model):,} |"
+        )
     table = "\n".join(lines) + "\n"
     fileio.write_text(_OUT.value, table)
     print(table)

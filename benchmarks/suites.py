@@ -42,11 +42,20 @@ class Suite:
 
 SUITES = {
     "cpu": Suite(
-        teachers=(Teacher("vgg16_w0.25", "vgg16", {"width": 0.25}, epochs=15),
-                  Teacher("wrn_16_4", "wrn", {"depth": 16, "widen_factor": 4}, epochs=3)),
-        datasets=("mnist", "fashion_mnist"), budgets=("0.81", "0.9"), train_limits={"wrn_16_4": 10000}),
+        teachers=(
+            Teacher("vgg16_w0.25", "vgg16", {"width": 0.25}, epochs=15),
+            Teacher("wrn_16_4", "wrn", {"depth": 16, "widen_factor": 4}, epochs=3),
+        ),
+        datasets=("mnist", "fashion_mnist"),
+        budgets=("0.81", "0.9"),
+        train_limits={"wrn_16_4": 10000},
+    ),
     "gpu": Suite(
-        teachers=(Teacher("vgg16_w1.0", "vgg16", {"width": 1.0}, epochs=60, augment=True),
-                  Teacher("wrn_28_10", "wrn", {"depth": 28, "widen_factor": 10}, epochs=30, augment=True)),
-        datasets=("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"), budgets=("0.81", "0.9", "0.95")),
+        teachers=(
+            Teacher("vgg16_w1.0", "vgg16", {"width": 1.0}, epochs=60, augment=True),
+            Teacher("wrn_28_10", "wrn", {"depth": 28, "widen_factor": 10}, epochs=30, augment=True),
+        ),
+        datasets=("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn_cropped"),
+        budgets=("0.81", "0.9", "0.95"),
+    ),
 }

@@ -26,8 +26,7 @@ def main(argv):
     import numpy as np
 
     from tfsubspace import fileio, models
-    from tfsubspace.prune import analysis
-    from tfsubspace.prune import surgery
+    from tfsubspace.prune import analysis, surgery
     from tfsubspace.prune.plan import PruningPlan
 
     cases = (
@@ -50,17 +49,19 @@ def main(argv):
             start = time.perf_counter()
             result = surgery.apply_plan(model, plan, analysis=a)
             surgery_s.append(time.perf_counter() - start)
-        rows.append({
-            "model": label,
-            "params_before": model.count_params(),
-            "params_after": result.model.count_params(),
-            "groups": len(a.groups),
-            "analysis_s_median": round(statistics.median(analyze_s), 3),
-            "surgery_s_median": round(statistics.median(surgery_s), 3),
-            "surgery_s_min": round(min(surgery_s), 3),
-            "surgery_s_max": round(max(surgery_s), 3),
-            "max_abs_diff": result.max_abs_diff,
-        })
+        rows.append(
+            {
+                "model": label,
+                "params_before": model.count_params(),
+                "params_after": result.model.count_params(),
+                "groups": len(a.groups),
+                "analysis_s_median": round(statistics.median(analyze_s), 3),
+                "surgery_s_median": round(statistics.median(surgery_s), 3),
+                "surgery_s_min": round(min(surgery_s), 3),
+                "surgery_s_max": round(max(surgery_s), 3),
+                "max_abs_diff": result.max_abs_diff,
+            }
+        )
         print(rows[-1])
     meta = {
         "command": " ".join(["python", *sys.argv]),

@@ -23,8 +23,12 @@ _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/teachers", "Where the trained 
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where the JSON and Markdown results go.")
 _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Whose teachers (benchmarks/suites.py).")
 _ONLY = flags.DEFINE_list("only", None, "Run only these suite entries (e.g. vgg16_w0.25_mnist).")
-_DOWNLOAD = flags.DEFINE_boolean("download", False, "Let tensorflow-datasets download and prepare missing data sets "
-                                 "(CIFAR-10/100, SVHN) into its data directory, where compare.py then finds them.")
+_DOWNLOAD = flags.DEFINE_boolean(
+    "download",
+    False,
+    "Let tensorflow-datasets download and prepare missing data sets "
+    "(CIFAR-10/100, SVHN) into its data directory, where compare.py then finds them.",
+)
 
 
 def main(argv):
@@ -32,17 +36,18 @@ def main(argv):
     import keras
 
     from tfsubspace import data, fileio, models
+    from tfsubspace.errors import DatasetNotAvailableError
     from tfsubspace.models import stats
     from tfsubspace.train import classifier
-    from tfsubspace.errors import DatasetNotAvailableError
 
     results_dir = Path(_RESULTS.value)
     suite = SUITES[_SUITE.value]
     jobs = [(t, dataset) for t in suite.teachers for dataset in suite.datasets]
     unknown = set(_ONLY.value or ()) - {t.key(d) for t, d in jobs}
     if unknown:
-        raise app.UsageError(f"--only: {sorted(unknown)} not in the {_SUITE.value} suite; it has "
-                             f"{', '.join(t.key(d) for t, d in jobs)}.")
+        raise app.UsageError(
+            f"--only: {sorted(unknown)} not in the {_SUITE.value} suite; it has {', '.join(t.key(d) for t, d in jobs)}."
+        )
     for teacher, dataset in jobs:
         key, epochs = teacher.key(dataset), teacher.epochs
         if _ONLY.value and key not in _ONLY.value:
@@ -53,8 +58,9 @@ def main(argv):
             continue
         keras.utils.set_random_seed(0)
         try:
-            train_ds = data.load(dataset, "train", batch_size=128, seed=0, augment=teacher.augment,
-                                 download=_DOWNLOAD.value)
+            train_ds = data.load(
+                dataset, "train", batch_size=128, seed=0, augment=teacher.augment, download=_DOWNLOAD.value
+            )
             test_ds = data.load(dataset, "test", batch_size=512, shuffle=False)
         except DatasetNotAvailableError as e:
             print(f"skip {key}: {e}")
@@ -64,21 +70,24 @@ def main(argv):
         output = Path(_RUNS_DIR.value) / f"{key}.keras"
         start = time.time()
         result = classifier.train_classifier(model, train_ds, test_ds, epochs=epochs, output=output, verbose=2)
-        fileio.write_json(result_path, {
-            "key": key,
-            "model": model.name,
-            "dataset": dataset,
-            "params": stats.count_params(model),
-            "macs": stats.count_macs(model),
-            "epochs": epochs,
-            "batch_size": 128,
-            "augment": teacher.augment,
-            "optimizer": "adam 1e-3, cosine decay",
-            "test_accuracy": round(result.test_accuracy, 5),
-            "wall_time_s": round(time.time() - start, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "command": " ".join(["python", *sys.argv]),
-        })
+        fileio.write_json(
+            result_path,
+            {
+                "key": key,
+                "model": model.name,
+                "dataset": dataset,
+                "params": stats.count_params(model),
+                "macs": stats.count_macs(model),
+                "epochs": epochs,
+                "batch_size": 128,
+                "augment": teacher.augment,
+                "optimizer": "adam 1e-3, cosine decay",
+                "test_accuracy": round(result.test_accuracy, 5),
+                "wall_time_s": round(time.time() - start, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                "command": " ".join(["python", *sys.argv]),
+            },
+        )
         print(f"{key}: test accuracy {result.test_accuracy:.4f}")
     write_table(results_dir)
 

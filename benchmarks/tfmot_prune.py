@@ -15,8 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _SPEC = flags.DEFINE_string("spec", None, "Directory of the model's layer spec.", required=True)
 _DATASET = flags.DEFINE_string("dataset", None, "Data set to fine-tune and test on.", required=True)
-_SPARSITY = flags.DEFINE_float("sparsity", None, "Final share of zero weights.", lower_bound=0, upper_bound=0.99,
-                               required=True)
+_SPARSITY = flags.DEFINE_float(
+    "sparsity", None, "Final share of zero weights.", lower_bound=0, upper_bound=0.99, required=True
+)
 _EPOCHS = flags.DEFINE_integer("epochs", 4, "Fine-tuning epochs.", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 _TRAIN_LIMIT = flags.DEFINE_integer("train_limit", None, "Use only this many training images.")
@@ -33,8 +34,9 @@ def main(argv):
     tf.keras.utils.set_random_seed(_SEED.value)
     labeled = data.load(_DATASET.value, "train", batch_size=128, seed=_SEED.value, limit=_TRAIN_LIMIT.value)
     test = data.load(_DATASET.value, "test", batch_size=512, shuffle=False)
-    result = magnitude_pruning(_SPEC.value, labeled, test, _OUT.value, sparsity=_SPARSITY.value, epochs=_EPOCHS.value,
-                               verbose=2)
+    result = magnitude_pruning(
+        _SPEC.value, labeled, test, _OUT.value, sparsity=_SPARSITY.value, epochs=_EPOCHS.value, verbose=2
+    )
     print(f"tfmot: accuracy {100 * result['accuracy']:.2f}% at {100 * result['kernel_sparsity']:.1f}% kernel sparsity")
 
 

@@ -14,22 +14,34 @@ from flagdefs import config_from_flags, define_config_flags, define_dataset
 from tfsubspace.distill.pipeline import CompressionConfig
 
 _TEACHER = flags.DEFINE_string("teacher", None, "The trained teacher (.keras).", required=True)
-_UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False,
-                               "Allow loading Lambda layers and other code from --teacher (only for files you trust).")
+_UNSAFE = flags.DEFINE_boolean(
+    "unsafe_deserialization",
+    False,
+    "Allow loading Lambda layers and other code from --teacher (only for files you trust).",
+)
 _DATASET = define_dataset("Data set whose images (unlabeled) train the student.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data)."
+)
 _EXAMPLES = flags.DEFINE_integer("examples", None, "Use only this many training images.", lower_bound=1)
-_EVAL_EXAMPLES = flags.DEFINE_integer("eval_examples", None, "Use only this many test images for the report.",
-                                      lower_bound=1)
+_EVAL_EXAMPLES = flags.DEFINE_integer(
+    "eval_examples", None, "Use only this many test images for the report.", lower_bound=1
+)
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Directory for every stage's results (resumable).", required=True)
-_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Clear --work_dir's stages and start over (a rerun with another "
-                                  "teacher, options or data is refused without it).")
-_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                              "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
-                              "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
-                              "command on every worker). --batch_size is the global batch.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "Clear --work_dir's stages and start over (a rerun with another teacher, options or data is refused without it).",
+)
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
+    "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
+    "command on every worker). --batch_size is the global batch.",
+)
 # every compress() option, from CompressionConfig's fields (compress() validates the values)
 _OPTIONS = define_config_flags(CompressionConfig)
 
@@ -45,12 +57,27 @@ def main(argv):
     strategy = distribute.get_strategy(_STRATEGY.value)
     teacher = load_model(_TEACHER.value, safe_mode=not _UNSAFE.value)
     info = data.dataset_info(_DATASET.value)
-    ds = data.load(info.name, "train", batch_size=_BATCH.value, labels=False, limit=_EXAMPLES.value,
-                   seed=options["seed"], data_dir=_DATA_DIR.value)
-    eval_ds = data.load(info.name, "test", batch_size=512, shuffle=False, limit=_EVAL_EXAMPLES.value,
-                        data_dir=_DATA_DIR.value)
-    result = compress(teacher, ds, work_dir=_WORK_DIR.value, eval_ds=eval_ds, overwrite=_OVERWRITE.value,
-                      strategy=None if _STRATEGY.value == "default" else strategy, **options)
+    ds = data.load(
+        info.name,
+        "train",
+        batch_size=_BATCH.value,
+        labels=False,
+        limit=_EXAMPLES.value,
+        seed=options["seed"],
+        data_dir=_DATA_DIR.value,
+    )
+    eval_ds = data.load(
+        info.name, "test", batch_size=512, shuffle=False, limit=_EVAL_EXAMPLES.value, data_dir=_DATA_DIR.value
+    )
+    result = compress(
+        teacher,
+        ds,
+        work_dir=_WORK_DIR.value,
+        eval_ds=eval_ds,
+        overwrite=_OVERWRITE.value,
+        strategy=None if _STRATEGY.value == "default" else strategy,
+        **options,
+    )
     if distribute.is_chief(strategy):  # other workers wrote to a private copy, now gone
         print(result.summary())
         print(f"student: {result.paths['student']}")

@@ -22,27 +22,39 @@ _MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", require
 _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in --model.")
 _DATASET = define_dataset("Images for int8 calibration (train split) and the checks (test split).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory.")
-_INPUT_RANGE = flags.DEFINE_enum("input_range", "auto", ["auto", "0-1", "0-255"],
-                                 "Pixel range of the calibration and check images; auto: 0-255 if the model "
-                                 "starts with Rescaling(1/255) (or 1/127.5), else 0-1.")
+_INPUT_RANGE = flags.DEFINE_enum(
+    "input_range",
+    "auto",
+    ["auto", "0-1", "0-255"],
+    "Pixel range of the calibration and check images; auto: 0-255 if the model "
+    "starts with Rescaling(1/255) (or 1/127.5), else 0-1.",
+)
 _MODES = flags.DEFINE_multi_enum("modes", list(MODES), list(MODES), "Export modes.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where the .tflite files go.", required=True)
 _NAME = flags.DEFINE_string("name", None, "File name prefix (default: the model's name).")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Input/output type of the int8 model.")
 _CALIB = flags.DEFINE_integer("calibration_examples", 300, "Calibration images.", lower_bound=1)
 _CHECK = flags.DEFINE_integer("check_examples", 500, "Images for the checks.", lower_bound=1)
-_MIN_AGREE = flags.DEFINE_float("min_agreement", 0.98, "Least top-1 agreement of a quantized file.",
-                                lower_bound=0.0, upper_bound=1.0)
+_MIN_AGREE = flags.DEFINE_float(
+    "min_agreement", 0.98, "Least top-1 agreement of a quantized file.", lower_bound=0.0, upper_bound=1.0
+)
 _C_ARRAY = flags.DEFINE_boolean("c_array", False, "Write model_data.cc/.h of the int8 file (TFLite Micro).")
 _EDGETPU = flags.DEFINE_boolean("edgetpu", False, "Print the Edge TPU report of the int8 file.")
-_QAT = flags.DEFINE_boolean("qat", False, "Also write an int8 file made by quantization-aware training "
-                            "(needs the tfmot environment: make tfmot).")
-_QAT_TEACHER = flags.DEFINE_string("qat_teacher", None, "Teacher (.keras) whose soft outputs QAT matches "
-                                   "(default: the float model itself).")
+_QAT = flags.DEFINE_boolean(
+    "qat",
+    False,
+    "Also write an int8 file made by quantization-aware training (needs the tfmot environment: make tfmot).",
+)
+_QAT_TEACHER = flags.DEFINE_string(
+    "qat_teacher", None, "Teacher (.keras) whose soft outputs QAT matches (default: the float model itself)."
+)
 _QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 2, "Quantization-aware training epochs.", lower_bound=1)
 _QAT_EXAMPLES = flags.DEFINE_integer("qat_examples", 10000, "Training images for QAT (no labels).", lower_bound=1)
-_TFMOT_PYTHON = flags.DEFINE_string("tfmot_python", None, "Python of the tfmot environment "
-                                    "(default: $TFSUBSPACE_TFMOT_PYTHON or .venv-tfmot/bin/python).")
+_TFMOT_PYTHON = flags.DEFINE_string(
+    "tfmot_python",
+    None,
+    "Python of the tfmot environment (default: $TFSUBSPACE_TFMOT_PYTHON or .venv-tfmot/bin/python).",
+)
 
 
 def main(argv):
@@ -57,21 +69,43 @@ def main(argv):
     common = dict(batch_size=100, labels=False, data_dir=_DATA_DIR.value, value_range=input_range)
     calibration = data.load(_DATASET.value, "train", seed=0, **common)
     checks = data.load(_DATASET.value, "test", shuffle=False, **common)
-    results = export.export(model, _OUT.value, modes=_MODES.value, calibration_ds=calibration, check_ds=checks,
-                            calibration_examples=_CALIB.value, check_examples=_CHECK.value,
-                            min_agreement=_MIN_AGREE.value, io_dtype=_IO.value, name=_NAME.value,
-                            input_range=input_range)
+    results = export.export(
+        model,
+        _OUT.value,
+        modes=_MODES.value,
+        calibration_ds=calibration,
+        check_ds=checks,
+        calibration_examples=_CALIB.value,
+        check_examples=_CHECK.value,
+        min_agreement=_MIN_AGREE.value,
+        io_dtype=_IO.value,
+        name=_NAME.value,
+        input_range=input_range,
+    )
     if _QAT.value:
         teacher = load_model(_QAT_TEACHER.value, safe_mode=not _UNSAFE.value) if _QAT_TEACHER.value else None
-        results.append(qat.export_qat(model, _OUT.value, calibration, teacher=teacher, epochs=_QAT_EPOCHS.value,
-                                      train_examples=_QAT_EXAMPLES.value, check_ds=checks,
-                                      check_examples=_CHECK.value, min_agreement=_MIN_AGREE.value,
-                                      name=_NAME.value, python=_TFMOT_PYTHON.value,
-                                      input_range=input_range))
+        results.append(
+            qat.export_qat(
+                model,
+                _OUT.value,
+                calibration,
+                teacher=teacher,
+                epochs=_QAT_EPOCHS.value,
+                train_examples=_QAT_EXAMPLES.value,
+                check_ds=checks,
+                check_examples=_CHECK.value,
+                min_agreement=_MIN_AGREE.value,
+                name=_NAME.value,
+                python=_TFMOT_PYTHON.value,
+                input_range=input_range,
+            )
+        )
     print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
     for r in results:
-        print(f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
-              + ("" if r.passed else "  FAILED"))
+        print(
+            f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
+            + ("" if r.passed else "  FAILED")
+        )
     int8 = next((r for r in results if r.mode == "int8"), None)
     if int8 is not None and (_C_ARRAY.value or _EDGETPU.value):
         if _C_ARRAY.value:

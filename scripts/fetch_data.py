@@ -1,6 +1,6 @@
 """Fetches the offline data sets (MNIST, Fashion-MNIST) into the data directory.
 
-    python scripts/fetch_data.py [--datasets=mnist,fashion_mnist] [--data_dir=DIR]
+python scripts/fetch_data.py [--datasets=mnist,fashion_mnist] [--data_dir=DIR]
 """
 
 from absl import app, flags
@@ -12,7 +12,8 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data)."
 )
 _FASHION_SOURCE = flags.DEFINE_string(
-    "fashion_mnist_source", str(FASHION_MNIST_DEBIAN_DIR),
+    "fashion_mnist_source",
+    str(FASHION_MNIST_DEBIAN_DIR),
     "Where the Debian package dataset-fashion-mnist put the gzipped IDX files.",
 )
 

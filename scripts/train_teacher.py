@@ -15,7 +15,9 @@ _WIDTH = flags.DEFINE_float("width", 1.0, "VGG-16 channel multiplier.", lower_bo
 _DEPTH = flags.DEFINE_integer("depth", 16, "Wide ResNet depth (6n + 4).", lower_bound=10)
 _WIDEN = flags.DEFINE_integer("widen_factor", 4, "Wide ResNet widen factor k.", lower_bound=1)
 _DATASET = define_dataset("Training data set.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data).")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "Data directory (default: $TFSUBSPACE_DATA_DIR or ~/.cache/tfsubspace/data)."
+)
 _TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", None, "Use only this many training examples.", lower_bound=1)
 _TEST_EXAMPLES = flags.DEFINE_integer("test_examples", None, "Use only this many test examples.", lower_bound=1)
 _AUGMENT = flags.DEFINE_boolean("augment", False, "Random shifts (and flips for CIFAR) while training.")
@@ -28,10 +30,14 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for weights, shuffling and augmentation.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the trained model (.keras).", required=True)
 _TENSORBOARD = flags.DEFINE_string("tensorboard_dir", None, "TensorBoard log directory (none if unset).")
-_STRATEGY = flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                               "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
-                               "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
-                               "command on every worker). --batch_size is the global batch.")
+_STRATEGY = flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
+    "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
+    "command on every worker). --batch_size is the global batch.",
+)
 _VERBOSE = flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit() verbosity.")
 
 flags.register_validator("output", lambda v: v is None or v.endswith(".keras"), "--output must end in .keras")
@@ -43,9 +49,8 @@ def main(argv):
     import keras
 
     from tfsubspace import data, models
-    from tfsubspace.train import distribute
     from tfsubspace.models import stats
-    from tfsubspace.train import classifier
+    from tfsubspace.train import classifier, distribute
 
     strategy = distribute.get_strategy(_STRATEGY.value)
     keras.utils.set_random_seed(_SEED.value)
@@ -55,17 +60,30 @@ def main(argv):
     test_ds = data.load(info.name, "test", shuffle=False, limit=_TEST_EXAMPLES.value, **common)
     with strategy.scope():
         model = models.build(
-            _MODEL.value, info.image_shape, info.num_classes,
-            width=_WIDTH.value, depth=_DEPTH.value, widen_factor=_WIDEN.value,
+            _MODEL.value,
+            info.image_shape,
+            info.num_classes,
+            width=_WIDTH.value,
+            depth=_DEPTH.value,
+            widen_factor=_WIDEN.value,
         )
-    print(f"{model.name} on {info.name}: {stats.count_params(model):,} params, "
-          f"{stats.count_macs(model):,} MACs per image")
+    print(
+        f"{model.name} on {info.name}: {stats.count_params(model):,} params, {stats.count_macs(model):,} MACs per image"
+    )
     verbose = _VERBOSE.value if _VERBOSE.value == "auto" else int(_VERBOSE.value)
     result = classifier.train_classifier(
-        model, train_ds, test_ds,
-        epochs=_EPOCHS.value, optimizer=_OPTIMIZER.value, learning_rate=_LR.value,
-        lr_schedule=_SCHEDULE.value, weight_decay=_WEIGHT_DECAY.value,
-        output=_OUTPUT.value, tensorboard_dir=_TENSORBOARD.value, verbose=verbose, strategy=strategy,
+        model,
+        train_ds,
+        test_ds,
+        epochs=_EPOCHS.value,
+        optimizer=_OPTIMIZER.value,
+        learning_rate=_LR.value,
+        lr_schedule=_SCHEDULE.value,
+        weight_decay=_WEIGHT_DECAY.value,
+        output=_OUTPUT.value,
+        tensorboard_dir=_TENSORBOARD.value,
+        verbose=verbose,
+        strategy=strategy,
     )
     print(f"test accuracy: {result.test_accuracy:.4f} ({result.test_accuracy * 100:.2f}%)")
     if result.model_path is not None and distribute.is_chief(strategy):

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from tfsubspace.train.checkpoint import EpochCheckpoint
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.train.checkpoint import EpochCheckpoint
 
 
 def tiny_model():
@@ -101,8 +101,13 @@ def test_a_resumed_fit_repeats_the_uninterrupted_one_bit_for_bit(tmp_path):
 def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
     x = np.zeros((8, 4), "float32")
     model = tiny_model()
-    model.fit(x, np.zeros(8, "int32"), epochs=1, verbose=0,
-              callbacks=[EpochCheckpoint(tmp_path / "b", delete_on_success=False)])
+    model.fit(
+        x,
+        np.zeros(8, "int32"),
+        epochs=1,
+        verbose=0,
+        callbacks=[EpochCheckpoint(tmp_path / "b", delete_on_success=False)],
+    )
     fresh = tiny_model()
     fresh.layers[1].trainable = False  # its optimizer now has fewer variables than the saved one
     fresh.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -149,11 +154,13 @@ def test_a_resumed_fit_under_mirrored_strategy_repeats_the_uninterrupted_one(tmp
         with strategy.scope():
             epoch = EpochCheckpoint(sys.argv[1]).restore(resumed)
         distribute.fit(resumed, ds, epochs=3, initial_epoch=epoch, verbose=0, strategy=strategy)
-        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(straight.weights, resumed.weights))
+        pairs = zip(straight.weights, resumed.weights)
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in pairs)
         print("EPOCH", epoch, "DIFF", diff)
     """)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True, timeout=300, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [l for l in result.stdout.splitlines() if l.startswith("EPOCH")] == ["EPOCH 1 DIFF 0.0"]
+    assert [row for row in result.stdout.splitlines() if row.startswith("EPOCH")] == ["EPOCH 1 DIFF 0.0"]

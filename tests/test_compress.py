@@ -17,15 +17,14 @@ from conftest import REPO
 
 import tfsubspace
 from tfsubspace import data
-from tfsubspace.prune import analysis
-from tfsubspace.prune import surgery
-from tfsubspace.prune.plan import PruningPlan
 from tfsubspace.distill.budget import BudgetTargets
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.prune import analysis, surgery
+from tfsubspace.prune.plan import PruningPlan
 
 
 def small_teacher():
-    bn = lambda name: keras.layers.BatchNormalization(momentum=0.9, name=name)  # noqa: E731  (few steps)
+    bn = lambda name: keras.layers.BatchNormalization(momentum=0.9, name=name)
     inputs = keras.Input((28, 28, 1))
     x = keras.layers.Conv2D(16, 3, padding="same", use_bias=False, name="c1")(inputs)
     x = keras.layers.ReLU(name="r1")(bn("b1")(x))
@@ -54,9 +53,20 @@ def teacher_and_data(tmp_path_factory):
 
 def test_compress_end_to_end(teacher_and_data, tmp_path):
     teacher, _, ds, test = teacher_and_data
-    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, eval_ds=test, energy=0.95, multiple=4,
-                                 epochs=3, recover_epochs=1, lasso=1.0, lasso_learning_rate=0.02,
-                                 target_params=0.15, verbose=0)
+    result = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        eval_ds=test,
+        energy=0.95,
+        multiple=4,
+        epochs=3,
+        recover_epochs=1,
+        lasso=1.0,
+        lasso_learning_rate=0.02,
+        target_params=0.15,
+        verbose=0,
+    )
     report = result.report
     assert report["student"]["params"] < report["teacher"]["params"]
     # a budget-aimed LASSO: 0.89-0.90 over two data orders (an unaimed one at lasso_learning_rate
@@ -72,33 +82,66 @@ def test_compress_end_to_end(teacher_and_data, tmp_path):
         assert result.paths[name].exists(), name
     # The composed plan rebuilds the student's architecture from the teacher.
     rebuilt = surgery.apply_plan(teacher, PruningPlan.load(result.paths["plan"])).model
-    shapes = lambda m: [tuple(w.shape) for layer in m.layers for w in layer.weights if "kernel" in w.path]  # noqa: E731
+    shapes = lambda m: [tuple(w.shape) for layer in m.layers for w in layer.weights if "kernel" in w.path]
     assert shapes(rebuilt) == shapes(result.student)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
     assert all(layer.trainable for layer in teacher.layers)  # compress() left the teacher as it was
     # A second call with the same work_dir reuses every stage.
-    again = tfsubspace.compress(teacher, ds, work_dir=tmp_path, eval_ds=test, energy=0.95, multiple=4,
-                                epochs=3, recover_epochs=1, lasso=1.0, lasso_learning_rate=0.02,
-                                target_params=0.15, verbose=0)
+    again = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        eval_ds=test,
+        energy=0.95,
+        multiple=4,
+        epochs=3,
+        recover_epochs=1,
+        lasso=1.0,
+        lasso_learning_rate=0.02,
+        target_params=0.15,
+        verbose=0,
+    )
     assert again.report["stage_seconds"] == {}
     assert again.student.count_params() == result.student.count_params()
 
 
 def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
     teacher, _, ds, _ = teacher_and_data
-    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=0.75, multiple=1, init="random",
-                                 schedule="stage_wise", epochs=2, recover_epochs=0, lasso=0.0,
-                                 target_params=0.3, tensorboard_dir=str(tmp_path / "tb"), verbose=0)
+    result = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        width_ratio=0.75,
+        multiple=1,
+        init="random",
+        schedule="stage_wise",
+        epochs=2,
+        recover_epochs=0,
+        lasso=0.0,
+        target_params=0.3,
+        tensorboard_dir=str(tmp_path / "tb"),
+        verbose=0,
+    )
     assert list((tmp_path / "tb" / "distill").rglob("events.out.tfevents.*"))
     assert result.student.count_params() <= 0.3 * teacher.count_params() + 64  # folded biases may add a few
-    history = list(csv.DictReader(open(tmp_path / "distill.csv")))
+    history = list(csv.DictReader((tmp_path / "distill.csv").read_text().splitlines()))
     assert [row["epoch"] for row in history] == ["0", "1"]
 
 
 def test_mac_budget(teacher_and_data, tmp_path):
     teacher, _, ds, _ = teacher_and_data
-    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=1,
-                                 recover_epochs=0, lasso=0.0, target_macs=0.4, verbose=0)
+    result = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        width_ratio=1.0,
+        multiple=1,
+        epochs=1,
+        recover_epochs=0,
+        lasso=0.0,
+        target_macs=0.4,
+        verbose=0,
+    )
     assert result.report["student"]["macs"] <= 0.4 * result.report["teacher"]["macs"]
     assert result.report["macs_removed"] >= 0.6
 
@@ -130,8 +173,9 @@ def test_teacher_statistics_that_do_not_fit_the_data_are_warned_about(teacher_an
     (name, ratio), *_ = tfsubspace.batchnorm_mismatch(teacher, images * 255.0)
     assert name == "b1" and ratio > 1e4
     with pytest.warns(tfsubspace.DataMismatchWarning, match=r"BatchNormalization 'b1' has .*x its moving variance"):
-        tfsubspace.compress(teacher, ds.map(lambda x: x * 255.0).take(1), stats_batches=1, epochs=1,
-                            recover_epochs=0, verbose=0)
+        tfsubspace.compress(
+            teacher, ds.map(lambda x: x * 255.0).take(1), stats_batches=1, epochs=1, recover_epochs=0, verbose=0
+        )
     untrained = small_teacher()
     assert [n for n, _ in tfsubspace.batchnorm_mismatch(untrained, images)] == ["b1", "b2"]
     tfsubspace.reestimate_batchnorm(untrained, ds, 8)
@@ -146,9 +190,17 @@ def test_nan_loss_stops_with_a_clear_message(teacher_and_data, tmp_path):
     # finite images whose training diverges: the loss turns NaN and nothing is saved
     images[:] = 0.5
     with pytest.raises(FloatingPointError, match="distill: the loss became NaN or infinite at epoch 1, batch"):
-        tfsubspace.compress(teacher, tf.data.Dataset.from_tensor_slices(images).batch(32), work_dir=tmp_path,
-                            width_ratio=0.5, epochs=1, verbose=0, stats_batches=1, bn_batches=0,
-                            learning_rate=1e30)
+        tfsubspace.compress(
+            teacher,
+            tf.data.Dataset.from_tensor_slices(images).batch(32),
+            work_dir=tmp_path,
+            width_ratio=0.5,
+            epochs=1,
+            verbose=0,
+            stats_batches=1,
+            bn_batches=0,
+            learning_rate=1e30,
+        )
     assert not (tmp_path / "student_distilled.keras").exists()
     assert not list((tmp_path / "distill_backup").glob("*.h5"))
 
@@ -156,9 +208,20 @@ def test_nan_loss_stops_with_a_clear_message(teacher_and_data, tmp_path):
 def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
     _, teacher_path, _, _ = teacher_and_data
     work = tmp_path / "work"
-    args = [sys.executable, str(REPO / "scripts" / "compress.py"), f"--teacher={teacher_path}",
-            f"--work_dir={work}", "--examples=2048", "--eval_examples=256", "--batch_size=16",
-            "--epochs=3", "--recover_epochs=1", "--energy=0.9", "--multiple=4", "--verbose=2"]
+    args = [
+        sys.executable,
+        str(REPO / "scripts" / "compress.py"),
+        f"--teacher={teacher_path}",
+        f"--work_dir={work}",
+        "--examples=2048",
+        "--eval_examples=256",
+        "--batch_size=16",
+        "--epochs=3",
+        "--recover_epochs=1",
+        "--energy=0.9",
+        "--multiple=4",
+        "--verbose=2",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
@@ -173,7 +236,7 @@ def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "plan_subspace: reusing" in result.stdout and "student_init: reusing" in result.stdout
-    epochs = [int(r["epoch"]) for r in csv.DictReader(open(work / "distill.csv"))]
+    epochs = [int(r["epoch"]) for r in csv.DictReader((work / "distill.csv").read_text().splitlines())]
     assert epochs == [0, 1, 2]
     report = json.loads((work / "report.json").read_text())
     assert report["student"]["params"] < report["teacher"]["params"]
@@ -217,7 +280,7 @@ def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    line = [l for l in result.stdout.splitlines() if l.startswith("LOSS")][0].split()
+    line = [row for row in result.stdout.splitlines() if row.startswith("LOSS")][0].split()
     assert np.isfinite(float(line[1]))
     assert int(line[3]) > 0  # the proximal step ran on the mirrored variables and zeroed channels
 
@@ -232,8 +295,9 @@ def test_adapters_start_as_the_least_squares_map(teacher_and_data):
     s_out = trainer._features(trainer.student_features, x)
     t_out = trainer._features(trainer.teacher_features, x)
     # r1 (all 16 channels kept): the map is the identity; p2 (12 of 24 kept): the best linear fit
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(trainer.adapters[0](s_out[0])),
-                               keras.ops.convert_to_numpy(t_out[0]), atol=2e-2)  # up to the small ridge
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(trainer.adapters[0](s_out[0])), keras.ops.convert_to_numpy(t_out[0]), atol=2e-2
+    )  # up to the small ridge
     fitted = keras.ops.convert_to_numpy(trainer.adapters[1](s_out[1]))
     target = keras.ops.convert_to_numpy(t_out[1])
     selection = np.zeros_like(target)
@@ -245,8 +309,18 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
     """With target_params, LASSO shrinks only the channels the budget would remove, so by the end
     of training they are exact zeros and pruning to the budget removes (almost) nothing alive."""
     teacher, _, ds, _ = teacher_and_data
-    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=2,
-                                 recover_epochs=0, lasso=2.5, target_params=0.3, verbose=0)
+    result = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        width_ratio=1.0,
+        multiple=1,
+        epochs=2,
+        recover_epochs=0,
+        lasso=2.5,
+        target_params=0.3,
+        verbose=0,
+    )
     assert result.student.count_params() <= 0.3 * teacher.count_params() + 64
     distilled = keras.models.load_model(tmp_path / "student_distilled.keras")
     norms = tfsubspace.distill.lasso.ChannelLasso(analysis.analyze(distilled)).norms()
@@ -259,7 +333,6 @@ def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data
     # (unaimed, the same LASSO leaves none of them at zero here: checked when this test was written)
 
 
-
 def _batchnorm_drift(model, ds, batches=8):
     """Per BatchNormalization: how far its moving mean is from the mean of its inputs on `ds`
     (inference mode), relative to the moving standard deviation; the largest over channels."""
@@ -269,9 +342,15 @@ def _batchnorm_drift(model, ds, batches=8):
     for x in ds.take(batches):
         for i, y in enumerate(probe(x, training=False)):
             sums[i] = sums[i] + keras.ops.convert_to_numpy(keras.ops.mean(y, axis=(0, 1, 2))) / batches
-    return {bn.name: float(np.max(np.abs(mean - keras.ops.convert_to_numpy(bn.moving_mean))
-                                  / np.sqrt(keras.ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)))
-            for bn, mean in zip(bns, sums)}
+    return {
+        bn.name: float(
+            np.max(
+                np.abs(mean - keras.ops.convert_to_numpy(bn.moving_mean))
+                / np.sqrt(keras.ops.convert_to_numpy(bn.moving_variance) + bn.epsilon)
+            )
+        )
+        for bn, mean in zip(bns, sums)
+    }
 
 
 def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_data, tmp_path):
@@ -279,8 +358,18 @@ def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_
     live channels, which shifts every later BatchNormalization's input. The pruned student's
     moving statistics are measured again, so inference mode sees what training mode sees."""
     teacher, _, ds, test = teacher_and_data
-    result = tfsubspace.compress(teacher, ds, work_dir=tmp_path, width_ratio=1.0, multiple=1, epochs=1,
-                                 recover_epochs=0, lasso=0.0, target_params=0.3, verbose=0)
+    result = tfsubspace.compress(
+        teacher,
+        ds,
+        work_dir=tmp_path,
+        width_ratio=1.0,
+        multiple=1,
+        epochs=1,
+        recover_epochs=0,
+        lasso=0.0,
+        target_params=0.3,
+        verbose=0,
+    )
     pruned = keras.models.load_model(tmp_path / "student_pruned.keras")
     drift = _batchnorm_drift(pruned, ds)
     assert max(drift.values()) < 0.25, drift
@@ -289,7 +378,6 @@ def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_
     cut = surgery.apply_plan(distilled, PruningPlan.load(tmp_path / "plan_lasso.json")).model
     assert max(_batchnorm_drift(cut, ds).values()) > 4 * max(drift.values())
     assert result.report["params_removed"] >= 0.7
-
 
 
 def test_a_recovery_too_short_for_batchnorm_momentum_measures_statistics_again(teacher_and_data, tmp_path, capsys):
@@ -301,8 +389,16 @@ def test_a_recovery_too_short_for_batchnorm_momentum_measures_statistics_again(t
     for layer in slow.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 0.99
-    options = dict(width_ratio=1.0, multiple=1, epochs=1, recover_epochs=1, lasso=0.0, target_params=0.3,
-                   recover_learning_rate=3e-3, verbose=1)
+    options = dict(
+        width_ratio=1.0,
+        multiple=1,
+        epochs=1,
+        recover_epochs=1,
+        lasso=0.0,
+        target_params=0.3,
+        recover_learning_rate=3e-3,
+        verbose=1,
+    )
     runs = {}
     for name, model in (("slow", slow), ("fast", teacher)):
         tfsubspace.compress(model, ds, work_dir=tmp_path / name, **options)
@@ -328,8 +424,9 @@ KILLING_RUN = textwrap.dedent("""
 
 
 def _run_killed(target, script, args, env):
-    return subprocess.run([sys.executable, "-c", KILLING_RUN, target, script, *args], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", KILLING_RUN, target, script, *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_and_data, tmp_path):
@@ -338,9 +435,19 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
     script = str(REPO / "scripts" / "compress.py")
 
     def args(work):
-        return [f"--teacher={teacher_path}", f"--work_dir={work}", "--examples=512", "--eval_examples=128",
-                "--batch_size=32", "--epochs=1", "--recover_epochs=0", "--energy=0.9", "--multiple=4",
-                "--target_params=0.4", "--verbose=2"]
+        return [
+            f"--teacher={teacher_path}",
+            f"--work_dir={work}",
+            "--examples=512",
+            "--eval_examples=128",
+            "--batch_size=32",
+            "--epochs=1",
+            "--recover_epochs=0",
+            "--energy=0.9",
+            "--multiple=4",
+            "--target_params=0.4",
+            "--verbose=2",
+        ]
 
     reference = _run_killed("", script, args(tmp_path / "ref"), env)
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -359,8 +466,15 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
     export = str(REPO / "scripts" / "export_tflite.py")
-    export_args = [f"--model={work / 'student_pruned.keras'}", "--dataset=mnist", "--modes=float32",
-                   "--modes=int8", "--calibration_examples=64", "--check_examples=64", "--min_agreement=0"]
+    export_args = [
+        f"--model={work / 'student_pruned.keras'}",
+        "--dataset=mnist",
+        "--modes=float32",
+        "--modes=int8",
+        "--calibration_examples=64",
+        "--check_examples=64",
+        "--min_agreement=0",
+    ]
     first = _run_killed("", export, [*export_args, f"--out_dir={tmp_path / 'ref_tflite'}"], env)
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "tflite"
@@ -374,7 +488,6 @@ def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_an
         assert (out / name).read_bytes() == (tmp_path / "ref_tflite" / name).read_bytes(), name
 
 
-
 def test_stage_wise_lasso_shrinks_only_the_stages_trained_so_far(teacher_and_data):
     teacher, _, ds, _ = teacher_and_data
     student = surgery.apply_plan(teacher, PruningPlan.keep_all(analysis.analyze(teacher))).model
@@ -382,9 +495,10 @@ def test_stage_wise_lasso_shrinks_only_the_stages_trained_so_far(teacher_and_dat
     taps = a.taps()
     order = list(taps.values())  # p1, p2, r3: graph order
     lasso = tfsubspace.distill.lasso.ChannelLasso(a)
-    trainer = tfsubspace.StudentTrainer(student, teacher, taps=order, stages=[order[:1], order[1:]], lasso=lasso,
-                                        lasso_weight=1.0)
-    remove_all = lambda norms: {g: np.zeros(len(n), bool) for g, n in norms.items()}  # noqa: E731
+    trainer = tfsubspace.StudentTrainer(
+        student, teacher, taps=order, stages=[order[:1], order[1:]], lasso=lasso, lasso_weight=1.0
+    )
+    remove_all = lambda norms: {g: np.zeros(len(n), bool) for g, n in norms.items()}
     callback = BudgetTargets(lasso, remove_all, groups_of_taps={t: g for g, t in taps.items()})
     callback.set_model(trainer)
     trainer.set_stage(0)

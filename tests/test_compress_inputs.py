@@ -55,13 +55,21 @@ def calls(draw):
             ds = ds.repeat()
         data = ds
     options = dict(width_ratio=0.5, multiple=2, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
-    options.update(draw(st.just({}) | st.fixed_dictionaries({}, optional={
-        "epochs": st.sampled_from([1, 0, 1.5, "1"]),
-        "multiple": st.sampled_from([1, 2, 2.5]),
-        "target_params": st.sampled_from([0.5, 2, 2.0, 400, -1]),
-        "energy": st.sampled_from([0.9, 1.5]),
-        "lasso": st.sampled_from([0.0, 0.5, float("nan")]),
-    })))
+    options.update(
+        draw(
+            st.just({})
+            | st.fixed_dictionaries(
+                {},
+                optional={
+                    "epochs": st.sampled_from([1, 0, 1.5, "1"]),
+                    "multiple": st.sampled_from([1, 2, 2.5]),
+                    "target_params": st.sampled_from([0.5, 2, 2.0, 400, -1]),
+                    "energy": st.sampled_from([0.9, 1.5]),
+                    "lasso": st.sampled_from([0.0, 0.5, float("nan")]),
+                },
+            )
+        )
+    )
     if "energy" in options:
         options.pop("width_ratio")
     if form == "repeated+steps":

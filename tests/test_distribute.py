@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from tfsubspace.train import distribute
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.train import distribute
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -47,18 +47,37 @@ def start_workers(tmp_path, teacher_path, *, limit=512, epochs=2, timeout_s=60):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, "multi_worker", str(teacher_path), str(tmp_path / "work"), str(timeout_s),
-             str(limit), str(epochs)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    "multi_worker",
+                    str(teacher_path),
+                    str(tmp_path / "work"),
+                    str(timeout_s),
+                    str(limit),
+                    str(epochs),
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
     import keras
-
     from test_compress import small_teacher
 
     keras.utils.set_random_seed(0)
@@ -72,13 +91,18 @@ def plan_of(stdout):
 
 
 def test_two_workers_on_localhost_find_the_single_process_plan(teacher_path, tmp_path):
-    single = subprocess.run([sys.executable, "-c", WORKER, "default", str(teacher_path), str(tmp_path / "single"),
-                             "60", "512", "2"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    single = subprocess.run(
+        [sys.executable, "-c", WORKER, "default", str(teacher_path), str(tmp_path / "single"), "60", "512", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     procs = start_workers(tmp_path, teacher_path)
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     plans = [plan_of(out) for out, _ in outs]
     assert plans[0] == plans[1]  # the workers stay in step
@@ -121,19 +145,61 @@ def test_strategy_names_and_tf_config_are_checked(monkeypatch):
 def test_scripts_train_and_compress_under_mirrored_strategy(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     teacher = tmp_path / "teacher.keras"
-    run = subprocess.run([sys.executable, "scripts/train_teacher.py", "--model=lenet5", "--dataset=mnist",
-                          "--train_examples=512", "--test_examples=256", "--epochs=1", "--strategy=mirrored",
-                          f"--output={teacher}", "--verbose=0"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "scripts/train_teacher.py",
+            "--model=lenet5",
+            "--dataset=mnist",
+            "--train_examples=512",
+            "--test_examples=256",
+            "--epochs=1",
+            "--strategy=mirrored",
+            f"--output={teacher}",
+            "--verbose=0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert teacher.exists() and "test accuracy" in run.stdout
-    run = subprocess.run([sys.executable, "scripts/compress.py", f"--teacher={teacher}", "--dataset=mnist",
-                          "--examples=256", "--eval_examples=256", "--epochs=1", "--recover_epochs=1",
-                          "--strategy=mirrored", f"--work_dir={tmp_path / 'work'}", "--verbose=0"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "scripts/compress.py",
+            f"--teacher={teacher}",
+            "--dataset=mnist",
+            "--examples=256",
+            "--eval_examples=256",
+            "--epochs=1",
+            "--recover_epochs=1",
+            "--strategy=mirrored",
+            f"--work_dir={tmp_path / 'work'}",
+            "--verbose=0",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "work" / "student.keras").exists() and "student:" in run.stdout
-    bad = subprocess.run([sys.executable, "scripts/compress.py", f"--teacher={teacher}", "--strategy=tpu",
-                          f"--work_dir={tmp_path / 'bad'}"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "scripts/compress.py",
+            f"--teacher={teacher}",
+            "--strategy=tpu",
+            f"--work_dir={tmp_path / 'bad'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "--strategy" in bad.stderr

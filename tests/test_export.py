@@ -12,12 +12,7 @@ import tensorflow as tf
 from conftest import REPO
 
 from tfsubspace import fileio
-from tfsubspace.edge import convert
-from tfsubspace.edge import edgetpu
-from tfsubspace.edge import export
-from tfsubspace.edge import measure
-from tfsubspace.edge import micro
-from tfsubspace.edge import runtime
+from tfsubspace.edge import convert, edgetpu, export, measure, micro, runtime
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -61,8 +56,14 @@ def test_every_mode_is_written_and_checked(exported):
 
 def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
     model = tiny_model()
-    results = export.export(model, tmp_path, modes=("int8",), calibration_ds=as_ds(np.zeros((32, 12, 12, 1), "float32")),
-                            check_ds=as_ds(images(64)), min_agreement=0.98)
+    results = export.export(
+        model,
+        tmp_path,
+        modes=("int8",),
+        calibration_ds=as_ds(np.zeros((32, 12, 12, 1), "float32")),
+        check_ds=as_ds(images(64)),
+        min_agreement=0.98,
+    )
     assert not results[0].passed
     assert "quantization-aware training" in results[0].message and "calibrate on more" in results[0].message
     assert results[0].path.exists()  # written, but marked failed
@@ -89,10 +90,14 @@ def test_edgetpu_report(exported, tmp_path):
     floats = edgetpu.edgetpu_check(by_mode["float32"].path)
     assert not floats["compatible"] and any("FLOAT32, not 8-bit integer" in p for p in floats["problems"])
     exp_model = tiny_model("exponential")
-    path = export.export(exp_model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), min_agreement=0.0)[0].path
+    path = export.export(exp_model, tmp_path, modes=("int8",), calibration_ds=as_ds(images()), min_agreement=0.0)[
+        0
+    ].path
     report = edgetpu.edgetpu_check(path)
     assert "operator EXP is not supported by the Edge TPU" in report["problems"]
-    assert "EXP                          1          Not supported by the Edge TPU" in edgetpu.format_edgetpu_report(report)
+    assert "EXP                          1          Not supported by the Edge TPU" in edgetpu.format_edgetpu_report(
+        report
+    )
 
 
 def test_micro_arena_and_c_array(exported, tmp_path):
@@ -127,17 +132,21 @@ def test_benchmark_side_by_side(exported, tmp_path):
     model, results = exported
     by_mode = {r.mode: r for r in results}
     small = keras.Model(model.inputs, model.outputs, name="same")
-    entries = [measure.BenchEntry("a", by_mode["float32"].path, "float32", model),
-               measure.BenchEntry("a", by_mode["int8"].path, "int8", model),
-               measure.BenchEntry("b", by_mode["float32"].path, "float32", small),
-               measure.BenchEntry("c", by_mode["dynamic"].path, "dynamic")]
+    entries = [
+        measure.BenchEntry("a", by_mode["float32"].path, "float32", model),
+        measure.BenchEntry("a", by_mode["int8"].path, "int8", model),
+        measure.BenchEntry("b", by_mode["float32"].path, "float32", small),
+        measure.BenchEntry("c", by_mode["dynamic"].path, "dynamic"),
+    ]
     x = images(40, 2)
     labels = keras.ops.convert_to_numpy(model(x)).argmax(-1)
     report = measure.benchmark(entries, eval_ds=as_ds(x, labels), reference=model, runs=5, warmup=1)
     rows = report["rows"]
     assert [r["label"] for r in rows] == ["a", "a", "b", "c"]
     assert rows[0]["speedup_vs_first"] == 1.0 and rows[1]["speedup_vs_first"] == 1.0
-    assert rows[2]["speedup_vs_first"] == pytest.approx(rows[0]["latency"]["median_ms"] / rows[2]["latency"]["median_ms"])
+    assert rows[2]["speedup_vs_first"] == pytest.approx(
+        rows[0]["latency"]["median_ms"] / rows[2]["latency"]["median_ms"]
+    )
     assert rows[0]["accuracy"] == 1.0 and rows[0]["agreement"] == 1.0 and rows[0]["params"] == model.count_params()
     assert "micro_arena_bytes" in rows[1] and "micro_arena_bytes" not in rows[3]  # TFLM runs no dynamic-range model
     lat = rows[0]["latency"]
@@ -155,17 +164,42 @@ def test_scripts_end_to_end(tmp_path):
     keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(x)), name="m").save(model_path)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "export_tflite.py"), f"--model={model_path}",
-                             f"--out_dir={out}", "--c_array", "--edgetpu", "--check_examples=100",
-                             "--calibration_examples=100", "--min_agreement=0.5"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "export_tflite.py"),
+            f"--model={model_path}",
+            f"--out_dir={out}",
+            "--c_array",
+            "--edgetpu",
+            "--check_examples=100",
+            "--calibration_examples=100",
+            "--min_agreement=0.5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
     assert "input range: 0-1 (auto: model 'm' does not start with a Rescaling" in result.stdout
     assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in convert.MODES}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), f"--models=one={model_path},two={model_path}",
-                             f"--out_dir={tmp_path / 'bench'}", "--runs=5", "--warmup=1", "--eval_examples=100"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "benchmark.py"),
+            f"--models=one={model_path},two={model_path}",
+            f"--out_dir={tmp_path / 'bench'}",
+            "--runs=5",
+            "--warmup=1",
+            "--eval_examples=100",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| two | int8 |" in result.stdout and (tmp_path / "bench" / "benchmark.json").exists()
     assert "input range: 0-1 (one: auto:" in result.stdout
@@ -173,8 +207,14 @@ def test_scripts_end_to_end(tmp_path):
 
 def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
     model = tiny_model()
-    results = export.export(model, tmp_path, modes=("float32", "int8"), calibration_ds=as_ds(images(200)),
-                            check_ds=as_ds(images(50, 1)), batch_size=8)
+    results = export.export(
+        model,
+        tmp_path,
+        modes=("float32", "int8"),
+        calibration_ds=as_ds(images(200)),
+        check_ds=as_ds(images(50, 1)),
+        batch_size=8,
+    )
     assert [r.path.name for r in results] == ["tiny_float32_b8.tflite", "tiny_int8_b8.tflite"]
     assert all(r.passed and r.examples == 50 for r in results)  # 50 images: six full batches and a padded one
     runner = runtime.TFLiteRunner(results[0].path)
@@ -182,8 +222,10 @@ def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
     x = images(11, 2)
     np.testing.assert_allclose(runner(x), keras.ops.convert_to_numpy(model(x)), atol=1e-5)
     single = export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(16, 1)))[0]
-    entries = [measure.BenchEntry("b1", single.path, "float32", model),
-               measure.BenchEntry("b8", results[0].path, "float32", model)]
+    entries = [
+        measure.BenchEntry("b1", single.path, "float32", model),
+        measure.BenchEntry("b8", results[0].path, "float32", model),
+    ]
     report = measure.benchmark(entries, eval_ds=as_ds(images(20, 3)), runs=3, warmup=1)
     assert [r["batch"] for r in report["rows"]] == [1, 8]
     assert report["rows"][1]["speedup_vs_first"] == 1.0  # compared within its own batch size

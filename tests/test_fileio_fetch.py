@@ -13,10 +13,9 @@ from tfsubspace.errors import DataFileError, DatasetNotAvailableError
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     path = tmp_path / "out.json"
     fileio.write_json(path, {"a": 1})
-    with pytest.raises(RuntimeError):
-        with fileio.atomic_path(path) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), fileio.atomic_path(path) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("killed")
     assert path.read_text() == '{\n  "a": 1\n}\n'
     assert os.listdir(tmp_path) == ["out.json"]
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)

@@ -17,7 +17,9 @@ def test_lenet5_params_by_hand():
     assert models.lenet5((28, 28, 1), 10).count_params() == conv1 + conv2 + fc1 + fc2 + logits == 61706
 
 
-@pytest.mark.parametrize("width, shape, classes", [(1.0, (32, 32, 3), 10), (0.25, (28, 28, 1), 10), (0.5, (32, 32, 3), 100)])
+@pytest.mark.parametrize(
+    "width, shape, classes", [(1.0, (32, 32, 3), 10), (0.25, (28, 28, 1), 10), (0.5, (32, 32, 3), 100)]
+)
 def test_vgg16_params_by_hand(width, shape, classes):
     widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     widths = [int(round(c * width)) for c in widths]

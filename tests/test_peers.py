@@ -13,17 +13,12 @@ import pytest
 from conftest import REPO
 
 from tfsubspace import data, models
-from tfsubspace.prune import analysis
-from tfsubspace.peers import baselines
-from tfsubspace.peers import bridge
-from tfsubspace.edge import convert
-from tfsubspace.edge import qat
-from tfsubspace.edge import runtime
-from tfsubspace.prune import ranking
-from tfsubspace.models import stats
-from tfsubspace.prune import surgery
-from tfsubspace.prune.plan import PruningPlan
 from tfsubspace.distill.lasso import BatchNormL1
+from tfsubspace.edge import convert, qat, runtime
+from tfsubspace.models import stats
+from tfsubspace.peers import baselines, bridge
+from tfsubspace.prune import analysis, ranking, surgery
+from tfsubspace.prune.plan import PruningPlan
 
 TFMOT_PYTHON = os.environ.get("TFSUBSPACE_TFMOT_PYTHON", str(REPO / ".venv-tfmot" / "bin" / "python"))
 
@@ -93,8 +88,9 @@ def test_batchnorm_l1_scores_are_gammas_and_its_proximal_step_soft_thresholds():
     assert float(lasso.penalty()) == pytest.approx(2.55 + 6.0)  # b2's gammas start at 1
     lasso.proximal(0.1)
     np.testing.assert_allclose(b1.gamma.numpy(), [0.4, 0.0, 1.9, 0.0], rtol=1e-6)
-    plain = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(),
-                              keras.layers.Dense(2)])
+    plain = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(2)]
+    )
     with pytest.raises(ValueError, match="no BatchNormalization"):
         BatchNormL1(analysis.analyze(plain))
 
@@ -120,22 +116,25 @@ def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
     teacher = small_teacher()
     budget = int(0.4 * stats.count_params(teacher))
     for name, run in {
-        "l1_filter": lambda: baselines.l1_filter_pruning(teacher, mnist_small, params=budget, epochs=1,
-                                                         work_dir=tmp_path / "l1", verbose=0),
-        "slimming": lambda: baselines.network_slimming(teacher, mnist_small, params=budget, epochs=2,
-                                                       work_dir=tmp_path / "slim", verbose=0),
+        "l1_filter": lambda: baselines.l1_filter_pruning(
+            teacher, mnist_small, params=budget, epochs=1, work_dir=tmp_path / "l1", verbose=0
+        ),
+        "slimming": lambda: baselines.network_slimming(
+            teacher, mnist_small, params=budget, epochs=2, work_dir=tmp_path / "slim", verbose=0
+        ),
     }.items():
         slim = run()
         assert stats.count_params(slim) <= budget, name
         assert (tmp_path / {"l1_filter": "l1", "slimming": "slim"}[name] / f"{name}.keras").exists()
     student = baselines.fresh_copy(slim)  # the slim architecture, freshly initialised
     for name, run in {
-        "kd": lambda s: baselines.train_kd(s, teacher, mnist_small, epochs=1, alpha=0.9, work_dir=tmp_path / "kd",
-                                           verbose=0),
-        "fitnets": lambda s: baselines.fitnets(s, teacher, mnist_small, epochs=2, work_dir=tmp_path / "fit",
-                                               verbose=0),
-        "scratch": lambda s: baselines.train_scratch(s, mnist_small, epochs=1, work_dir=tmp_path / "scratch",
-                                                     verbose=0),
+        "kd": lambda s: baselines.train_kd(
+            s, teacher, mnist_small, epochs=1, alpha=0.9, work_dir=tmp_path / "kd", verbose=0
+        ),
+        "fitnets": lambda s: baselines.fitnets(s, teacher, mnist_small, epochs=2, work_dir=tmp_path / "fit", verbose=0),
+        "scratch": lambda s: baselines.train_scratch(
+            s, mnist_small, epochs=1, work_dir=tmp_path / "scratch", verbose=0
+        ),
     }.items():
         start = baselines.trained_copy(student)  # every method starts from the same weights
         before = trainable(start)
@@ -157,8 +156,9 @@ def test_pruning_peers_measure_batchnorm_statistics_after_the_cut(mnist_small, t
     teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     teacher.fit(mnist_small, epochs=2, verbose=0)
     images = mnist_small.map(lambda x, y: x)
-    slim = baselines.l1_filter_pruning(teacher, mnist_small, params=int(0.4 * stats.count_params(teacher)),
-                                       epochs=0, work_dir=tmp_path, verbose=0)
+    slim = baselines.l1_filter_pruning(
+        teacher, mnist_small, params=int(0.4 * stats.count_params(teacher)), epochs=0, work_dir=tmp_path, verbose=0
+    )
     drift = max(_batchnorm_drift(slim, images).values())
     stale = surgery.apply_plan(teacher, PruningPlan.load(tmp_path / "plan.json")).model
     assert drift < 0.1 and max(_batchnorm_drift(stale, images).values()) > 4 * drift
@@ -172,22 +172,27 @@ def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
     from tfsubspace import models
 
     x = np.random.default_rng(0).standard_normal((3, 16, 16, 1)).astype("float32")
-    for name, model in (("vgg", models.vgg16((16, 16, 1), 10, width=0.0625)),
-                        ("wrn", models.wide_resnet((16, 16, 1), 10, depth=10, widen_factor=1))):
+    for name, model in (
+        ("vgg", models.vgg16((16, 16, 1), 10, width=0.0625)),
+        ("wrn", models.wide_resnet((16, 16, 1), 10, depth=10, widen_factor=1)),
+    ):
         for layer in model.layers:  # non-trivial BN statistics
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.moving_mean.assign(np.random.default_rng(1).normal(size=layer.moving_mean.shape))
         bridge.save_spec(model, tmp_path / name)
         np.save(tmp_path / name / "x.npy", x)
         np.save(tmp_path / name / "keras3.npy", keras.ops.convert_to_numpy(model(x, training=False)))
-    code = ("import sys, numpy as np; from tfsubspace.peers.bridge import build_tf_keras\n"
-            "for d in sys.argv[1:]:\n"
-            "    m = build_tf_keras(d)\n"
-            "    np.save(d + '/tf_keras.npy', m(np.load(d + '/x.npy'), training=False).numpy())\n")
+    code = (
+        "import sys, numpy as np; from tfsubspace.peers.bridge import build_tf_keras\n"
+        "for d in sys.argv[1:]:\n"
+        "    m = build_tf_keras(d)\n"
+        "    np.save(d + '/tf_keras.npy', m(np.load(d + '/x.npy'), training=False).numpy())\n"
+    )
     subprocess.run([TFMOT_PYTHON, "-c", code, str(tmp_path / "vgg"), str(tmp_path / "wrn")], check=True, cwd=REPO)
     for name in ("vgg", "wrn"):
-        np.testing.assert_allclose(np.load(tmp_path / name / "tf_keras.npy"), np.load(tmp_path / name / "keras3.npy"),
-                                   atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(
+            np.load(tmp_path / name / "tf_keras.npy"), np.load(tmp_path / name / "keras3.npy"), atol=1e-4, err_msg=name
+        )
 
 
 def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_function():
@@ -210,8 +215,14 @@ def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_funct
         assert model.get_layer("bn").moving_mean.numpy()[0] == 50.0  # the original is left as it was
         print("ok")
     """)
-    run = subprocess.run([TFMOT_PYTHON, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    run = subprocess.run(
+        [TFMOT_PYTHON, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
@@ -237,8 +248,9 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(train, epochs=1, verbose=0)
     test = data.load("mnist", "test", batch_size=100, limit=200, shuffle=False, labels=False)
-    result = qat.export_qat(model, tmp_path, train, epochs=1, train_examples=512, check_ds=test,
-                            python=TFMOT_PYTHON, verbose=0)
+    result = qat.export_qat(
+        model, tmp_path, train, epochs=1, train_examples=512, check_ds=test, python=TFMOT_PYTHON, verbose=0
+    )
     assert result.mode == "int8_qat" and result.path.exists()
     assert result.agreement >= 0.95, result
     runner = runtime.TFLiteRunner(result.path)
@@ -261,18 +273,42 @@ def test_comparison_harness_runs_every_method(tmp_path):
     teacher.save(tmp_path / "teachers" / "small_mnist.keras")
     results = tmp_path / "results"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "benchmarks/compare.py", "--teachers=small", "--datasets=mnist", "--budgets=0.6",
-               "--epochs=2", "--recover_epochs=1", "--train_limit=256", "--latency_runs=3",
-               "--methods=tfsubspace,tfsubspace_stagewise,tfsubspace_macs,l1_filter,slimming,kd,fitnets,scratch,tfmot",
-               f"--teachers_dir={tmp_path / 'teachers'}", f"--runs_dir={tmp_path / 'runs'}",
-               f"--results_dir={results}", f"--tfmot_python={TFMOT_PYTHON}", f"--readme={tmp_path / 'README.md'}"]
+    command = [
+        sys.executable,
+        "benchmarks/compare.py",
+        "--teachers=small",
+        "--datasets=mnist",
+        "--budgets=0.6",
+        "--epochs=2",
+        "--recover_epochs=1",
+        "--train_limit=256",
+        "--latency_runs=3",
+        "--methods=tfsubspace,tfsubspace_stagewise,tfsubspace_macs,l1_filter,slimming,kd,fitnets,scratch,tfmot",
+        f"--teachers_dir={tmp_path / 'teachers'}",
+        f"--runs_dir={tmp_path / 'runs'}",
+        f"--results_dir={results}",
+        f"--tfmot_python={TFMOT_PYTHON}",
+        f"--readme={tmp_path / 'README.md'}",
+    ]
     (tmp_path / "README.md").write_text("# x\n<!-- compare:cpu:start -->\nold\n<!-- compare:cpu:end -->\n")
     run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = {json.loads(p.read_text())["method"]: json.loads(p.read_text())
-            for p in (results / "cpu").glob("small_mnist_*.json")}
-    methods = ("teacher", "tfsubspace", "tfsubspace_stagewise", "tfsubspace_macs", "l1_filter", "slimming", "kd",
-               "fitnets", "scratch", "tfmot")
+    rows = {
+        json.loads(p.read_text())["method"]: json.loads(p.read_text())
+        for p in (results / "cpu").glob("small_mnist_*.json")
+    }
+    methods = (
+        "teacher",
+        "tfsubspace",
+        "tfsubspace_stagewise",
+        "tfsubspace_macs",
+        "l1_filter",
+        "slimming",
+        "kd",
+        "fitnets",
+        "scratch",
+        "tfmot",
+    )
     assert sorted(rows) == sorted(methods)
     assert rows["tfsubspace_macs"]["macs"] <= 0.4 * rows["teacher"]["macs"]  # the budget holds for MACs too
     for method, row in rows.items():
@@ -333,10 +369,11 @@ def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path)
         print("PARAMS", max(stats.count_params(m) for m in (slim, l1, kd, fit)), budget)
     """)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    largest, budget = map(int, next(l for l in result.stdout.splitlines() if l.startswith("PARAMS")).split()[1:])
+    largest, budget = map(int, next(row for row in result.stdout.splitlines() if row.startswith("PARAMS")).split()[1:])
     assert largest <= budget
     for name in ("slim/slimming.keras", "l1/l1_filter.keras", "kd/kd.keras", "fit/fitnets.keras"):
         assert (tmp_path / name).exists(), name

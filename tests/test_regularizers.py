@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from tfsubspace import models
-from tfsubspace.prune import analysis
 from tfsubspace.distill import regularizers
 from tfsubspace.distill.lasso import ChannelLasso
+from tfsubspace.prune import analysis
 
 
 def test_group_lasso_by_hand():

@@ -2,8 +2,8 @@ import keras
 import pytest
 
 from tfsubspace import models
-from tfsubspace.models import stats
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.models import stats
 
 
 def single(layer, shape):
@@ -63,8 +63,13 @@ SMALL_CNN_MACS = 8 * 8 * 9 * 3 * 4 + 2 * 2 * 9 * 4 * 6 + 24 * 5
 
 
 def small_cnn_layers():
-    return [keras.layers.Conv2D(4, 3, padding="same"), keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(6, 3), keras.layers.Flatten(), keras.layers.Dense(5)]
+    return [
+        keras.layers.Conv2D(4, 3, padding="same"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(6, 3),
+        keras.layers.Flatten(),
+        keras.layers.Dense(5),
+    ]
 
 
 def test_loaded_sequential_counts_each_call_once(tmp_path):

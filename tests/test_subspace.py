@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfsubspace.prune import analysis
 from tfsubspace.distill import subspace
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.prune import analysis
 
 
 def stats_from(samples: np.ndarray, name="g") -> subspace.LatentStatistics:

@@ -9,10 +9,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tfsubspace import models
-from tfsubspace.prune import analysis
-from tfsubspace.prune import channels
-from tfsubspace.prune import surgery
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.prune import analysis, channels, surgery
 from tfsubspace.prune.plan import PlanError, PruningPlan
 from tfsubspace.prune.surgery import VerificationError
 
@@ -45,8 +43,8 @@ def randomize(model, rng):
 def random_model(seed: int) -> keras.Model:
     """A random model mixing every supported construct, small enough to run in a blink."""
     rng = np.random.default_rng(seed)
-    pick = lambda *xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
-    ch = lambda: int(rng.integers(2, 9))  # noqa: E731
+    pick = lambda *xs: xs[int(rng.integers(len(xs)))]
+    ch = lambda: int(rng.integers(2, 9))
     size = int(pick(8, 12))
     inputs = L.Input((size, size, 3))
     x = L.Conv2D(ch(), 3, padding="same")(inputs)
@@ -54,8 +52,12 @@ def random_model(seed: int) -> keras.Model:
     for _ in range(int(rng.integers(2, 6))):
         kind = pick("conv", "post_res", "pre_res", "concat", "depthwise", "separable", "pool")
         if kind == "conv":
-            x = L.Conv2D(ch(), pick(1, 3), padding=pick("same", "valid") if x.shape[1] > 4 else "same",
-                         use_bias=bool(rng.integers(2)))(x)
+            x = L.Conv2D(
+                ch(),
+                pick(1, 3),
+                padding=pick("same", "valid") if x.shape[1] > 4 else "same",
+                use_bias=bool(rng.integers(2)),
+            )(x)
             if rng.integers(2):
                 x = L.BatchNormalization()(x)
             x = L.ReLU()(x)
@@ -141,11 +143,14 @@ def test_masking_is_not_trivially_satisfied():
     assert np.max(np.abs(masked - keras.ops.convert_to_numpy(model(x)))) > 1e-3
 
 
-@pytest.mark.parametrize("build", [
-    lambda: models.vgg16((32, 32, 3), 10, width=0.125),
-    lambda: models.wide_resnet((16, 16, 3), 10, depth=16, widen_factor=2),
-    lambda: models.lenet5((28, 28, 1), 10),
-])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.vgg16((32, 32, 3), 10, width=0.125),
+        lambda: models.wide_resnet((16, 16, 3), 10, depth=16, widen_factor=2),
+        lambda: models.lenet5((28, 28, 1), 10),
+    ],
+)
 def test_reference_models(build, tmp_path):
     model = randomize(build(), np.random.default_rng(0))
     a = analysis.analyze(model)
@@ -181,8 +186,9 @@ def test_nested_and_sequential_models(tmp_path):
     assert outer.size == 4 and len(outer.producers) == 2 and outer.producers[1].startswith("block/")
     check_surgery(model, random_plan(a, 1), a, tmp_path)
 
-    seq = randomize(keras.Sequential([
-        L.Input((10,)), L.Dense(8, activation="relu"), L.Dropout(0.1), L.Dense(6), L.Dense(2)]), rng)
+    seq = randomize(
+        keras.Sequential([L.Input((10,)), L.Dense(8, activation="relu"), L.Dropout(0.1), L.Dense(6), L.Dense(2)]), rng
+    )
     a = analysis.analyze(seq)
     check_surgery(seq, random_plan(a, 2), a, tmp_path)
 
@@ -217,8 +223,9 @@ def test_constant_channels_fold_into_consumer_bias():
     plan = PruningPlan.from_masks(a, {"c1": np.array([1, 0, 1, 1, 0, 1], bool)})
     x = rng.normal(size=(4, 9, 9, 2)).astype("float32")
     result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
-    assert result.folds == [{"layer": "c2", "positions": 2, "folded": True, "exact": True,
-                             "max_abs_diff": pytest.approx(0.0, abs=1e-5)}]
+    assert result.folds == [
+        {"layer": "c2", "positions": 2, "folded": True, "exact": True, "max_abs_diff": pytest.approx(0.0, abs=1e-5)}
+    ]
     np.testing.assert_allclose(result.model(x), model(x), atol=1e-4)
     assert result.model.get_layer("c2").use_bias
     # Without folding, the slim model matches the masked model but not the original.
@@ -268,7 +275,11 @@ def test_inexact_fold_is_reported_and_the_rest_still_verified():
     result = surgery.apply_plan(model, plan, check_batch=x, fold_constants=True)
     [fold] = result.folds
     assert {k: fold[k] for k in ("layer", "positions", "folded", "exact")} == {
-        "layer": "c2", "positions": 1, "folded": True, "exact": False}
+        "layer": "c2",
+        "positions": 1,
+        "folded": True,
+        "exact": False,
+    }
     assert fold["max_abs_diff"] > 1e-2  # the borders of c2's output
     assert result.check_diff <= 1e-5  # the slim model is exactly the folded masked model
     assert result.max_abs_diff > 1e-3  # ... which is not the original with its constant
@@ -296,8 +307,11 @@ def test_a_wrong_exact_fold_names_its_layer(monkeypatch):
     a = analysis.analyze(model)
     plan = PruningPlan.from_masks(a, {"c1": [1, 2]})
     fold = channels.Producer.fold_constants
-    monkeypatch.setattr(channels.Producer, "fold_constants",
-                        lambda self, layer, c, keep_in: (fold(self, layer, c, keep_in)[0] * 0.5, True))
+    monkeypatch.setattr(
+        channels.Producer,
+        "fold_constants",
+        lambda self, layer, c, keep_in: (fold(self, layer, c, keep_in)[0] * 0.5, True),
+    )
     with pytest.raises(VerificationError, match="'c2'.*exact"):
         surgery.apply_plan(model, plan, fold_constants=True)
 
@@ -320,10 +334,18 @@ def test_plan_round_up_save_load(tmp_path):
         PruningPlan.load(tmp_path / "other.json")
 
 
-@pytest.mark.parametrize("keep, problem", [
-    ([0, 120], "out of range"), ([-1, 3], "out of range"), ([3, 1], "increasing"), ([1, 1], "increasing"),
-    ([True, False], "integers"), ([1.0], "integers"), ([[1], 2], "integers"),
-])
+@pytest.mark.parametrize(
+    "keep, problem",
+    [
+        ([0, 120], "out of range"),
+        ([-1, 3], "out of range"),
+        ([3, 1], "increasing"),
+        ([1, 1], "increasing"),
+        ([True, False], "integers"),
+        ([1.0], "integers"),
+        ([[1], 2], "integers"),
+    ],
+)
 def test_plan_file_with_bad_indices_names_the_file(tmp_path, keep, problem):
     model = models.lenet5()
     a = analysis.analyze(model)

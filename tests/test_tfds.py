@@ -15,7 +15,7 @@ def test_tfds_datasets_through_mock_data(name, classes):
     assert len(batches) == 3
     x, y = batches[0]
     assert x.shape == (4, 32, 32, 3) and x.dtype.name == "float32" and y.dtype.name == "int32"
-    assert 0.0 <= float(np.min(x)) and float(np.max(x)) <= 1.0
+    assert float(np.min(x)) >= 0.0 and float(np.max(x)) <= 1.0
     assert all(0 <= int(label) < classes for _, ys in batches for label in ys)
     assert unlabeled[0].shape == (4, 32, 32, 3)
 

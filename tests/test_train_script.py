@@ -85,7 +85,16 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, env):
 
 def test_tensorboard_logs(tmp_path, env):
     out, tb = tmp_path / "t.keras", tmp_path / "tb"
-    result = run(["--model=lenet5", "--epochs=1", "--batch_size=128", "--verbose=0", f"--output={out}",
-                  f"--tensorboard_dir={tb}"], env=env)
+    result = run(
+        [
+            "--model=lenet5",
+            "--epochs=1",
+            "--batch_size=128",
+            "--verbose=0",
+            f"--output={out}",
+            f"--tensorboard_dir={tb}",
+        ],
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(tb.rglob("events.out.tfevents.*"))

@@ -18,10 +18,10 @@ import tensorflow as tf
 
 import tfsubspace
 from tfsubspace import fileio
-from tfsubspace.distill import trainer
 from tfsubspace.data import inputs
-from tfsubspace.train import workdir
+from tfsubspace.distill import trainer
 from tfsubspace.errors import DataError, TfSubspaceError, UnsupportedModelError, WorkDirError
+from tfsubspace.train import workdir
 
 FAST = dict(width_ratio=0.5, multiple=2, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
 
@@ -72,8 +72,9 @@ def test_a_rerun_with_other_options_teacher_or_data_is_refused(teacher_and_image
     assert again.report["stage_seconds"] == {}
     assert again.student.count_params() == first.student.count_params()
     # ... and overwrite=True starts over with the new options
-    redone = tfsubspace.compress(teacher, batched(images), work_dir=tmp_path, overwrite=True,
-                                 **{**FAST, "width_ratio": 0.75})
+    redone = tfsubspace.compress(
+        teacher, batched(images), work_dir=tmp_path, overwrite=True, **{**FAST, "width_ratio": 0.75}
+    )
     assert redone.report["stage_seconds"] and redone.report["widths"]["c1"]["subspace"] == 6
 
 
@@ -99,9 +100,8 @@ def test_damaged_stage_files_are_named_not_reused(teacher_and_images, tmp_path):
 
 
 def test_a_second_process_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
-    with workdir.WorkDir(tmp_path):
-        with pytest.raises(WorkDirError, match=f"in use by process {os.getpid()}"):
-            workdir.WorkDir(tmp_path).__enter__()
+    with workdir.WorkDir(tmp_path), pytest.raises(WorkDirError, match=f"in use by process {os.getpid()}"):
+        workdir.WorkDir(tmp_path).__enter__()
     code = textwrap.dedent(f"""
         import os, signal
         from tfsubspace.train import workdir
@@ -224,8 +224,9 @@ def test_arrays_tuples_and_uint8_are_accepted_without_a_work_dir(teacher_and_ima
     ds = inputs.image_dataset(uint8, teacher, "ds")
     assert ds.element_spec.dtype == tf.float32 and float(next(iter(ds)).numpy().max()) > 1.0  # values kept
     one_hot = np.eye(4, dtype="float32")[labels]
-    result = tfsubspace.compress(teacher, (images, labels), eval_ds=(images, one_hot),
-                                 **{**FAST, "verbose": 1, "stats_batches": 100})
+    result = tfsubspace.compress(
+        teacher, (images, labels), eval_ds=(images, one_hot), **{**FAST, "verbose": 1, "stats_batches": 100}
+    )
     assert result.paths == {}  # nothing points into a deleted folder
     assert "| params |" in result.summary()
     out = capsys.readouterr().out
@@ -240,8 +241,14 @@ def test_arrays_tuples_and_uint8_are_accepted_without_a_work_dir(teacher_and_ima
 def test_what_is_refused_before_any_training(teacher_and_images):
     teacher, images, labels = teacher_and_images
     ds = batched(images)
-    for option, value in (("multiple", 2.5), ("epochs", 1.5), ("epochs", "2"), ("verbose", "loud"),
-                          ("lasso", float("nan")), ("steps_per_epoch", 0)):
+    for option, value in (
+        ("multiple", 2.5),
+        ("epochs", 1.5),
+        ("epochs", "2"),
+        ("verbose", "loud"),
+        ("lasso", float("nan")),
+        ("steps_per_epoch", 0),
+    ):
         with pytest.raises(ValueError, match=f"{option} must be"):
             tfsubspace.compress(teacher, ds, **{option: value})
     with pytest.raises(DataError, match=r"yields images of shape \(None, 28, 28, 1\), but model 'tiny' takes"):

@@ -71,8 +71,15 @@ _LAZY = {
     "BenchEntry": ("tfsubspace.edge.measure", "BenchEntry"),
 }
 
-_ERRORS = ["DataError", "DataFileError", "DataMismatchWarning", "DatasetNotAvailableError", "TfSubspaceError",
-           "UnsupportedModelError", "WorkDirError"]
+_ERRORS = [
+    "DataError",
+    "DataFileError",
+    "DataMismatchWarning",
+    "DatasetNotAvailableError",
+    "TfSubspaceError",
+    "UnsupportedModelError",
+    "WorkDirError",
+]
 __all__ = sorted([*_ERRORS, "__version__", *_LAZY])  # every public name, once
 
 

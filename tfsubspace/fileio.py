@@ -12,8 +12,9 @@ import glob
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -49,11 +50,10 @@ def _umask() -> int:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes `data` to `path` atomically and returns the path."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     return Path(path)
 
 
@@ -79,8 +79,10 @@ def save_model(model, path: str | os.PathLike) -> Path:
         raise ValueError(f"A model is saved in the .keras format; expected a path ending in .keras. Received: {path}")
     for w in model.weights:  # a file with a NaN weight would be reused as if it were sound
         if not np.isfinite(np.asarray(w.numpy() if hasattr(w, "numpy") else w)).all():
-            raise TfSubspaceError(f"Not saving {path}: weight {getattr(w, 'path', w.name)} of model {model.name!r} holds NaN or "
-                                  "infinite values.")
+            raise TfSubspaceError(
+                f"Not saving {path}: weight {getattr(w, 'path', w.name)} of model {model.name!r} holds NaN or "
+                "infinite values."
+            )
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path
@@ -106,6 +108,9 @@ def load_model(path: str | os.PathLike, *, safe_mode: bool = True):
     try:
         return keras.models.load_model(path, safe_mode=safe_mode)
     except Exception as e:  # Keras raises many types for a bad archive; name the file in one
-        hint = " It holds code (e.g. a Lambda layer); load it with safe_mode=False only if you trust it." if (
-            "safe_mode" in str(e)) else ""
+        hint = (
+            " It holds code (e.g. a Lambda layer); load it with safe_mode=False only if you trust it."
+            if ("safe_mode" in str(e))
+            else ""
+        )
         raise TfSubspaceError(f"Cannot load model {path}: {type(e).__name__}: {e}.{hint}") from None

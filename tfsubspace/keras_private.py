@@ -15,8 +15,10 @@ def _private(obj, name: str):
     try:
         return getattr(obj, name)
     except AttributeError:
-        raise RuntimeError(f"Keras {keras.__version__} has no {type(obj).__name__}.{name}, which tfsubspace reads to "
-                           "trace models; use a Keras version tfsubspace supports (see setup.py).") from None
+        raise RuntimeError(
+            f"Keras {keras.__version__} has no {type(obj).__name__}.{name}, which tfsubspace reads to "
+            "trace models; use a Keras version tfsubspace supports (see setup.py)."
+        ) from None
 
 
 def has_graph(model) -> bool:

@@ -13,5 +13,14 @@ from tfsubspace.data.datasets import (
     unlabeled,
 )
 
-__all__ = ["DATASETS", "DATA_DIR_ENV", "DatasetInfo", "dataset_info", "default_data_dir", "load", "load_arrays",
-           "read_idx", "unlabeled"]
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "DatasetInfo",
+    "dataset_info",
+    "default_data_dir",
+    "load",
+    "load_arrays",
+    "read_idx",
+    "unlabeled",
+]

@@ -119,9 +119,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     found = len(raw) - header_len
     if found != expected:
         kind = "truncated" if found < expected else "has trailing bytes"
-        raise DataFileError(
-            f"{path}: {kind}: header shape {shape} needs {expected} data bytes, found {found}."
-        )
+        raise DataFileError(f"{path}: {kind}: header shape {shape} needs {expected} data bytes, found {found}.")
     return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -163,13 +161,11 @@ def load_arrays(name: str, split: str = "train", data_dir: str | os.PathLike | N
         )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise DataFileError(
-            f"{label_path}: expected {images.shape[0]} labels to match {image_path.name}, "
-            f"found shape {labels.shape}."
+            f"{label_path}: expected {images.shape[0]} labels to match {image_path.name}, found shape {labels.shape}."
         )
     if labels.size and (labels.min() < 0 or labels.max() >= info.num_classes):
         raise DataFileError(
-            f"{label_path}: labels must lie in [0, {info.num_classes}), found "
-            f"[{labels.min()}, {labels.max()}]."
+            f"{label_path}: labels must lie in [0, {info.num_classes}), found [{labels.min()}, {labels.max()}]."
         )
     return images[..., np.newaxis], labels.astype(np.int32)
 

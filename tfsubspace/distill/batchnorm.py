@@ -45,8 +45,10 @@ def reestimate_batchnorm(model: keras.Model, ds, batches: int = 50) -> int:
         for batch in ds.take(batches):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not np.isfinite(keras.ops.convert_to_numpy(x)).all():
-                raise DataError(f"BatchNormalization re-estimation: batch {used + 1} of the data set holds NaN or "
-                                "infinite values; pass finite images.")
+                raise DataError(
+                    f"BatchNormalization re-estimation: batch {used + 1} of the data set holds NaN or "
+                    "infinite values; pass finite images."
+                )
             for bn in layers:  # moving = running mean of the batch statistics seen so far
                 bn.momentum = used / (used + 1)
             model(x, training=True)

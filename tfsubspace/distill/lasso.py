@@ -84,7 +84,7 @@ class ChannelLasso:
             if name not in self.index.offsets:
                 continue
             o = self.index.offsets[name]
-            flat[o:o + self.group_sizes[name]] = np.asarray(mask, "float32")
+            flat[o : o + self.group_sizes[name]] = np.asarray(mask, "float32")
         self.targets.assign(flat)
 
     def _norms(self):
@@ -93,8 +93,9 @@ class ChannelLasso:
             flat = ops.reshape(var, (-1, ops.shape(var)[-1]))
             parts.append(ops.sum(ops.square(flat), axis=0))
             segments.append(index)
-        squared = ops.segment_sum(ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)),
-                                  num_segments=self.num_channels)
+        squared = ops.segment_sum(
+            ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)), num_segments=self.num_channels
+        )
         return ops.sqrt(squared + self.epsilon)
 
     def _group_mean(self, norms):
@@ -152,8 +153,10 @@ class BatchNormL1:
                 if channel_index is not None:
                     self.members.append((node.layer.gamma, channel_index))
         if not self.members:
-            raise ValueError(f"Model {analysis.model.name!r} has no BatchNormalization on a prunable channel: "
-                             "Network Slimming needs BN scales to rank channels.")
+            raise ValueError(
+                f"Model {analysis.model.name!r} has no BatchNormalization on a prunable channel: "
+                "Network Slimming needs BN scales to rank channels."
+            )
 
     def penalty(self):
         return sum(ops.sum(ops.abs(var)) for var, _ in self.members)
@@ -177,11 +180,24 @@ def alive(norms: dict[str, np.ndarray], zero_tolerance: float) -> dict[str, np.n
     return {g: n > zero_tolerance * max(1.0, float(n.max(initial=0.0))) for g, n in norms.items()}
 
 
-def lasso_plan(analysis: ChannelAnalysis, *, zero_tolerance: float = 1e-6, multiple: int = 1,
-               budget: float | None = None, macs_budget: float | None = None) -> PruningPlan:
+def lasso_plan(
+    analysis: ChannelAnalysis,
+    *,
+    zero_tolerance: float = 1e-6,
+    multiple: int = 1,
+    budget: float | None = None,
+    macs_budget: float | None = None,
+) -> PruningPlan:
     """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
     under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
     the weakest by normalized norm until both are met (tfsubspace.prune.ranking.plan_for_budget)."""
     norms = ChannelLasso(analysis).norms()
-    return ranking.plan_for_budget(analysis, norms, params=budget, macs=macs_budget, compare="normalized",
-                                   multiple=multiple, keep=alive(norms, zero_tolerance))
+    return ranking.plan_for_budget(
+        analysis,
+        norms,
+        params=budget,
+        macs=macs_budget,
+        compare="normalized",
+        multiple=multiple,
+        keep=alive(norms, zero_tolerance),
+    )

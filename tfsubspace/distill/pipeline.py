@@ -34,22 +34,25 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
-from tfsubspace.train import distribute
 from tfsubspace.data import inputs
-from tfsubspace.prune import ranking
-from tfsubspace.models import stats
 from tfsubspace.distill import subspace
-from tfsubspace.prune import surgery
-from tfsubspace.prune.plan import PruningPlan
-from tfsubspace.train import workdir
-from tfsubspace.prune.analysis import ChannelAnalysis, analyze
+from tfsubspace.distill.batchnorm import (
+    batchnorm_layers,
+    batchnorm_mismatch,
+    reestimate_batchnorm,
+    too_short_for_batchnorm,
+)
 from tfsubspace.distill.budget import BudgetTargets
-from tfsubspace.distill.trainer import StudentTrainer, stage_split, train_student
-from tfsubspace.errors import DataMismatchWarning, TfSubspaceError, WorkDirError
 from tfsubspace.distill.lasso import ChannelLasso, alive, lasso_plan
-from tfsubspace.distill.batchnorm import batchnorm_layers, batchnorm_mismatch, reestimate_batchnorm, too_short_for_batchnorm
 from tfsubspace.distill.report import evaluate, format_report
 from tfsubspace.distill.student import INITS, build_student
+from tfsubspace.distill.trainer import StudentTrainer, stage_split, train_student
+from tfsubspace.errors import DataMismatchWarning, WorkDirError
+from tfsubspace.models import stats
+from tfsubspace.prune import ranking, surgery
+from tfsubspace.prune.analysis import ChannelAnalysis, analyze
+from tfsubspace.prune.plan import PruningPlan
+from tfsubspace.train import distribute, workdir
 
 SCHEDULES = ("end_to_end", "stage_wise")
 
@@ -116,14 +119,25 @@ class CompressionConfig:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
         for field in dataclasses.fields(self):  # NumPy scalars as Python numbers (for JSON)
-            if isinstance(getattr(self, field.name), np.generic) and not isinstance(getattr(self, field.name), np.bool_):
+            if isinstance(getattr(self, field.name), np.generic) and not isinstance(
+                getattr(self, field.name), np.bool_
+            ):
                 setattr(self, field.name, getattr(self, field.name).item())
 
         for name in ("multiple", "epochs", "recover_epochs", "stats_batches", "bn_batches", "seed"):
             if not integer(getattr(self, name)):
                 fail(name, "an integer")
-        for name in ("min_ratio", "learning_rate", "recover_learning_rate", "tap_weight", "kd_weight", "temperature",
-                     "lasso", "lasso_learning_rate", "zero_tolerance"):
+        for name in (
+            "min_ratio",
+            "learning_rate",
+            "recover_learning_rate",
+            "tap_weight",
+            "kd_weight",
+            "temperature",
+            "lasso",
+            "lasso_learning_rate",
+            "zero_tolerance",
+        ):
             if not number(getattr(self, name)) or not np.isfinite(getattr(self, name)):
                 fail(name, "a finite number")
         for name in ("energy", "width_ratio"):
@@ -162,11 +176,16 @@ class CompressionConfig:
                 continue
             if integer(value):
                 if value <= 1:
-                    fail(name, "a ratio of the teacher's as a float in (0, 1] (e.g. 1.0 or 0.2), or a count as an "
-                               "integer > 1")
+                    fail(
+                        name,
+                        "a ratio of the teacher's as a float in (0, 1] (e.g. 1.0 or 0.2), or a count as an integer > 1",
+                    )
             elif not number(value) or not 0 < value <= 1:
-                fail(name, "a ratio of the teacher's as a float in (0, 1], or a count as an integer > 1 "
-                           "(a float over 1 is neither)")
+                fail(
+                    name,
+                    "a ratio of the teacher's as a float in (0, 1], or a count as an integer > 1 "
+                    "(a float over 1 is neither)",
+                )
         if self.stats_batches < 1:
             fail("stats_batches", "a positive integer")
         if self.bn_batches < 0:
@@ -197,13 +216,30 @@ class CompressionResult:
 
 
 # every file and folder compress() writes into work_dir (what overwrite=True removes)
-_PRODUCED = ("plan_subspace.json", "spectra.json", "spectra.png", "student_init.keras", "student_distilled.keras",
-             "plan_lasso.json", "surgery.json", "student_pruned.keras", "student.keras", "plan.json", "report.json",
-             "report.md", "distill.csv", "recover.csv", "distill_backup", "recover_backup", ".tmp-*")
+_PRODUCED = (
+    "plan_subspace.json",
+    "spectra.json",
+    "spectra.png",
+    "student_init.keras",
+    "student_distilled.keras",
+    "plan_lasso.json",
+    "surgery.json",
+    "student_pruned.keras",
+    "student.keras",
+    "plan.json",
+    "report.json",
+    "report.md",
+    "distill.csv",
+    "recover.csv",
+    "distill_backup",
+    "recover_backup",
+    ".tmp-*",
+)
 
 
-def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=None, overwrite: bool = False,
-             **options) -> CompressionResult:
+def compress(
+    model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=None, overwrite: bool = False, **options
+) -> CompressionResult:
     """Compresses `model` (the teacher) into a slimmer student, without labels.
 
     Args:
@@ -276,8 +312,12 @@ def compress(model: keras.Model, ds, *, work_dir=None, eval_ds=None, strategy=No
         "tfsubspace": _version(),
         "teacher": workdir.model_fingerprint(model),
         "options": config.manifest(),
-        "data": {"element_spec": str(ds.element_spec), "batches": scanned.steps, "images": scanned.examples,
-                 "fingerprint": scanned.fingerprint},
+        "data": {
+            "element_spec": str(ds.element_spec),
+            "batches": scanned.steps,
+            "images": scanned.examples,
+            "fingerprint": scanned.fingerprint,
+        },
     }
     with contextlib.ExitStack() as stack:
         keep_files = work_dir is not None
@@ -328,12 +368,15 @@ def _warn_on_batchnorm_mismatch(model, images):
             "100x). The teacher's statistics do not fit these images: are they scaled as in its "
             "training (0-1 against 0-255, mean/std normalization), and is the teacher trained? "
             "The student learns what the teacher computes on ds.",
-            DataMismatchWarning, stacklevel=2)
+            DataMismatchWarning,
+            stacklevel=2,
+        )
 
 
 class _Pipeline:
-    def __init__(self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig,
-                 strategy=None):
+    def __init__(
+        self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig, strategy=None
+    ):
         self.strategy = strategy
         self._teacher_in_scope = None
         self.teacher, self.analysis, self.ds, self.eval_ds = teacher, analysis, ds, eval_ds
@@ -379,29 +422,49 @@ class _Pipeline:
         bn_passes = int(c.bn_batches > 0 and bool(batchnorm_layers(self.teacher)))
         recover_bn = bn_passes > 0 and too_short_for_batchnorm(self.teacher, self.ds, c.recover_epochs)
         adapter_passes = int(c.tap_weight > 0)
-        epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)  # noqa: E731  (measured when needed)
-        plan0 = self._stage("plan_subspace", self.dir / "plan_subspace.json", self._subspace, PruningPlan.load,
-                            passes=1)
+        epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)
+        plan0 = self._stage(
+            "plan_subspace", self.dir / "plan_subspace.json", self._subspace, PruningPlan.load, passes=1
+        )
         if (self.dir / "spectra.png").exists():
             self.paths["spectra"] = self.dir / "spectra.png"
         student = self._stage(
-            "student_init", self.dir / "student_init.keras",
-            lambda p: self._save(build_student(self.teacher, plan0, init=c.init, ds=self.ds,
-                                               bn_batches=c.bn_batches, analysis=self.analysis), p),
-            None, passes=bn_passes)
+            "student_init",
+            self.dir / "student_init.keras",
+            lambda p: self._save(
+                build_student(
+                    self.teacher, plan0, init=c.init, ds=self.ds, bn_batches=c.bn_batches, analysis=self.analysis
+                ),
+                p,
+            ),
+            None,
+            passes=bn_passes,
+        )
         student = self._stage(
-            "student_distilled", self.dir / "student_distilled.keras",
+            "student_distilled",
+            self.dir / "student_distilled.keras",
             lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
-            None, passes=lambda: adapter_passes + c.epochs * epoch_passes())
-        plan1 = self._stage("plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p),
-                            PruningPlan.load)
-        student = self._stage("student_pruned", self.dir / "student_pruned.keras",
-                              lambda p: self._prune(student, plan1, p), None, passes=1 + bn_passes)
+            None,
+            passes=lambda: adapter_passes + c.epochs * epoch_passes(),
+        )
+        plan1 = self._stage(
+            "plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p), PruningPlan.load
+        )
+        student = self._stage(
+            "student_pruned",
+            self.dir / "student_pruned.keras",
+            lambda p: self._prune(student, plan1, p),
+            None,
+            passes=1 + bn_passes,
+        )
         if c.recover_epochs:
             student = self._stage(
-                "student", self.dir / "student.keras",
-                lambda p: self._save(self._recover(student, recover_bn), p), None,
-                passes=lambda: adapter_passes + c.recover_epochs * epoch_passes() + (bn_passes if recover_bn else 0))
+                "student",
+                self.dir / "student.keras",
+                lambda p: self._save(self._recover(student, recover_bn), p),
+                None,
+                passes=lambda: adapter_passes + c.recover_epochs * epoch_passes() + (bn_passes if recover_bn else 0),
+            )
         else:
             self.paths["student"] = self.paths["student_pruned"]
         plan = _compose(plan0, plan1)
@@ -422,15 +485,31 @@ class _Pipeline:
     def _subspace(self, path):
         c = self.config
         latents = subspace.latent_statistics(
-            self.teacher, self.ds, self.analysis, max_batches=c.stats_batches, progress=bool(c.verbose),
-            on_first_batch=lambda images: _warn_on_batchnorm_mismatch(self.teacher, images))
-        dims = subspace.choose_dimensions(latents, energy=None if c.width_ratio else c.energy,
-                                          width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple)
+            self.teacher,
+            self.ds,
+            self.analysis,
+            max_batches=c.stats_batches,
+            progress=bool(c.verbose),
+            on_first_batch=lambda images: _warn_on_batchnorm_mismatch(self.teacher, images),
+        )
+        dims = subspace.choose_dimensions(
+            latents,
+            energy=None if c.width_ratio else c.energy,
+            width_ratio=c.width_ratio,
+            min_ratio=c.min_ratio,
+            multiple=c.multiple,
+        )
         keep = subspace.top_channels(latents, dims)
         plan = PruningPlan.from_masks(self.analysis, keep)
         self.spectra = {
-            g: {"tap": st.tap, "width": len(st.total), "k": dims[g], "samples": st.count,
-                "spectrum": [float(v) for v in st.spectrum()], "mean_square": _mean_square(st)}
+            g: {
+                "tap": st.tap,
+                "width": len(st.total),
+                "k": dims[g],
+                "samples": st.count,
+                "spectrum": [float(v) for v in st.spectrum()],
+                "mean_square": _mean_square(st),
+            }
             for g, st in latents.items()
         }
         fileio.write_json(self.dir / "spectra.json", self.spectra)
@@ -446,11 +525,14 @@ class _Pipeline:
             try:
                 spectra = json.loads(path.read_text())
                 if not isinstance(spectra, dict) or not all(
-                        isinstance(v, dict) and {"tap", "mean_square"} <= set(v) for v in spectra.values()):
+                    isinstance(v, dict) and {"tap", "mean_square"} <= set(v) for v in spectra.values()
+                ):
                     raise ValueError("not a mapping of group -> {tap, mean_square, ...}")
             except (OSError, ValueError) as e:
-                raise WorkDirError(f"{path} is missing or damaged ({e}); delete plan_subspace.json and the stages "
-                                   "after it, or pass overwrite=True (--overwrite).") from None
+                raise WorkDirError(
+                    f"{path} is missing or damaged ({e}); delete plan_subspace.json and the stages "
+                    "after it, or pass overwrite=True (--overwrite)."
+                ) from None
             self.spectra = spectra
         return self.spectra
 
@@ -473,29 +555,56 @@ class _Pipeline:
         with scope:
             lasso = ChannelLasso(student_analysis) if lasso_weight > 0 else None
             trainer = StudentTrainer(
-                trained, teacher, taps=tap_layers, tap_scales=scales,
-                stages=stages, tap_weight=c.tap_weight, kd_weight=c.kd_weight, temperature=c.temperature,
-                lasso=lasso, lasso_weight=lasso_weight, lasso_learning_rate=c.lasso_learning_rate,
+                trained,
+                teacher,
+                taps=tap_layers,
+                tap_scales=scales,
+                stages=stages,
+                tap_weight=c.tap_weight,
+                kd_weight=c.kd_weight,
+                temperature=c.temperature,
+                lasso=lasso,
+                lasso_weight=lasso_weight,
+                lasso_learning_rate=c.lasso_learning_rate,
             )
         trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones
         extra = []
         if lasso is not None and c.target_params is not None:
             budget = _absolute(c.target_params, stats.count_params(self.teacher))
-            extra.append(BudgetTargets(lasso, lambda norms: ranking.plan_for_budget(
-                student_analysis, norms, params=budget, multiple=c.multiple,
-                keep=alive(norms, c.zero_tolerance)).masks(),
-                groups_of_taps={tap: g for g, tap in student_analysis.taps().items()}))
-        train_student(trainer, self.ds, epochs=epochs, learning_rate=learning_rate, work_dir=self.dir, name=name,
-                      verbose=c.verbose, tensorboard_dir=c.tensorboard_dir, callbacks=extra, strategy=self.strategy)
+            extra.append(
+                BudgetTargets(
+                    lasso,
+                    lambda norms: ranking.plan_for_budget(
+                        student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms, c.zero_tolerance)
+                    ).masks(),
+                    groups_of_taps={tap: g for g, tap in student_analysis.taps().items()},
+                )
+            )
+        train_student(
+            trainer,
+            self.ds,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            work_dir=self.dir,
+            name=name,
+            verbose=c.verbose,
+            tensorboard_dir=c.tensorboard_dir,
+            callbacks=extra,
+            strategy=self.strategy,
+        )
         if trained is not student:
             student.set_weights(trained.get_weights())
         return student
 
     def _lasso_plan(self, student, path):
         c = self.config
-        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple,
-                          budget=_absolute(c.target_params, stats.count_params(self.teacher)),
-                          macs_budget=_absolute(c.target_macs, stats.count_macs(self.teacher)))
+        plan = lasso_plan(
+            analyze(student),
+            zero_tolerance=c.zero_tolerance,
+            multiple=c.multiple,
+            budget=_absolute(c.target_params, stats.count_params(self.teacher)),
+            macs_budget=_absolute(c.target_macs, stats.count_macs(self.teacher)),
+        )
         plan.save(path)
         return plan
 
@@ -505,13 +614,18 @@ class _Pipeline:
         result = surgery.apply_plan(student, plan1, check_batch=x, fold_constants=True)
         self.surgery = {"max_abs_diff": result.max_abs_diff, "check_diff": result.check_diff, "folds": result.folds}
         fileio.write_json(self.dir / "surgery.json", self.surgery)
-        self.log(f"prune: slim model matches its masked reference within {result.check_diff:.2e}; "
-                 f"{sum(f['positions'] for f in result.folds)} constant channel inputs folded")
+        self.log(
+            f"prune: slim model matches its masked reference within {result.check_diff:.2e}; "
+            f"{sum(f['positions'] for f in result.folds)} constant channel inputs folded"
+        )
         inexact = [f"{f['layer']} (up to {f['max_abs_diff']:.3g})" for f in result.folds if not f["exact"]]
         if inexact:
-            warnings.warn(f"constants of removed channels fold only approximately into {', '.join(inexact)} "
-                          f"('same' padding borders); the pruned student's outputs differ from the trained one's by "
-                          f"up to {result.max_abs_diff:.3g} before recovery.", stacklevel=2)
+            warnings.warn(
+                f"constants of removed channels fold only approximately into {', '.join(inexact)} "
+                f"('same' padding borders); the pruned student's outputs differ from the trained one's by "
+                f"up to {result.max_abs_diff:.3g} before recovery.",
+                stacklevel=2,
+            )
         return self._save(self._reestimate_batchnorm(result.model), path)
 
     def _recover(self, student, reestimate_batchnorm_after):
@@ -539,13 +653,17 @@ class _Pipeline:
             try:
                 surgery_info = json.loads((self.dir / "surgery.json").read_text())
             except ValueError as e:
-                raise WorkDirError(f"{self.dir / 'surgery.json'} is damaged ({e}); delete it and student_pruned.keras, "
-                                   "or pass overwrite=True (--overwrite).") from None
+                raise WorkDirError(
+                    f"{self.dir / 'surgery.json'} is damaged ({e}); delete it and student_pruned.keras, "
+                    "or pass overwrite=True (--overwrite)."
+                ) from None
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
         budgets = {}
-        for name, option, teacher_value, reached in (("params", "target_params", t_params, s_params),
-                                                    ("macs", "target_macs", t_macs, s_macs)):
+        for name, option, teacher_value, reached in (
+            ("params", "target_params", t_params, s_params),
+            ("macs", "target_macs", t_macs, s_macs),
+        ):
             target = _absolute(getattr(self.config, option), teacher_value)
             if target is None:
                 continue
@@ -557,14 +675,22 @@ class _Pipeline:
                     f"{option}={getattr(self.config, option)!r}: the student has {reached:,} {name}, over the budget "
                     f"of {int(round(target)):,}; its channel groups are at their narrowest (min_ratio="
                     f"{self.config.min_ratio}, multiple={self.config.multiple}, output units are never removed).",
-                    stacklevel=2)
+                    stacklevel=2,
+                )
         return {
             "teacher": {"name": self.teacher.name, "params": t_params, "macs": t_macs, **teacher_eval},
             "student": {"params": s_params, "macs": s_macs, **student_eval},
             "params_removed": round(1 - s_params / t_params, 5),
             "macs_removed": round(1 - s_macs / t_macs, 5),
-            "widths": {g: {"teacher": plan0.groups[g]["size"], "subspace": len(plan0.groups[g]["keep"]),
-                           "final": len(plan1.groups[g]["keep"])} for g in plan0.groups if g in plan1.groups},
+            "widths": {
+                g: {
+                    "teacher": plan0.groups[g]["size"],
+                    "subspace": len(plan0.groups[g]["keep"]),
+                    "final": len(plan1.groups[g]["keep"]),
+                }
+                for g in plan0.groups
+                if g in plan1.groups
+            },
             "budgets": budgets,
             "surgery": surgery_info,
             "config": dataclasses.asdict(self.config),
@@ -590,9 +716,11 @@ def _compose(plan0: PruningPlan, plan1: PruningPlan) -> PruningPlan:
     for g, first in plan0.groups.items():
         keep = first["keep"]
         if g in plan1.groups and plan1.groups[g]["size"] != len(keep):
-            raise WorkDirError(f"plan_lasso.json does not fit plan_subspace.json: group {g!r} has "
-                               f"{plan1.groups[g]['size']} channels in one and {len(keep)} in the other; delete "
-                               "plan_lasso.json and the stages after it, or pass overwrite=True (--overwrite).")
+            raise WorkDirError(
+                f"plan_lasso.json does not fit plan_subspace.json: group {g!r} has "
+                f"{plan1.groups[g]['size']} channels in one and {len(keep)} in the other; delete "
+                "plan_lasso.json and the stages after it, or pass overwrite=True (--overwrite)."
+            )
         if g in plan1.groups:
             keep = [keep[i] for i in plan1.groups[g]["keep"]]
         groups[g] = {"size": first["size"], "keep": keep}

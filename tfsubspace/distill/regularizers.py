@@ -7,11 +7,7 @@ channels of a model is tfsubspace.distill.lasso.ChannelLasso.
 from __future__ import annotations
 
 import keras
-import numpy as np
 from keras import ops
-
-from tfsubspace.prune import channels
-from tfsubspace.prune.analysis import ChannelAnalysis
 
 
 def _check_factor(name: str, value) -> float:
@@ -55,5 +51,3 @@ def soft_threshold_groups(x, threshold):
     norms = ops.sqrt(ops.sum(ops.square(flat), axis=0))
     scale = ops.maximum(0.0, 1.0 - threshold / ops.maximum(norms, 1e-30))
     return x * scale
-
-

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 
-from tfsubspace.prune import surgery
-from tfsubspace.prune.plan import PruningPlan
-from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.distill.batchnorm import reestimate_batchnorm
+from tfsubspace.prune import surgery
+from tfsubspace.prune.analysis import ChannelAnalysis
+from tfsubspace.prune.plan import PruningPlan
 
 INITS = ("teacher", "random")
 
 
-def build_student(teacher: keras.Model, plan: PruningPlan, *, init: str = "teacher", ds=None,
-                  bn_batches: int = 50, analysis: ChannelAnalysis | None = None) -> keras.Model:
+def build_student(
+    teacher: keras.Model,
+    plan: PruningPlan,
+    *,
+    init: str = "teacher",
+    ds=None,
+    bn_batches: int = 50,
+    analysis: ChannelAnalysis | None = None,
+) -> keras.Model:
     """The student of `plan`: the teacher sliced to the kept channels (init='teacher'), or
     the same architecture freshly initialised (init='random'); BN statistics re-estimated on
     `ds` when given."""

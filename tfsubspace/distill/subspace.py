@@ -17,8 +17,8 @@ import os
 import keras
 import numpy as np
 
-from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.prune.analysis import ChannelAnalysis
 
 
 @dataclasses.dataclass
@@ -51,8 +51,15 @@ class LatentStatistics:
         return np.clip(values[::-1], 0.0, None)
 
 
-def latent_statistics(teacher: keras.Model, ds, analysis: ChannelAnalysis, *, max_batches: int | None = None,
-                      progress: bool = True, on_first_batch=None) -> dict[str, LatentStatistics]:
+def latent_statistics(
+    teacher: keras.Model,
+    ds,
+    analysis: ChannelAnalysis,
+    *,
+    max_batches: int | None = None,
+    progress: bool = True,
+    on_first_batch=None,
+) -> dict[str, LatentStatistics]:
     """Runs `ds` (images, or (images, labels) whose labels are ignored) through `teacher`
     and accumulates each prunable group's latent statistics at its tap; `on_first_batch`,
     when given, is called with the first batch of images (to check them)."""
@@ -106,8 +113,14 @@ def energy_dimension(spectrum: np.ndarray, energy: float) -> int:
     return int(np.searchsorted(cumulative, energy - 1e-12) + 1)
 
 
-def choose_dimensions(stats: dict[str, LatentStatistics], *, energy: float | None = 0.99,
-                      width_ratio: float | None = None, min_ratio: float = 0.0, multiple: int = 8) -> dict[str, int]:
+def choose_dimensions(
+    stats: dict[str, LatentStatistics],
+    *,
+    energy: float | None = 0.99,
+    width_ratio: float | None = None,
+    min_ratio: float = 0.0,
+    multiple: int = 8,
+) -> dict[str, int]:
     """Subspace dimension k per group: by energy share, or a fixed ratio of the width.
 
     k is bounded below by ceil(min_ratio * n) and by 1, rounded up to `multiple`, and never
@@ -135,8 +148,9 @@ def top_channels(stats: dict[str, LatentStatistics], dims: dict[str, int]) -> di
     return {g: np.sort(np.argsort(-stats[g].channel_variance, kind="stable")[: dims[g]]) for g in dims}
 
 
-def plot_spectra(stats: dict[str, LatentStatistics], dims: dict[str, int], path: str | os.PathLike,
-                 energy: float | None = None) -> None:
+def plot_spectra(
+    stats: dict[str, LatentStatistics], dims: dict[str, int], path: str | os.PathLike, energy: float | None = None
+) -> None:
     """PNG: cumulative energy vs dimension for each group, with the chosen k marked."""
     import matplotlib
 
@@ -151,7 +165,7 @@ def plot_spectra(stats: dict[str, LatentStatistics], dims: dict[str, int], path:
         total = spectrum.sum() or 1.0
         cumulative = np.cumsum(spectrum) / total
         n = len(spectrum)
-        line, = ax.plot(np.arange(1, n + 1) / n, cumulative, label=f"{group} (k={dims[group]}/{n})")
+        (line,) = ax.plot(np.arange(1, n + 1) / n, cumulative, label=f"{group} (k={dims[group]}/{n})")
         k = dims[group]
         ax.plot([k / n], [cumulative[k - 1]], "o", color=line.get_color())
     if energy is not None:

@@ -31,8 +31,8 @@ import tensorflow as tf
 from keras import ops
 
 from tfsubspace import keras_private
-from tfsubspace.train.fitloop import fit_resumable
 from tfsubspace.distill.lasso import ChannelLasso
+from tfsubspace.train.fitloop import fit_resumable
 
 
 def _adapter(rank: int, teacher_channels: int, name: str):
@@ -78,7 +78,8 @@ def logits_output(model: keras.Model):
     layer, node_index = made_by
     inputs = keras_private.inbound_nodes(layer)[node_index].input_tensors
     if isinstance(layer, keras.layers.Softmax) or (
-            isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)):
+        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
+    ):
         return inputs[0]
     if _is_softmax(getattr(layer, "activation", None)) and len(inputs) == 1:
         return _WithoutActivation(layer)(inputs[0])
@@ -104,10 +105,24 @@ class StudentTrainer(keras.Model):
         lasso_learning_rate: the SGD learning rate of the LASSO'd variables (proximal only).
     """
 
-    def __init__(self, student, teacher=None, *, taps=(), tap_scales=None, stages=None,
-                 tap_weight: float = 1.0, kd_weight: float = 1.0, temperature: float = 4.0, label_weight: float = 0.0,
-                 lasso: ChannelLasso | None = None, lasso_weight: float = 0.0, proximal: bool = True,
-                 lasso_learning_rate: float = 0.01, **kwargs):
+    def __init__(
+        self,
+        student,
+        teacher=None,
+        *,
+        taps=(),
+        tap_scales=None,
+        stages=None,
+        tap_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        temperature: float = 4.0,
+        label_weight: float = 0.0,
+        lasso: ChannelLasso | None = None,
+        lasso_weight: float = 0.0,
+        proximal: bool = True,
+        lasso_learning_rate: float = 0.01,
+        **kwargs,
+    ):
         super().__init__(name=kwargs.pop("name", "student_trainer"), **kwargs)
         if teacher is None and label_weight <= 0:
             raise ValueError("Without a teacher the student can only learn from labels: set label_weight > 0.")
@@ -135,10 +150,12 @@ class StudentTrainer(keras.Model):
         self._scales = [float(tap_scales.get(t, 1.0)) for t in self.taps]
         # outputs matched as logits: a model's softmax (if it ends in one) is left out
         self.student_features = keras.Model(
-            student.inputs, [student.get_layer(t).output for t in self.taps] + [logits_output(student)])
+            student.inputs, [student.get_layer(t).output for t in self.taps] + [logits_output(student)]
+        )
         if teacher is not None:  # frozen by leaving it out of trainable_weights, not by mutating it
             self.teacher_features = keras.Model(
-                teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [logits_output(teacher)])
+                teacher.inputs, [teacher.get_layer(t).output for t in self.taps] + [logits_output(teacher)]
+            )
         self.adapters = []
         for tap in self.taps:
             s_shape = student.get_layer(tap).output.shape
@@ -150,8 +167,13 @@ class StudentTrainer(keras.Model):
         if stages is not None:
             initial = self._stage_weights(0)
         self.loss_weights_var = keras.Variable(np.array(initial, "float32"), trainable=False, name="tap_weights")
-        names = ["loss"] + (["latent_loss"] if self.taps else []) + (["kd_loss"] if self.kd_weight else []) \
-            + (["label_loss"] if self.label_weight else []) + (["lasso"] if lasso is not None else [])
+        names = (
+            ["loss"]
+            + (["latent_loss"] if self.taps else [])
+            + (["kd_loss"] if self.kd_weight else [])
+            + (["label_loss"] if self.label_weight else [])
+            + (["lasso"] if lasso is not None else [])
+        )
         self._trackers = {n: keras.metrics.Mean(name=n) for n in names}
         self._accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy") if self.label_weight else None
         self._agreement = keras.metrics.Mean(name="agreement") if teacher is not None else None
@@ -202,7 +224,7 @@ class StudentTrainer(keras.Model):
         """The taps trained so far: every tap end to end; the current and earlier stages' stage-wise."""
         if self.stages is None:
             return list(self.taps)
-        return [t for s in self.stages[:getattr(self, "stage", 0) + 1] for t in s]
+        return [t for s in self.stages[: getattr(self, "stage", 0) + 1] for t in s]
 
     # ------------------------------------------------------------ training
 
@@ -259,7 +281,8 @@ class StudentTrainer(keras.Model):
         label = ops.convert_to_tensor(0.0)
         if self.label_weight > 0:
             label = self.label_weight * ops.mean(
-                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            )
         return latent, kd, label
 
     def train_step(self, data):
@@ -298,8 +321,13 @@ class StudentTrainer(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def _update(self, total, latent, kd, label, penalty, logits, t_out, y):
-        for name, value in (("loss", total), ("latent_loss", latent), ("kd_loss", kd),
-                            ("label_loss", label), ("lasso", penalty)):
+        for name, value in (
+            ("loss", total),
+            ("latent_loss", latent),
+            ("kd_loss", kd),
+            ("label_loss", label),
+            ("lasso", penalty),
+        ):
             if name in self._trackers:
                 self._trackers[name].update_state(value)
         if y is not None and self._accuracy is not None:
@@ -328,9 +356,20 @@ def stage_split(taps: list[str], stages: int) -> list[list[str]]:
     return [taps[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def train_student(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: float, work_dir, name: str,
-                  verbose="auto", tensorboard_dir=None, callbacks=(), strategy=None,
-                  steps_per_epoch: int | None = None) -> keras.callbacks.History:
+def train_student(
+    trainer: StudentTrainer,
+    ds,
+    *,
+    epochs: int,
+    learning_rate: float,
+    work_dir,
+    name: str,
+    verbose="auto",
+    tensorboard_dir=None,
+    callbacks=(),
+    strategy=None,
+    steps_per_epoch: int | None = None,
+) -> keras.callbacks.History:
     """Fits `trainer` on `ds` with Adam (cosine decay over every step), resumably.
 
     tfsubspace.train.fitloop.fit_resumable runs it: the state after each epoch goes to
@@ -343,11 +382,22 @@ def train_student(trainer: StudentTrainer, ds, *, epochs: int, learning_rate: fl
     work_dir = Path(work_dir)
 
     def compile(total_steps):
-        trainer.compile(optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate,
-                                                                                               total_steps)))
+        trainer.compile(
+            optimizer=keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(learning_rate, total_steps))
+        )
 
     extra = [StageSchedule(epochs)] if trainer.stages is not None else []  # before callbacks following the stage
-    return fit_resumable(trainer, ds, epochs=epochs, compile=compile, backup_dir=work_dir / f"{name}_backup",
-                         csv_path=work_dir / f"{name}.csv", name=name, steps_per_epoch=steps_per_epoch,
-                         callbacks=[*extra, *callbacks], verbose=verbose, tensorboard_dir=tensorboard_dir,
-                         strategy=strategy)
+    return fit_resumable(
+        trainer,
+        ds,
+        epochs=epochs,
+        compile=compile,
+        backup_dir=work_dir / f"{name}_backup",
+        csv_path=work_dir / f"{name}.csv",
+        name=name,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[*extra, *callbacks],
+        verbose=verbose,
+        tensorboard_dir=tensorboard_dir,
+        strategy=strategy,
+    )

@@ -48,7 +48,7 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
 
         def representative():
             for start in range(0, len(calibration) - batch + 1, batch):
-                yield [calibration[start:start + batch]]
+                yield [calibration[start : start + batch]]
 
         converter.representative_dataset = representative
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

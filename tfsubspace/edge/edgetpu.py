@@ -11,14 +11,53 @@ from tfsubspace.edge.runtime import inspect
 
 # TFLite builtin operators the Edge TPU runs, after the Coral documentation's table of
 # supported operations (QUANTIZE and DEQUANTIZE only at the model's edges).
-EDGETPU_OPS = frozenset({
-    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS",
-    "FULLY_CONNECTED", "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN",
-    "MINIMUM", "MUL", "PACK", "PAD", "PRELU", "QUANTIZE", "DEQUANTIZE", "REDUCE_MAX", "REDUCE_MIN",
-    "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "RSQRT",
-    "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM",
-    "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE", "TRANSPOSE_CONV", "HARD_SWISH", "GATHER",
-})
+EDGETPU_OPS = frozenset(
+    {
+        "ADD",
+        "AVERAGE_POOL_2D",
+        "CONCATENATION",
+        "CONV_2D",
+        "DEPTHWISE_CONV_2D",
+        "EXPAND_DIMS",
+        "FULLY_CONNECTED",
+        "L2_NORMALIZATION",
+        "LOGISTIC",
+        "LSTM",
+        "MAXIMUM",
+        "MAX_POOL_2D",
+        "MEAN",
+        "MINIMUM",
+        "MUL",
+        "PACK",
+        "PAD",
+        "PRELU",
+        "QUANTIZE",
+        "DEQUANTIZE",
+        "REDUCE_MAX",
+        "REDUCE_MIN",
+        "RELU",
+        "RELU6",
+        "RELU_N1_TO_1",
+        "RESHAPE",
+        "RESIZE_BILINEAR",
+        "RESIZE_NEAREST_NEIGHBOR",
+        "RSQRT",
+        "SLICE",
+        "SOFTMAX",
+        "SPACE_TO_DEPTH",
+        "SPLIT",
+        "SQUEEZE",
+        "STRIDED_SLICE",
+        "SUB",
+        "SUM",
+        "SQUARED_DIFFERENCE",
+        "TANH",
+        "TRANSPOSE",
+        "TRANSPOSE_CONV",
+        "HARD_SWISH",
+        "GATHER",
+    }
+)
 
 
 def edgetpu_check(tflite: bytes | str | os.PathLike) -> dict:
@@ -48,8 +87,9 @@ def edgetpu_check(tflite: bytes | str | os.PathLike) -> dict:
     }
     compiler = shutil.which("edgetpu_compiler")
     if compiler and not isinstance(tflite, bytes):
-        result = subprocess.run([compiler, "-s", "-o", str(Path(tflite).parent), str(tflite)],
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [compiler, "-s", "-o", str(Path(tflite).parent), str(tflite)], capture_output=True, text=True, timeout=600
+        )
         report["compiler"] = {"returncode": result.returncode, "output": result.stdout + result.stderr}
     return report
 

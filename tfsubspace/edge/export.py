@@ -70,10 +70,21 @@ def check(tflite: bytes | str | os.PathLike, model: keras.Model, images: np.ndar
     return float(np.max(np.abs(expected - got))), float(np.mean(expected.argmax(-1) == got.argmax(-1)))
 
 
-def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calibration_ds=None, check_ds=None,
-           calibration_examples: int = 300, check_examples: int = 500, min_agreement: float = 0.98,
-           io_dtype: str = "int8", name: str | None = None, batch_size: int = 1,
-           input_range: str | None = None) -> list[ExportedModel]:
+def export(
+    model: keras.Model,
+    out_dir: str | os.PathLike,
+    *,
+    modes=MODES,
+    calibration_ds=None,
+    check_ds=None,
+    calibration_examples: int = 300,
+    check_examples: int = 500,
+    min_agreement: float = 0.98,
+    io_dtype: str = "int8",
+    name: str | None = None,
+    batch_size: int = 1,
+    input_range: str | None = None,
+) -> list[ExportedModel]:
     """Exports `model` to `out_dir`/NAME_MODE.tflite for each mode and checks each file.
 
     Args:
@@ -118,8 +129,10 @@ def export(model: keras.Model, out_dir: str | os.PathLike, *, modes=MODES, calib
         error, agreement = check(content, model, images)
         passed, message = agreement >= min_agreement, ""
         if not passed:
-            message = (f"top-1 agreement with the Keras model is {agreement:.2%}, under {min_agreement:.0%}: "
-                       "calibrate on more (and more varied) images, or use quantization-aware training "
-                       "(scripts/export_tflite.py --qat needs the tfmot extra).")
+            message = (
+                f"top-1 agreement with the Keras model is {agreement:.2%}, under {min_agreement:.0%}: "
+                "calibrate on more (and more varied) images, or use quantization-aware training "
+                "(scripts/export_tflite.py --qat needs the tfmot extra)."
+            )
         results.append(ExportedModel(mode, path, len(content), error, agreement, len(images), passed, message))
     return results

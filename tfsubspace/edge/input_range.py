@@ -46,7 +46,7 @@ def input_rescaling(model: keras.Model):
 
 
 def model_input_range(model: keras.Model) -> str:
-    """"0-255" if `model` starts with a Rescaling layer that maps 0-255 pixels to a unit
+    """ "0-255" if `model` starts with a Rescaling layer that maps 0-255 pixels to a unit
     range (see input_rescaling), else "0-1": the range to calibrate and check it in."""
     return "0-255" if input_rescaling(model) is not None else "0-1"
 
@@ -70,8 +70,9 @@ def _describe_rescaling(layer) -> str:
     return f"Rescaling {layer.name!r} (scale={scale}, offset={offset})"
 
 
-def check_input_range(model: keras.Model, images: np.ndarray, input_range: str | None = None,
-                      what: str = "the images") -> None:
+def check_input_range(
+    model: keras.Model, images: np.ndarray, input_range: str | None = None, what: str = "the images"
+) -> None:
     """Raises InputRangeError when `images` are not in the value range `model` takes.
 
     With `input_range=None` it guesses: a model that starts with Rescaling(1/255) (or 1/127.5)
@@ -88,13 +89,18 @@ def check_input_range(model: keras.Model, images: np.ndarray, input_range: str |
                 f"{what} are all within [{lo:.3g}, {hi:.3g}]. An int8 file calibrated on them clips every "
                 "real input pixel above 1, and a check on them hides it. Pass 0-255 images "
                 "(tfsubspace.data.load(..., value_range='0-255'); the scripts' --input_range=0-255), or "
-                "input_range='0-1' if this model really takes [0, 1] images.")
+                "input_range='0-1' if this model really takes [0, 1] images."
+            )
         return
     if input_range not in INPUT_RANGES:
         raise ValueError(f"input_range must be None or one of {INPUT_RANGES}. Received: input_range={input_range!r}")
     if input_range == "0-255" and hi <= 1.0:
-        raise InputRangeError(f"input_range='0-255' was given for model {model.name!r}, but {what} are all "
-                              f"within [{lo:.3g}, {hi:.3g}]: load them with value_range='0-255'.")
+        raise InputRangeError(
+            f"input_range='0-255' was given for model {model.name!r}, but {what} are all "
+            f"within [{lo:.3g}, {hi:.3g}]: load them with value_range='0-255'."
+        )
     if input_range == "0-1" and (lo < -1e-3 or hi > 1 + 1e-3):
-        raise InputRangeError(f"input_range='0-1' was given for model {model.name!r}, but {what} span "
-                              f"[{lo:.3g}, {hi:.3g}]: load them with value_range='0-1'.")
+        raise InputRangeError(
+            f"input_range='0-1' was given for model {model.name!r}, but {what} span "
+            f"[{lo:.3g}, {hi:.3g}]: load them with value_range='0-1'."
+        )

@@ -54,8 +54,15 @@ def measure_latency(path, *, threads: int = 1, warmup: int = 10, runs: int = 100
         start = time.perf_counter()
         runner.invoke()
         times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "p90_ms": _percentile(times, 90), "min_ms": min(times),
-            "max_ms": max(times), "threads": threads, "warmup": warmup, "runs": runs}
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": _percentile(times, 90),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "threads": threads,
+        "warmup": warmup,
+        "runs": runs,
+    }
 
 
 def _accuracy(path, images, labels, reference_logits):
@@ -69,9 +76,18 @@ def _accuracy(path, images, labels, reference_logits):
     return out
 
 
-def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1000, reference=None,
-              threads: int = 1, warmup: int = 10, runs: int = 100, micro: bool = True,
-              input_range: str | None = None) -> dict:
+def benchmark(
+    entries: list[BenchEntry],
+    *,
+    eval_ds=None,
+    eval_examples: int = 1000,
+    reference=None,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 100,
+    micro: bool = True,
+    input_range: str | None = None,
+) -> dict:
     """Measures every entry; returns {"machine", "settings", "rows"} (rows in entry order).
 
     Args:
@@ -105,8 +121,13 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
     load_before = os.getloadavg()
     rows = []
     for entry in entries:
-        row = {"label": entry.label, "mode": entry.mode, "file": str(entry.path),
-               "size_bytes": os.path.getsize(entry.path), "batch": TFLiteRunner(entry.path).batch_size}
+        row = {
+            "label": entry.label,
+            "mode": entry.mode,
+            "file": str(entry.path),
+            "size_bytes": os.path.getsize(entry.path),
+            "batch": TFLiteRunner(entry.path).batch_size,
+        }
         if entry.keras_model is not None:
             row["params"] = stats.count_params(entry.keras_model)
             row["macs"] = stats.count_macs(entry.keras_model)
@@ -121,7 +142,7 @@ def benchmark(entries: list[BenchEntry], *, eval_ds=None, eval_examples: int = 1
     _speedups(rows)
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_implementation()} "
-                   f"{platform.python_version()}",
+        f"{platform.python_version()}",
         "settings": {"threads": threads, "warmup": warmup, "runs": runs, "interpreter": "ai_edge_litert"},
         "load_average_before": [round(v, 2) for v in load_before],
         "rows": rows,
@@ -151,8 +172,8 @@ def format_table(report: dict) -> str:
     ]
     for r in report["rows"]:
         lat = r["latency"]
-        count = lambda k: f"{r[k]:,}" if k in r else "-"  # noqa: E731
-        pct = lambda k: f"{100 * r[k]:.2f}%" if k in r else "-"  # noqa: E731
+        count = lambda k: f"{r[k]:,}" if k in r else "-"
+        pct = lambda k: f"{100 * r[k]:.2f}%" if k in r else "-"
         arena = f"{r['micro_arena_bytes'] / 1024:.1f} KiB" if "micro_arena_bytes" in r else "-"
         lines.append(
             f"| {r['label']} | {r['mode']} | {r.get('batch', 1)} | {count('params')} | {count('macs')} | "
@@ -182,7 +203,9 @@ def plot(report: dict, out_dir: str | os.PathLike) -> list[Path]:
             sel = [r for r in rows if r["mode"] == mode]
             ax.scatter([xvalue(r) for r in sel], [100 * r[key] for r in sel], label=mode)
             for r in sel:
-                ax.annotate(r["label"], (xvalue(r), 100 * r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    r["label"], (xvalue(r), 100 * r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{key} (%)")
         ax.set_title(f"{key.capitalize()} vs {xlabel.split(' (')[0]}")

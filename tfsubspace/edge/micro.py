@@ -43,17 +43,31 @@ def micro_arena_bytes(tflite: bytes | str | os.PathLike) -> int:
     raise TfSubspaceError("TFLite Micro did not report its arena allocation.")
 
 
-def write_c_array(tflite: bytes | str | os.PathLike, out_dir: str | os.PathLike, *, name: str = "g_model",
-                  arena_bytes: int | None = None) -> tuple[Path, Path]:
+def write_c_array(
+    tflite: bytes | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "g_model",
+    arena_bytes: int | None = None,
+) -> tuple[Path, Path]:
     """Writes model_data.cc/.h (the xxd -i style array TFLite Micro firmware includes)."""
     content = tflite if isinstance(tflite, bytes) else _read_tflite(tflite)
     out_dir = Path(out_dir)
-    arena = f"\n// Tensor arena measured by tfsubspace with TFLite Micro: {arena_bytes} bytes.\n" \
-        f"constexpr int {name}_arena_size = {arena_bytes};\n" if arena_bytes else ""
-    header = (f"#ifndef TFSUBSPACE_MODEL_DATA_H_\n#define TFSUBSPACE_MODEL_DATA_H_\n\n"
-              f"extern const unsigned char {name}[];\nextern const unsigned int {name}_len;\n{arena}\n"
-              f"#endif  // TFSUBSPACE_MODEL_DATA_H_\n")
-    rows = [", ".join(f"0x{b:02x}" for b in content[i:i + 12]) for i in range(0, len(content), 12)]
-    source = (f'#include "model_data.h"\n\nalignas(16) const unsigned char {name}[] = {{\n  '
-              + ",\n  ".join(rows) + f"\n}};\nconst unsigned int {name}_len = {len(content)};\n")
+    arena = (
+        f"\n// Tensor arena measured by tfsubspace with TFLite Micro: {arena_bytes} bytes.\n"
+        f"constexpr int {name}_arena_size = {arena_bytes};\n"
+        if arena_bytes
+        else ""
+    )
+    header = (
+        f"#ifndef TFSUBSPACE_MODEL_DATA_H_\n#define TFSUBSPACE_MODEL_DATA_H_\n\n"
+        f"extern const unsigned char {name}[];\nextern const unsigned int {name}_len;\n{arena}\n"
+        f"#endif  // TFSUBSPACE_MODEL_DATA_H_\n"
+    )
+    rows = [", ".join(f"0x{b:02x}" for b in content[i : i + 12]) for i in range(0, len(content), 12)]
+    source = (
+        f'#include "model_data.h"\n\nalignas(16) const unsigned char {name}[] = {{\n  '
+        + ",\n  ".join(rows)
+        + f"\n}};\nconst unsigned int {name}_len = {len(content)};\n"
+    )
     return (fileio.write_text(out_dir / "model_data.h", header), fileio.write_text(out_dir / "model_data.cc", source))

@@ -16,11 +16,23 @@ from tfsubspace.edge.export import ExportedModel, _images, check
 from tfsubspace.edge.input_range import check_input_range
 
 
-def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: keras.Model | None = None,
-               epochs: int = 2, learning_rate: float = 1e-4, train_examples: int = 10000, check_ds=None,
-               check_examples: int = 500, min_agreement: float = 0.98, name: str | None = None,
-               python: str | os.PathLike | None = None, verbose: int = 2,
-               input_range: str | None = None) -> ExportedModel:
+def export_qat(
+    model: keras.Model,
+    out_dir: str | os.PathLike,
+    ds,
+    *,
+    teacher: keras.Model | None = None,
+    epochs: int = 2,
+    learning_rate: float = 1e-4,
+    train_examples: int = 10000,
+    check_ds=None,
+    check_examples: int = 500,
+    min_agreement: float = 0.98,
+    name: str | None = None,
+    python: str | os.PathLike | None = None,
+    verbose: int = 2,
+    input_range: str | None = None,
+) -> ExportedModel:
     """Quantization-aware training, then full int8 export (int8 input and output), checked.
 
     TFMOT needs tf_keras, so this runs in its own process with the Python of the `tfmot`
@@ -36,8 +48,10 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
 
     python = Path(python or os.environ.get("TFSUBSPACE_TFMOT_PYTHON", ".venv-tfmot/bin/python"))
     if not python.exists():
-        raise ExportError(f"Quantization-aware training needs the tfmot environment, and {python} does not exist: "
-                          "run `make tfmot` (or set TFSUBSPACE_TFMOT_PYTHON to a Python with the tfmot extra).")
+        raise ExportError(
+            f"Quantization-aware training needs the tfmot environment, and {python} does not exist: "
+            "run `make tfmot` (or set TFSUBSPACE_TFMOT_PYTHON to a Python with the tfmot extra)."
+        )
     if epochs < 1:
         raise ValueError(f"epochs must be a positive integer. Received: epochs={epochs!r}")
     images = _images(ds, train_examples)
@@ -50,18 +64,36 @@ def export_qat(model: keras.Model, out_dir: str | os.PathLike, ds, *, teacher: k
         bridge.save_spec(model, tmp / "student")
         bridge.save_spec(teacher or model, tmp / "teacher")
         np.save(tmp / "images.npy", images)
-        fileio.write_json(tmp / "job.json", {
-            "kind": "qat", "student": str(tmp / "student"), "teacher": str(tmp / "teacher"),
-            "images": str(tmp / "images.npy"), "output": str(out.resolve()), "epochs": epochs,
-            "learning_rate": learning_rate, "verbose": verbose})
+        fileio.write_json(
+            tmp / "job.json",
+            {
+                "kind": "qat",
+                "student": str(tmp / "student"),
+                "teacher": str(tmp / "teacher"),
+                "images": str(tmp / "images.npy"),
+                "output": str(out.resolve()),
+                "epochs": epochs,
+                "learning_rate": learning_rate,
+                "verbose": verbose,
+            },
+        )
         code = "import sys; from tfsubspace.peers.tfmot_jobs import run_job; run_job(sys.argv[1])"
-        result = subprocess.run([str(python), "-c", code, str(tmp / "job.json")], check=False,
-                                capture_output=verbose == 0, text=True)
+        result = subprocess.run(
+            [str(python), "-c", code, str(tmp / "job.json")], check=False, capture_output=verbose == 0, text=True
+        )
         if result.returncode != 0:
-            raise ExportError(f"Quantization-aware training of {model.name!r} failed (exit {result.returncode})"
-                              + (f": {result.stderr[-2000:]}" if result.stderr else "; see its output above."))
+            raise ExportError(
+                f"Quantization-aware training of {model.name!r} failed (exit {result.returncode})"
+                + (f": {result.stderr[-2000:]}" if result.stderr else "; see its output above.")
+            )
     error, agreement = check(out, model, checks)
     passed = agreement >= min_agreement
-    message = "" if passed else (f"top-1 agreement with the Keras model is {agreement:.2%} after QAT, under "
-                                 f"{min_agreement:.0%}: train longer (epochs) or on more images.")
+    message = (
+        ""
+        if passed
+        else (
+            f"top-1 agreement with the Keras model is {agreement:.2%} after QAT, under "
+            f"{min_agreement:.0%}: train longer (epochs) or on more images."
+        )
+    )
     return ExportedModel("int8_qat", out, out.stat().st_size, error, agreement, len(checks), passed, message)

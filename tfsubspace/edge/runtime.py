@@ -38,7 +38,7 @@ class TFLiteRunner:
         outs, n, b = [], len(images), self.batch_size
         try:
             for start in range(0, n, b):
-                chunk = images[start:start + b]
+                chunk = images[start : start + b]
                 if len(chunk) < b:
                     chunk = np.concatenate([chunk, np.zeros((b - len(chunk), *chunk.shape[1:]), chunk.dtype)])
                 self.interpreter.set_tensor(self.input["index"], _quantize(chunk, self.input))
@@ -58,7 +58,9 @@ def _read_tflite(path) -> bytes:
         raise FileNotFoundError(f"TFLite file not found: {path}")
     data = path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
-        raise TfSubspaceError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); it may be truncated or corrupt.")
+        raise TfSubspaceError(
+            f"{path} is not a TFLite flatbuffer (no TFL3 identifier); it may be truncated or corrupt."
+        )
     return data
 
 
@@ -95,11 +97,13 @@ def inspect(tflite: bytes | str | os.PathLike) -> dict:
             ops.append(op_names.get(code, f"CUSTOM_{code}"))
         for t in subgraph.tensors:
             buffer = model.buffers[t.buffer] if t.buffer < len(model.buffers) else None
-            tensors.append({
-                "name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
-                "type": type_names.get(t.type, str(t.type)),
-                "shape": [int(d) for d in (t.shape if t.shape is not None else [])],
-                "signature": [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else [])],
-                "constant": buffer is not None and buffer.data is not None and len(buffer.data) > 0,
-            })
+            tensors.append(
+                {
+                    "name": t.name.decode() if isinstance(t.name, bytes) else str(t.name),
+                    "type": type_names.get(t.type, str(t.type)),
+                    "shape": [int(d) for d in (t.shape if t.shape is not None else [])],
+                    "signature": [int(d) for d in (t.shapeSignature if t.shapeSignature is not None else [])],
+                    "constant": buffer is not None and buffer.data is not None and len(buffer.data) > 0,
+                }
+            )
     return {"ops": ops, "tensors": tensors}

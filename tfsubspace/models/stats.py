@@ -18,7 +18,6 @@ import math
 import keras
 
 from tfsubspace import keras_private
-
 from tfsubspace.errors import UnsupportedModelError
 from tfsubspace.prune.graph import functional_view
 

@@ -22,7 +22,9 @@ def _scaled(channels: int, width: float) -> int:
 
 def _check_common(input_shape, num_classes):
     if len(input_shape) != 3 or any(int(d) <= 0 for d in input_shape):
-        raise ValueError(f"input_shape must be (height, width, channels) with positive sizes. Received: input_shape={input_shape}")
+        raise ValueError(
+            f"input_shape must be (height, width, channels) with positive sizes. Received: input_shape={input_shape}"
+        )
     if int(num_classes) < 2:
         raise ValueError(f"num_classes must be at least 2. Received: num_classes={num_classes}")
 
@@ -65,8 +67,14 @@ def vgg16(input_shape=(32, 32, 3), num_classes=10, width: float = 1.0, dropout: 
     return keras.Model(inputs, outputs, name=f"vgg16_w{width:g}")
 
 
-def wide_resnet(input_shape=(32, 32, 3), num_classes=10, depth: int = 16, widen_factor: int = 4,
-                dropout: float = 0.0, batch_size=None):
+def wide_resnet(
+    input_shape=(32, 32, 3),
+    num_classes=10,
+    depth: int = 16,
+    widen_factor: int = 4,
+    dropout: float = 0.0,
+    batch_size=None,
+):
     """Wide ResNet WRN-depth-k (Zagoruyko & Komodakis) with pre-activation blocks.
 
     A 3x3 stem of 16 channels, three groups of n = (depth - 4) / 6 blocks at 16k, 32k and
@@ -124,8 +132,16 @@ def lenet5(input_shape=(28, 28, 1), num_classes=10, batch_size=None):
     return keras.Model(inputs, outputs, name="lenet5")
 
 
-def build(name: str, input_shape, num_classes: int, *, width: float = 1.0, depth: int = 16,
-          widen_factor: int = 4, batch_size=None):
+def build(
+    name: str,
+    input_shape,
+    num_classes: int,
+    *,
+    width: float = 1.0,
+    depth: int = 16,
+    widen_factor: int = 4,
+    batch_size=None,
+):
     """Builds a reference model by name (one of MODELS) with the options that apply to it."""
     if name == "lenet5":
         return lenet5(input_shape, num_classes, batch_size=batch_size)

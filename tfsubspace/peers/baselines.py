@@ -27,20 +27,18 @@ whose variables live under it (and returns the trained copy).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import contextlib
+from pathlib import Path
 
 import keras
 
 from tfsubspace import fileio
-from tfsubspace.train import distribute
-from tfsubspace.prune import ranking
-from tfsubspace.prune import surgery
-from tfsubspace.prune.analysis import analyze
-from tfsubspace.distill.trainer import StudentTrainer, train_student
-from tfsubspace.distill.lasso import BatchNormL1, ChannelLasso, lasso_plan
 from tfsubspace.distill.batchnorm import reestimate_batchnorm, too_short_for_batchnorm
+from tfsubspace.distill.lasso import BatchNormL1, ChannelLasso, lasso_plan
+from tfsubspace.distill.trainer import StudentTrainer, train_student
+from tfsubspace.prune import ranking, surgery
+from tfsubspace.prune.analysis import analyze
+from tfsubspace.train import distribute
 
 
 def fresh_copy(model: keras.Model) -> keras.Model:
@@ -91,16 +89,35 @@ def _fine_tune(model, labeled_ds, *, epochs, learning_rate, work_dir, name, verb
         model = _placed(model, strategy)
         with _scope(strategy):
             trainer = StudentTrainer(model, None, label_weight=1.0)
-        train_student(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name=name,
-                      verbose=verbose, strategy=strategy)
+        train_student(
+            trainer,
+            labeled_ds,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            work_dir=work_dir,
+            name=name,
+            verbose=verbose,
+            strategy=strategy,
+        )
         if too_short_for_batchnorm(model, labeled_ds, epochs):
             reestimate_batchnorm(model, labeled_ds)
     return model
 
 
-def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
-                  lasso: float = 0.0, lasso_learning_rate: float = 0.01, recover_epochs: int = 0,
-                  multiple: int = 1, verbose="auto", strategy=None) -> keras.Model:
+def train_scratch(
+    student: keras.Model,
+    labeled_ds,
+    *,
+    epochs: int,
+    work_dir,
+    learning_rate: float = 1e-3,
+    lasso: float = 0.0,
+    lasso_learning_rate: float = 0.01,
+    recover_epochs: int = 0,
+    multiple: int = 1,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
     """Trains `student` (in place) on (images, labels); with `lasso` > 0, prunes the channels
     LASSO zeroed and trains `recover_epochs` more epochs with labels. Returns the model."""
     if (done := _finished(work_dir, "scratch")) is not None:
@@ -108,21 +125,54 @@ def train_scratch(student: keras.Model, labeled_ds, *, epochs: int, work_dir, le
     student = _placed(student, strategy)
     with _scope(strategy):
         channel_lasso = ChannelLasso(analyze(student)) if lasso > 0 else None
-        trainer = StudentTrainer(student, None, label_weight=1.0, lasso=channel_lasso, lasso_weight=lasso,
-                                 lasso_learning_rate=lasso_learning_rate)
-    train_student(trainer, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="scratch", verbose=verbose, strategy=strategy)
+        trainer = StudentTrainer(
+            student,
+            None,
+            label_weight=1.0,
+            lasso=channel_lasso,
+            lasso_weight=lasso,
+            lasso_learning_rate=lasso_learning_rate,
+        )
+    train_student(
+        trainer,
+        labeled_ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        work_dir=work_dir,
+        name="scratch",
+        verbose=verbose,
+        strategy=strategy,
+    )
     if lasso > 0:
         plan = lasso_plan(analyze(student), multiple=multiple)
         student = _pruned(student, plan, labeled_ds, fold_constants=True)
-        student = _fine_tune(student, labeled_ds, epochs=recover_epochs, learning_rate=learning_rate * 0.3,
-                             work_dir=work_dir, name="scratch_recover", verbose=verbose, strategy=strategy)
+        student = _fine_tune(
+            student,
+            labeled_ds,
+            epochs=recover_epochs,
+            learning_rate=learning_rate * 0.3,
+            work_dir=work_dir,
+            name="scratch_recover",
+            verbose=verbose,
+            strategy=strategy,
+        )
     fileio.save_model(student, Path(work_dir) / "scratch.keras")
     return student
 
 
-def train_kd(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, work_dir, learning_rate: float = 1e-3,
-             temperature: float = 4.0, alpha: float = 1.0, verbose="auto", strategy=None) -> keras.Model:
+def train_kd(
+    student: keras.Model,
+    teacher: keras.Model,
+    ds,
+    *,
+    epochs: int,
+    work_dir,
+    learning_rate: float = 1e-3,
+    temperature: float = 4.0,
+    alpha: float = 1.0,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
     """Trains `student` (in place) on alpha * distillation + (1 - alpha) * cross-entropy
     (alpha < 1 needs (images, labels) batches); returns it."""
     if not 0 <= alpha <= 1:
@@ -132,8 +182,16 @@ def train_kd(student: keras.Model, teacher: keras.Model, ds, *, epochs: int, wor
     student, teacher = _placed(student, strategy), _placed(teacher, strategy)
     with _scope(strategy):
         trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
-    train_student(trainer, ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir, name="kd",
-                  verbose=verbose, strategy=strategy)
+    train_student(
+        trainer,
+        ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        work_dir=work_dir,
+        name="kd",
+        verbose=verbose,
+        strategy=strategy,
+    )
     fileio.save_model(student, Path(work_dir) / "kd.keras")
     return student
 
@@ -143,9 +201,21 @@ def train_kd_only(student, teacher, ds, **kwargs) -> keras.Model:
     return train_kd(student, teacher, ds, alpha=1.0, **kwargs)
 
 
-def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: int, work_dir, hint: str | None = None,
-            hint_epochs: int | None = None, learning_rate: float = 1e-3, temperature: float = 4.0, alpha: float = 0.9,
-            verbose="auto", strategy=None) -> keras.Model:
+def fitnets(
+    student: keras.Model,
+    teacher: keras.Model,
+    labeled_ds,
+    *,
+    epochs: int,
+    work_dir,
+    hint: str | None = None,
+    hint_epochs: int | None = None,
+    learning_rate: float = 1e-3,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
     """FitNets: `hint_epochs` (default half) of matching the teacher's `hint` layer (default:
     the middle one of the latents compress() would tap), then distillation with labels."""
     if (done := _finished(work_dir, "fitnets")) is not None:
@@ -157,39 +227,86 @@ def fitnets(student: keras.Model, teacher: keras.Model, labeled_ds, *, epochs: i
     with _scope(strategy):
         trainer = StudentTrainer(student, teacher, taps=[hint], kd_weight=0.0)
     trainer.fit_adapters(labeled_ds)
-    train_student(trainer, labeled_ds, epochs=hint_epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="fitnets_hint", verbose=verbose, strategy=strategy)
+    train_student(
+        trainer,
+        labeled_ds,
+        epochs=hint_epochs,
+        learning_rate=learning_rate,
+        work_dir=work_dir,
+        name="fitnets_hint",
+        verbose=verbose,
+        strategy=strategy,
+    )
     if epochs > hint_epochs:
         with _scope(strategy):
-            trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha,
-                                     temperature=temperature)
-        train_student(trainer, labeled_ds, epochs=epochs - hint_epochs, learning_rate=learning_rate,
-                      work_dir=work_dir, name="fitnets_kd", verbose=verbose, strategy=strategy)
+            trainer = StudentTrainer(
+                student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature
+            )
+        train_student(
+            trainer,
+            labeled_ds,
+            epochs=epochs - hint_epochs,
+            learning_rate=learning_rate,
+            work_dir=work_dir,
+            name="fitnets_kd",
+            verbose=verbose,
+            strategy=strategy,
+        )
     fileio.save_model(student, Path(work_dir) / "fitnets.keras")
     return student
 
 
-def l1_filter_pruning(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
-                      learning_rate: float = 3e-4, multiple: int = 1, verbose="auto", strategy=None) -> keras.Model:
+def l1_filter_pruning(
+    teacher: keras.Model,
+    labeled_ds,
+    *,
+    params: int,
+    epochs: int,
+    work_dir,
+    learning_rate: float = 3e-4,
+    multiple: int = 1,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
     """Li et al.: removes the filters of smallest L1 norm, the same share of every layer,
     until at most `params` parameters remain; fine-tunes `epochs` epochs with labels."""
     if (done := _finished(work_dir, "l1_filter")) is not None:
         return done
     analysis = analyze(teacher)
-    plan = ranking.plan_for_budget(analysis, ranking.filter_l1_norms(analysis), params=params, compare="rank",
-                                   multiple=multiple)
+    plan = ranking.plan_for_budget(
+        analysis, ranking.filter_l1_norms(analysis), params=params, compare="rank", multiple=multiple
+    )
     plan.save(Path(work_dir) / "plan.json")
     slim = _pruned(teacher, plan, labeled_ds, analysis=analysis)
-    slim = _fine_tune(slim, labeled_ds, epochs=epochs, learning_rate=learning_rate, work_dir=work_dir,
-                      name="l1_filter_tune", verbose=verbose, strategy=strategy)
+    slim = _fine_tune(
+        slim,
+        labeled_ds,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        work_dir=work_dir,
+        name="l1_filter_tune",
+        verbose=verbose,
+        strategy=strategy,
+    )
     fileio.save_model(slim, Path(work_dir) / "l1_filter.keras")
     return slim
 
 
-def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: int, work_dir,
-                     sparsity_epochs: int | None = None, l1: float = 1e-4, learning_rate: float = 1e-3,
-                     finetune_learning_rate: float = 3e-4, multiple: int = 1, verbose="auto",
-                     strategy=None) -> keras.Model:
+def network_slimming(
+    teacher: keras.Model,
+    labeled_ds,
+    *,
+    params: int,
+    epochs: int,
+    work_dir,
+    sparsity_epochs: int | None = None,
+    l1: float = 1e-4,
+    learning_rate: float = 1e-3,
+    finetune_learning_rate: float = 3e-4,
+    multiple: int = 1,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
     """Liu et al.: `sparsity_epochs` (default half) of training a copy of `teacher` with labels
     plus l1 * sum |gamma|, removal of the channels of smallest |gamma| under one global
     threshold until at most `params` parameters remain, then fine-tuning for the rest."""
@@ -198,16 +315,34 @@ def network_slimming(teacher: keras.Model, labeled_ds, *, params: int, epochs: i
     sparsity_epochs = max(1, epochs // 2) if sparsity_epochs is None else sparsity_epochs
     with _scope(strategy):
         model = trained_copy(teacher)
-        trainer = StudentTrainer(model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1,
-                                 proximal=False)
-    train_student(trainer, labeled_ds, epochs=sparsity_epochs, learning_rate=learning_rate, work_dir=work_dir,
-                  name="slimming_sparsity", verbose=verbose, strategy=strategy)
+        trainer = StudentTrainer(
+            model, None, label_weight=1.0, lasso=BatchNormL1(analyze(model)), lasso_weight=l1, proximal=False
+        )
+    train_student(
+        trainer,
+        labeled_ds,
+        epochs=sparsity_epochs,
+        learning_rate=learning_rate,
+        work_dir=work_dir,
+        name="slimming_sparsity",
+        verbose=verbose,
+        strategy=strategy,
+    )
     analysis = analyze(model)
-    plan = ranking.plan_for_budget(analysis, BatchNormL1(analysis).norms(), params=params, compare="raw",
-                                   multiple=multiple)
+    plan = ranking.plan_for_budget(
+        analysis, BatchNormL1(analysis).norms(), params=params, compare="raw", multiple=multiple
+    )
     plan.save(Path(work_dir) / "plan.json")
     slim = _pruned(model, plan, labeled_ds, analysis=analysis)
-    slim = _fine_tune(slim, labeled_ds, epochs=epochs - sparsity_epochs, learning_rate=finetune_learning_rate,
-                      work_dir=work_dir, name="slimming_tune", verbose=verbose, strategy=strategy)
+    slim = _fine_tune(
+        slim,
+        labeled_ds,
+        epochs=epochs - sparsity_epochs,
+        learning_rate=finetune_learning_rate,
+        work_dir=work_dir,
+        name="slimming_tune",
+        verbose=verbose,
+        strategy=strategy,
+    )
     fileio.save_model(slim, Path(work_dir) / "slimming.keras")
     return slim

@@ -55,25 +55,40 @@ def to_spec(model) -> tuple[dict, list[list[np.ndarray]]]:
     for node in g.walk():
         layer = node.layer
         if id(layer) in seen:
-            raise UnsupportedModelError(f"Layer {node.path!r} is called more than once (shared weights); "
-                                        "the tf_keras rebuild supports one call per layer.")
+            raise UnsupportedModelError(
+                f"Layer {node.path!r} is called more than once (shared weights); "
+                "the tf_keras rebuild supports one call per layer."
+            )
         seen.add(id(layer))
         kind = type(layer).__name__
         if kind not in SPEC_ARGS:
             raise UnsupportedModelError(
-                f"Layer {node.path!r} ({kind}) cannot be rebuilt in tf_keras; supported: {', '.join(sorted(SPEC_ARGS))}.")
+                f"Layer {node.path!r} ({kind}) cannot be rebuilt in tf_keras; "
+                f"supported: {', '.join(sorted(SPEC_ARGS))}."
+            )
         config = layer.get_config()
         if kind == "Conv2D" and config.get("groups", 1) != 1:
             raise UnsupportedModelError(f"Layer {node.path!r}: grouped convolutions cannot be rebuilt in tf_keras.")
         args = {k: config[k] for k in SPEC_ARGS[kind] if k in config}
         if not isinstance(args.get("activation", "linear"), str):
             raise UnsupportedModelError(f"Layer {node.path!r}: only built-in activations (by name) can be rebuilt.")
-        nodes.append({"name": node.path.replace("/", "_"), "class": kind, "args": args,
-                      "inputs": [r.key for r in node.inputs], "outputs": [r.key for r in node.outputs]})
+        nodes.append(
+            {
+                "name": node.path.replace("/", "_"),
+                "class": kind,
+                "args": args,
+                "inputs": [r.key for r in node.inputs],
+                "outputs": [r.key for r in node.outputs],
+            }
+        )
         weights.append([np.asarray(w) for w in layer.get_weights()])
-    spec = {"format": SPEC_FORMAT, "name": model.name,
-            "inputs": [{"key": r.key, "shape": list(r.shape[1:]), "batch": r.shape[0]} for r in g.inputs],
-            "outputs": [r.key for r in g.outputs], "nodes": nodes}
+    spec = {
+        "format": SPEC_FORMAT,
+        "name": model.name,
+        "inputs": [{"key": r.key, "shape": list(r.shape[1:]), "batch": r.shape[0]} for r in g.inputs],
+        "outputs": [r.key for r in g.outputs],
+        "nodes": nodes,
+    }
     return spec, weights
 
 
@@ -127,8 +142,11 @@ def build_tf_keras(directory: str | os.PathLike, *, batch_size: int | None = Non
         for key, tensor in zip(node["outputs"], out if isinstance(out, list) else [out]):
             tensors[key] = tensor
         layers.append(layer)
-    model = tf_keras.Model(inputs, [tensors[k] for k in spec["outputs"]] if len(spec["outputs"]) > 1
-                           else tensors[spec["outputs"][0]], name=spec["name"])
+    model = tf_keras.Model(
+        inputs,
+        [tensors[k] for k in spec["outputs"]] if len(spec["outputs"]) > 1 else tensors[spec["outputs"][0]],
+        name=spec["name"],
+    )
     for layer, values in zip(layers, weights):
         if values:
             layer.set_weights(values)

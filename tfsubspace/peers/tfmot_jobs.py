@@ -23,7 +23,7 @@ def _distillation_loss(temperature: float):
     def loss(teacher_logits, student_logits):
         p = tf.nn.softmax(teacher_logits / temperature)
         log_ratio = tf.nn.log_softmax(teacher_logits / temperature) - tf.nn.log_softmax(student_logits / temperature)
-        return temperature ** 2 * tf.reduce_sum(p * log_ratio, axis=-1)
+        return temperature**2 * tf.reduce_sum(p * log_ratio, axis=-1)
 
     return loss
 
@@ -67,8 +67,15 @@ def run_job(path: str | os.PathLike) -> None:
         raise ValueError(f"{path}: unknown job kind {job.get('kind')!r}")
     images = np.load(job["images"], allow_pickle=False)
     ds = tf.data.Dataset.from_tensor_slices(images).batch(64)
-    quantization_aware_training(job["student"], job["teacher"], ds, job["output"], epochs=job["epochs"],
-                                learning_rate=job["learning_rate"], verbose=job["verbose"])
+    quantization_aware_training(
+        job["student"],
+        job["teacher"],
+        ds,
+        job["output"],
+        epochs=job["epochs"],
+        learning_rate=job["learning_rate"],
+        verbose=job["verbose"],
+    )
 
 
 def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> None:
@@ -101,8 +108,17 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
                 w.assign(hi)
 
 
-def quantization_aware_training(student_spec, teacher_spec, ds, out_path: str | os.PathLike, *, epochs: int = 2,
-                                learning_rate: float = 1e-4, temperature: float = 4.0, verbose="auto") -> Path:
+def quantization_aware_training(
+    student_spec,
+    teacher_spec,
+    ds,
+    out_path: str | os.PathLike,
+    *,
+    epochs: int = 2,
+    learning_rate: float = 1e-4,
+    temperature: float = 4.0,
+    verbose="auto",
+) -> Path:
     """Fine-tunes the student with fake quantization against the teacher's softened outputs
     (no labels), then writes it as a full-int8 .tflite (int8 input and output).
 
@@ -143,8 +159,17 @@ def _with_batchnorm_reestimated(model, ds, batches: int = 50):
     return copy
 
 
-def magnitude_pruning(model_spec, labeled_ds, test_ds, out_dir: str | os.PathLike, *, sparsity: float, epochs: int,
-                      learning_rate: float = 3e-4, verbose="auto") -> dict:
+def magnitude_pruning(
+    model_spec,
+    labeled_ds,
+    test_ds,
+    out_dir: str | os.PathLike,
+    *,
+    sparsity: float,
+    epochs: int,
+    learning_rate: float = 3e-4,
+    verbose="auto",
+) -> dict:
     """TFMOT's low-magnitude pruning (Zhu & Gupta's polynomial schedule to `sparsity` over the
     first two thirds of the steps) with fine-tuning on labels; writes the stripped model as
     float32 and int8 .tflite and returns its test accuracy and sizes (raw and gzip-compressed)."""
@@ -156,11 +181,15 @@ def magnitude_pruning(model_spec, labeled_ds, test_ds, out_dir: str | os.PathLik
 
     model = build_tf_keras(model_spec)
     steps = int(labeled_ds.cardinality()) * epochs
-    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, begin_step=0, end_step=max(1, 2 * steps // 3),
-                                                    frequency=max(1, steps // 100))
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        0.0, sparsity, begin_step=0, end_step=max(1, 2 * steps // 3), frequency=max(1, steps // 100)
+    )
     pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
-    pruned.compile(optimizer=tf_keras.optimizers.Adam(learning_rate),
-                   loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    pruned.compile(
+        optimizer=tf_keras.optimizers.Adam(learning_rate),
+        loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     pruned.fit(labeled_ds, epochs=epochs, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()], verbose=verbose)
     stripped = tfmot.sparsity.keras.strip_pruning(pruned)
     stripped.compile(loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -176,10 +205,18 @@ def magnitude_pruning(model_spec, labeled_ds, test_ds, out_dir: str | os.PathLik
     fileio.write_bytes(out_dir / "float32.tflite", float32)
     int8 = _int8_tflite(stripped, labeled_ds)
     fileio.write_bytes(out_dir / "int8.tflite", int8)
-    result = {"accuracy": accuracy, "accuracy_bn_reestimated": accuracy_bn, "kernel_sparsity": zeros,
-              "sparsity_target": sparsity, "epochs": epochs, "params": int(stripped.count_params()),
-              "nonzero_params": nonzero, "float32_bytes": len(float32),
-              "float32_gzip_bytes": len(gzip.compress(float32, 9)),
-              "int8_bytes": len(int8), "int8_gzip_bytes": len(gzip.compress(int8, 9))}
+    result = {
+        "accuracy": accuracy,
+        "accuracy_bn_reestimated": accuracy_bn,
+        "kernel_sparsity": zeros,
+        "sparsity_target": sparsity,
+        "epochs": epochs,
+        "params": int(stripped.count_params()),
+        "nonzero_params": nonzero,
+        "float32_bytes": len(float32),
+        "float32_gzip_bytes": len(gzip.compress(float32, 9)),
+        "int8_bytes": len(int8),
+        "int8_gzip_bytes": len(gzip.compress(int8, 9)),
+    }
     fileio.write_json(out_dir / "result.json", result)
     return result

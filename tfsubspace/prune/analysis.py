@@ -16,8 +16,7 @@ import json
 import keras
 import numpy as np
 
-from tfsubspace.prune import channels
-from tfsubspace.prune import graph
+from tfsubspace.prune import channels, graph
 
 
 @dataclasses.dataclass
@@ -134,8 +133,9 @@ class ChannelAnalysis:
             out = handler.map_channels(node.layer, in_ids, [ref.shape for ref in node.inputs], self)
             self._node = None
             if len(out) != node.outputs[0].shape[-1]:
-                channels._fail(node.layer, f"its handler mapped {len(out)} channels onto an output of "
-                                           f"{node.outputs[0].shape[-1]}.")
+                channels._fail(
+                    node.layer, f"its handler mapped {len(out)} channels onto an output of {node.outputs[0].shape[-1]}."
+                )
             self.ids[node.outputs[0].key] = np.asarray(out, dtype=np.int64)
 
     def _finish(self) -> None:
@@ -270,8 +270,12 @@ class ChannelAnalysis:
 
 
 _NOISE_LAYERS = (
-    keras.layers.Dropout, keras.layers.SpatialDropout1D, keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
     keras.layers.AlphaDropout,
 )
 

@@ -27,12 +27,36 @@ import numpy as np
 from tfsubspace.errors import UnsupportedModelError
 
 # Activations that act on each channel alone (removing one channel changes no other).
-_CHANNELWISE_ACTIVATIONS = frozenset({
-    "linear", "relu", "relu6", "elu", "selu", "gelu", "silu", "swish", "sigmoid", "tanh",
-    "leaky_relu", "softplus", "softsign", "hard_sigmoid", "hard_silu", "hard_swish", "mish",
-    "exponential", "celu", "log_sigmoid", "squareplus", "sparse_plus", "tanh_shrink",
-    "hard_tanh", "soft_shrink", "hard_shrink",
-})
+_CHANNELWISE_ACTIVATIONS = frozenset(
+    {
+        "linear",
+        "relu",
+        "relu6",
+        "elu",
+        "selu",
+        "gelu",
+        "silu",
+        "swish",
+        "sigmoid",
+        "tanh",
+        "leaky_relu",
+        "softplus",
+        "softsign",
+        "hard_sigmoid",
+        "hard_silu",
+        "hard_swish",
+        "mish",
+        "exponential",
+        "celu",
+        "log_sigmoid",
+        "squareplus",
+        "sparse_plus",
+        "tanh_shrink",
+        "hard_tanh",
+        "soft_shrink",
+        "hard_shrink",
+    }
+)
 
 
 class ChannelContext(Protocol):
@@ -177,8 +201,10 @@ class Producer(Handler):
         # A constant input c adds c * sum(kernel window) to every output position whose
         # window lies inside the input; only at the borders of 'same' padding is it less.
         delta = values @ kernel.reshape(-1, *kernel.shape[-2:]).sum(axis=0)
-        exact = isinstance(layer, keras.layers.Dense) or getattr(layer, "padding", "valid") == "valid" or all(
-            k == 1 for k in getattr(layer, "kernel_size", (1,))
+        exact = (
+            isinstance(layer, keras.layers.Dense)
+            or getattr(layer, "padding", "valid") == "valid"
+            or all(k == 1 for k in getattr(layer, "kernel_size", (1,)))
         )
         return delta, exact
 
@@ -306,8 +332,9 @@ def _check_pair(layer_class, handler) -> None:
     if not isinstance(layer_class, type) or not issubclass(layer_class, keras.layers.Layer):
         raise TypeError(f"layer_class must be a keras Layer class. Received: {layer_class!r}")
     if not isinstance(handler, Handler):
-        raise TypeError(f"handler for {layer_class.__name__} must be a tfsubspace.prune.channels.Handler. "
-                        f"Received: {handler!r}")
+        raise TypeError(
+            f"handler for {layer_class.__name__} must be a tfsubspace.prune.channels.Handler. Received: {handler!r}"
+        )
 
 
 def register(layer_class: type, handler: Handler) -> None:
@@ -331,8 +358,11 @@ def handler_for(layer, handlers: dict | None = None) -> Handler:
         handler = (handlers or {}).get(cls) or _REGISTRY.get(cls)
         if handler is not None:
             return handler
-    _fail(layer, "no channel handler is registered for this layer type; register one with "
-          "tfsubspace.prune.channels.register(LayerClass, handler).")
+    _fail(
+        layer,
+        "no channel handler is registered for this layer type; register one with "
+        "tfsubspace.prune.channels.register(LayerClass, handler).",
+    )
 
 
 L = keras.layers
@@ -350,12 +380,39 @@ for _cls in (L.BatchNormalization, L.PReLU):
 for _cls in (L.LayerNormalization, L.Softmax, L.UnitNormalization):
     register(_cls, ChannelMixing())
 for _cls in (
-    L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
-    L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization,
-    L.Identity, L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D, L.AveragePooling2D,
-    L.AveragePooling3D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.ZeroPadding1D, L.ZeroPadding2D,
-    L.ZeroPadding3D, L.Cropping1D, L.Cropping2D, L.Cropping3D, L.UpSampling1D, L.UpSampling2D,
+    L.Activation,
+    L.ReLU,
+    L.LeakyReLU,
+    L.ELU,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
     L.UpSampling3D,
 ):
     register(_cls, PassThrough())
@@ -364,6 +421,11 @@ register(L.Reshape, Reshape())
 for _cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):
     register(_cls, Merge())
 register(L.Concatenate, Concatenate())
-register(L.Lambda, Unsupported("a Lambda layer runs arbitrary code that may touch channels; "
-                               "replace it with a registered layer or register a handler for a custom layer."))
+register(
+    L.Lambda,
+    Unsupported(
+        "a Lambda layer runs arbitrary code that may touch channels; "
+        "replace it with a registered layer or register a handler for a custom layer."
+    ),
+)
 del L, _cls

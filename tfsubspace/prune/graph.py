@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import keras
 
 from tfsubspace import keras_private
-
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -140,6 +140,4 @@ def _swap(x: Any, refs: dict) -> Any:
 
 def substitute(structure, values: dict[int, Any]):
     """`structure` with each TensorRef replaced by values[ref.key]."""
-    return keras.tree.map_structure(
-        lambda x: values[x.key] if isinstance(x, TensorRef) else x, structure
-    )
+    return keras.tree.map_structure(lambda x: values[x.key] if isinstance(x, TensorRef) else x, structure)

@@ -39,7 +39,7 @@ class ChannelIndex:
 
     def split(self, values: np.ndarray) -> dict[str, np.ndarray]:
         """Per-channel values cut into their groups."""
-        return {name: values[o:o + self.group_sizes[name]] for name, o in self.offsets.items()}
+        return {name: values[o : o + self.group_sizes[name]] for name, o in self.offsets.items()}
 
     def producers(self):
         """(node, the BatchNormalization that alone reads its output or None, flat channel index)

@@ -58,13 +58,18 @@ class PruningPlan:
                 raise self._error(f"Group {name!r} must have a positive integer 'size' and a 'keep' list.")
             problem = _keep_problem(keep, size)
             if problem:
-                raise self._error(f"Group {name!r}: kept indices must be distinct integers in [0, {size}), "
-                                  f"in increasing order; found {problem}.")
+                raise self._error(
+                    f"Group {name!r}: kept indices must be distinct integers in [0, {size}), "
+                    f"in increasing order; found {problem}."
+                )
 
     @classmethod
     def keep_all(cls, analysis: ChannelAnalysis) -> PruningPlan:
-        return cls(analysis.model.name, analysis.fingerprint(),
-                   {g.name: {"size": g.size, "keep": list(range(g.size))} for g in analysis.groups.values()})
+        return cls(
+            analysis.model.name,
+            analysis.fingerprint(),
+            {g.name: {"size": g.size, "keep": list(range(g.size))} for g in analysis.groups.values()},
+        )
 
     @classmethod
     def from_masks(cls, analysis: ChannelAnalysis, masks: dict[str, np.ndarray]) -> PruningPlan:
@@ -72,8 +77,9 @@ class PruningPlan:
         plan = cls.keep_all(analysis)
         for name, mask in masks.items():
             if name not in plan.groups:
-                raise PlanError(f"No channel group {name!r} in model {analysis.model.name!r}; "
-                                f"groups: {', '.join(plan.groups)}.")
+                raise PlanError(
+                    f"No channel group {name!r} in model {analysis.model.name!r}; groups: {', '.join(plan.groups)}."
+                )
             mask, size = np.asarray(mask), plan.groups[name]["size"]
             if mask.dtype == bool and mask.shape != (size,):
                 raise PlanError(f"Group {name!r}: a keep-mask of shape {mask.shape} for a group of {size} channels.")
@@ -122,11 +128,14 @@ class PruningPlan:
         for name, group in analysis.groups.items():
             keep = self.groups[name]["keep"]
             if self.groups[name]["size"] != group.size:
-                raise self._error(f"Group {name!r}: expected size {group.size}, the plan says "
-                                  f"{self.groups[name]['size']}.")
+                raise self._error(
+                    f"Group {name!r}: expected size {group.size}, the plan says {self.groups[name]['size']}."
+                )
             if not keep:
-                raise self._error(f"Group {name!r} would lose all {group.size} channels, which disconnects "
-                                  f"the model at {', '.join(group.producers)}; keep at least one.")
+                raise self._error(
+                    f"Group {name!r} would lose all {group.size} channels, which disconnects "
+                    f"the model at {', '.join(group.producers)}; keep at least one."
+                )
             if group.pinned and len(keep) != group.size:
                 raise self._error(f"Group {name!r} cannot be pruned: pinned by {'; '.join(group.pinned)}.")
         kept = analysis.keep_vector(self.masks())
@@ -147,8 +156,10 @@ class PruningPlan:
         if not isinstance(obj, dict) or obj.get("format") != PLAN_FORMAT or not isinstance(obj.get("groups"), dict):
             raise PlanError(f"Not a tfsubspace pruning plan{where} (expected format {PLAN_FORMAT!r}).")
         if not isinstance(obj.get("model"), str) or not isinstance(obj.get("fingerprint"), str):
-            raise PlanError(f"Pruning plan{where} lacks the 'model' and 'fingerprint' strings that tie it to "
-                            f"its model; make it again with PruningPlan.from_masks or keep_all.")
+            raise PlanError(
+                f"Pruning plan{where} lacks the 'model' and 'fingerprint' strings that tie it to "
+                f"its model; make it again with PruningPlan.from_masks or keep_all."
+            )
         plan = cls(obj["model"], obj["fingerprint"], obj["groups"], source)
         plan.check()
         return plan

@@ -22,8 +22,8 @@ import numpy as np
 from tfsubspace.models import stats
 from tfsubspace.prune import channels, surgery
 from tfsubspace.prune.analysis import ChannelAnalysis
-from tfsubspace.prune.plan import PruningPlan
 from tfsubspace.prune.index import ChannelIndex
+from tfsubspace.prune.plan import PruningPlan
 
 COMPARE = ("normalized", "rank", "raw")
 
@@ -39,9 +39,16 @@ def filter_l1_norms(analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
     return index.split(total)
 
 
-def plan_for_budget(analysis: ChannelAnalysis, scores: dict[str, np.ndarray], *, params: float | None = None,
-                    macs: float | None = None, compare: str = "normalized", multiple: int = 1,
-                    keep: dict[str, np.ndarray] | None = None) -> PruningPlan:
+def plan_for_budget(
+    analysis: ChannelAnalysis,
+    scores: dict[str, np.ndarray],
+    *,
+    params: float | None = None,
+    macs: float | None = None,
+    compare: str = "normalized",
+    multiple: int = 1,
+    keep: dict[str, np.ndarray] | None = None,
+) -> PruningPlan:
     """The plan that removes the fewest lowest-scored channels for the model to have at most
     `params` parameters and `macs` MACs per image (absolute counts; None: no limit).
 
@@ -80,6 +87,7 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
     when MACs fit, taking from the late, parameter-heavy groups as many channels as from the
     early, full-resolution ones that hold the MACs: far more parameters than either budget asks.
     """
+
     def count_macs(trial):  # MACs need the spatial sizes: count them on the slim model
         slim = surgery.apply_plan(analysis.model, finish(trial), analysis=analysis, verify=False).model
         return stats.count_macs(slim)
@@ -111,7 +119,7 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
     # late ones): give back the removed channels worth most per MAC they cost at the new
     # widths while both budgets hold.
     ratio = per_mac(slim, count_macs(slim))
-    removed = sorted(((-float(ratio[g][i]), g, i) for g in start for i in np.flatnonzero(start[g] & ~slim[g])))
+    removed = sorted((-float(ratio[g][i]), g, i) for g in start for i in np.flatnonzero(start[g] & ~slim[g]))
 
     def with_back(count):
         trial = {g: m.copy() for g, m in slim.items()}
@@ -159,5 +167,8 @@ def ensure_every_layer_kept(analysis, plan, scores):
             continue
         g, i = max(candidates, key=lambda p: float(scores.get(p[0], np.zeros(p[1] + 1))[p[1]]))
         masks[g][i] = True
-    return PruningPlan(plan.model, plan.fingerprint, {
-        g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()})
+    return PruningPlan(
+        plan.model,
+        plan.fingerprint,
+        {g: {"size": plan.groups[g]["size"], "keep": [int(i) for i in np.nonzero(m)[0]]} for g, m in masks.items()},
+    )

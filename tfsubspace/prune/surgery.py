@@ -24,16 +24,23 @@ import math
 import keras
 import numpy as np
 
-from tfsubspace.prune import channels, graph
-from tfsubspace.models import stats
-from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.models import stats
+from tfsubspace.prune import channels, graph
+from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.prune.graph import Graph, substitute
 from tfsubspace.prune.plan import PlanError, PruningPlan
 
 __all__ = [
-    "PlanError", "PruningPlan", "SurgeryResult", "VerificationError", "apply_plan", "format_report",
-    "layer_report", "masked_predict", "plan_params",
+    "PlanError",
+    "PruningPlan",
+    "SurgeryResult",
+    "VerificationError",
+    "apply_plan",
+    "format_report",
+    "layer_report",
+    "masked_predict",
+    "plan_params",
 ]
 
 
@@ -73,8 +80,13 @@ def _run(g: Graph, values: dict, fn) -> None:
         values[node.outputs[0].key] = fn(node, out)
 
 
-def masked_predict(model: keras.Model, plan: PruningPlan, x, analysis: ChannelAnalysis | None = None,
-                   keep_constant: np.ndarray | None = None) -> list[np.ndarray]:
+def masked_predict(
+    model: keras.Model,
+    plan: PruningPlan,
+    x,
+    analysis: ChannelAnalysis | None = None,
+    keep_constant: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Outputs of `model` on `x` with every removed channel forced to zero wherever it appears.
 
     `keep_constant` (per global channel, see _constant_channels) exempts removed channels that
@@ -192,8 +204,13 @@ def apply_plan(
             keep_in = analysis.kept_positions(node.inputs[0], kept)
             folded = analysis.handler_for(node.layer).fold_constants(node.layer, constants, keep_in)
             carried[node.path] = np.nan_to_num(constants)
-            fold = {"layer": node.path, "positions": int(carrying), "folded": folded is not None,
-                    "exact": folded is not None and bool(folded[1]), "max_abs_diff": math.nan}
+            fold = {
+                "layer": node.path,
+                "positions": int(carrying),
+                "folded": folded is not None,
+                "exact": folded is not None and bool(folded[1]),
+                "max_abs_diff": math.nan,
+            }
             folds.append(fold)
             if folded is not None:
                 deltas[node.path] = folded[0]
@@ -207,7 +224,9 @@ def apply_plan(
 
     reference, deviations = _folded_reference(analysis, kept, check_batch, carried, deltas)
     produced = slim(check_batch, training=False)
-    produced = [keras.ops.convert_to_numpy(p) for p in (produced if isinstance(produced, (list, tuple)) else [produced])]
+    produced = [
+        keras.ops.convert_to_numpy(p) for p in (produced if isinstance(produced, (list, tuple)) else [produced])
+    ]
     check_diff = _max_abs_diff(reference, produced)
     if not check_diff <= tolerance:
         raise VerificationError(
@@ -262,8 +281,10 @@ def _folded_reference(analysis: ChannelAnalysis, kept: np.ndarray, x, carried: d
                 out = _folded_copy(node.layer, deltas[node.path], inp.shape)(inp)
             want = node.layer(inp + keras.ops.cast(carried[node.path], inp.dtype))
             want = keras.ops.convert_to_numpy(want * mask)
-            deviations[node.path] = (float(np.max(np.abs(want - keras.ops.convert_to_numpy(out * mask)))),
-                                     float(np.max(np.abs(want))))
+            deviations[node.path] = (
+                float(np.max(np.abs(want - keras.ops.convert_to_numpy(out * mask)))),
+                float(np.max(np.abs(want))),
+            )
         return out if passes.all() else out * mask
 
     _run(analysis.graph, values, step)
@@ -302,8 +323,11 @@ def _rebuild(g: Graph, analysis, kept, deltas, built, weights) -> keras.Model:
         for ref, t in zip(node.outputs, out if isinstance(out, (list, tuple)) else [out]):
             tensors[ref.key] = t
     outputs = [tensors[ref.key] for ref in g.outputs]
-    return keras.Model(new_inputs if len(new_inputs) > 1 else new_inputs[0],
-                       outputs if len(outputs) > 1 else outputs[0], name=g.model.name)
+    return keras.Model(
+        new_inputs if len(new_inputs) > 1 else new_inputs[0],
+        outputs if len(outputs) > 1 else outputs[0],
+        name=g.model.name,
+    )
 
 
 def _slim_layer(node, analysis, kept, delta, weights):
@@ -354,12 +378,18 @@ def layer_report(original: keras.Model, slim: keras.Model) -> list[dict]:
     for name, b in before.items():
         a = after.get(name)
         ch = channels_of.get(name, [None, None])
-        rows.append({
-            "layer": name, "type": b.class_name,
-            "channels_before": ch[0], "channels_after": ch[1],
-            "params_before": b.params, "params_after": a.params if a else 0,
-            "macs_before": b.macs, "macs_after": a.macs if a else 0,
-        })
+        rows.append(
+            {
+                "layer": name,
+                "type": b.class_name,
+                "channels_before": ch[0],
+                "channels_after": ch[1],
+                "params_before": b.params,
+                "params_after": a.params if a else 0,
+                "macs_before": b.macs,
+                "macs_after": a.macs if a else 0,
+            }
+        )
     return rows
 
 
@@ -375,6 +405,8 @@ def format_report(rows: list[dict]) -> str:
         )
     pb, pa = sum(r["params_before"] for r in rows), sum(r["params_after"] for r in rows)
     mb, ma = sum(r["macs_before"] for r in rows), sum(r["macs_after"] for r in rows)
-    lines.append(f"| **total** | | | {pb:,} -> {pa:,} ({100 * (1 - pa / max(pb, 1)):.1f}% removed) | "
-                 f"{mb:,} -> {ma:,} ({100 * (1 - ma / max(mb, 1)):.1f}% removed) |")
+    lines.append(
+        f"| **total** | | | {pb:,} -> {pa:,} ({100 * (1 - pa / max(pb, 1)):.1f}% removed) | "
+        f"{mb:,} -> {ma:,} ({100 * (1 - ma / max(mb, 1)):.1f}% removed) |"
+    )
     return "\n".join(lines)

@@ -70,13 +70,12 @@ class EpochCheckpoint(keras.callbacks.Callback):
                 warnings.simplefilter("always")
                 model.load_weights(path)
         except (OSError, ValueError) as e:
-            raise TfSubspaceError(
-                f"Cannot resume from {path}: {e}. Delete {self.directory} to start over."
-            ) from None
+            raise TfSubspaceError(f"Cannot resume from {path}: {e}. Delete {self.directory} to start over.") from None
         skipped = [str(w.message) for w in caught if "Skipping variable loading" in str(w.message)]
         if skipped:  # Keras only warns; resuming without the optimizer's state would train differently
             raise TfSubspaceError(
-                f"Cannot resume from {path}: {skipped[0].strip()} Delete {self.directory} to start over.")
+                f"Cannot resume from {path}: {skipped[0].strip()} Delete {self.directory} to start over."
+            )
         states = _seed_states(model)
         with h5py.File(path, "r") as f:
             saved = f.get(_SEEDS)

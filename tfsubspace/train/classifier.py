@@ -13,9 +13,9 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
-from tfsubspace.train import distribute
-from tfsubspace.models import stats
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.models import stats
+from tfsubspace.train import distribute
 from tfsubspace.train.fitloop import fit_resumable
 
 OPTIMIZERS = ("adam", "sgd")
@@ -101,24 +101,37 @@ def _train(model, train_ds, test_ds, epochs, compile, output, work_dir, tensorbo
     work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
-    fit_resumable(model, train_ds, epochs=epochs, compile=compile, backup_dir=work_dir / "backup",
-                  csv_path=work_dir / "history.csv", name="training", verbose=verbose,
-                  tensorboard_dir=tensorboard_dir, strategy=strategy, validation_data=test_ds)
+    fit_resumable(
+        model,
+        train_ds,
+        epochs=epochs,
+        compile=compile,
+        backup_dir=work_dir / "backup",
+        csv_path=work_dir / "history.csv",
+        name="training",
+        verbose=verbose,
+        tensorboard_dir=tensorboard_dir,
+        strategy=strategy,
+        validation_data=test_ds,
+    )
     wall = time.perf_counter() - start
     test_loss, test_accuracy = _evaluate(model, test_ds) if multi_worker else model.evaluate(test_ds, verbose=0)
 
     metrics_path = None
     if output is not None and distribute.is_chief(strategy):
         fileio.save_model(model, output)
-        metrics_path = fileio.write_json(output.with_suffix(".json"), {
-            "model": model.name,
-            "params": stats.count_params(model),
-            "macs": _macs_or_none(model),
-            "test_accuracy": float(test_accuracy),
-            "test_loss": float(test_loss),
-            "epochs": epochs,
-            "wall_time_s_last_run": round(wall, 2),
-        })
+        metrics_path = fileio.write_json(
+            output.with_suffix(".json"),
+            {
+                "model": model.name,
+                "params": stats.count_params(model),
+                "macs": _macs_or_none(model),
+                "test_accuracy": float(test_accuracy),
+                "test_loss": float(test_loss),
+                "epochs": epochs,
+                "wall_time_s_last_run": round(wall, 2),
+            },
+        )
     return TrainResult(model, float(test_accuracy), float(test_loss), epochs, wall, output, metrics_path)
 
 

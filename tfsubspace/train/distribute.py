@@ -44,9 +44,11 @@ def get_strategy(name: str = "default", *, timeout_s: float = 300.0):
     if name == "multi_worker":
         raw = os.environ.get("TF_CONFIG")
         if not raw:
-            raise TfSubspaceError("strategy 'multi_worker' needs TF_CONFIG (the cluster and this worker's task), e.g. "
-                                  '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
-                                  '"task": {"type": "worker", "index": 0}}')
+            raise TfSubspaceError(
+                "strategy 'multi_worker' needs TF_CONFIG (the cluster and this worker's task), e.g. "
+                '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+                '"task": {"type": "worker", "index": 0}}'
+            )
         try:
             config = json.loads(raw)
             workers = config["cluster"]["worker"]
@@ -74,8 +76,7 @@ def is_chief(strategy=None) -> bool:
     resolver = strategy.cluster_resolver
     if resolver.task_type in (None, "chief"):
         return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and \
-        "chief" not in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in resolver.cluster_spec().as_dict()
 
 
 @contextlib.contextmanager
@@ -146,8 +147,17 @@ def passes_per_epoch(strategy=None) -> int:
     return _PASSES_PER_EPOCH[key]
 
 
-def fit(model: keras.Model, ds, *, epochs: int, initial_epoch: int = 0, callbacks=(), verbose="auto",
-        strategy=None, validation_data=None) -> keras.callbacks.History:
+def fit(
+    model: keras.Model,
+    ds,
+    *,
+    epochs: int,
+    initial_epoch: int = 0,
+    callbacks=(),
+    verbose="auto",
+    strategy=None,
+    validation_data=None,
+) -> keras.callbacks.History:
     """model.fit(ds, ...) under `strategy` (compile the model in its scope first).
 
     Resumed at `initial_epoch` > 0, it first skips the passes over `ds` that the earlier
@@ -156,8 +166,15 @@ def fit(model: keras.Model, ds, *, epochs: int, initial_epoch: int = 0, callback
     """
     if strategy is None or not is_multi_worker(strategy):
         skip_passes(ds, initial_epoch * passes_per_epoch(strategy))
-        return model.fit(ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=list(callbacks), shuffle=False,
-                         verbose=verbose, validation_data=validation_data)
+        return model.fit(
+            ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=list(callbacks),
+            shuffle=False,
+            verbose=verbose,
+            validation_data=validation_data,
+        )
     return _multi_worker_fit(model, ds, epochs, initial_epoch, list(callbacks), verbose, strategy)
 
 
@@ -167,8 +184,13 @@ def _multi_worker_fit(model, ds, epochs, initial_epoch, callbacks, verbose, stra
     history = keras.callbacks.History()
     steps = int(ds.cardinality())
     callback_list = keras.callbacks.CallbackList(
-        [*callbacks, history], add_progbar=verbose not in (0, "0"), model=model, epochs=epochs,
-        steps=steps if steps > 0 else None, verbose=2 if verbose == "auto" else verbose)
+        [*callbacks, history],
+        add_progbar=verbose not in (0, "0"),
+        model=model,
+        epochs=epochs,
+        steps=steps if steps > 0 else None,
+        verbose=2 if verbose == "auto" else verbose,
+    )
     distributed = strategy.experimental_distribute_dataset(ds)
     skip_passes(distributed, initial_epoch)  # one pass per epoch below, over the (re-sharded) copy
 
@@ -193,9 +215,14 @@ def _multi_worker_fit(model, ds, epochs, initial_epoch, callbacks, verbose, stra
             if model.stop_training:
                 break
         callback_list.on_train_end(logs)
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-            tf.errors.InternalError) as e:
+    except (
+        tf.errors.UnavailableError,
+        tf.errors.DeadlineExceededError,
+        tf.errors.CancelledError,
+        tf.errors.InternalError,
+    ) as e:
         raise WorkerLostError(
             f"A worker of the multi-worker run stopped answering ({type(e).__name__}: {str(e).splitlines()[0]}). "
-            "Restart every worker with the same command: the run resumes from the chief's last checkpoint.") from None
+            "Restart every worker with the same command: the run resumes from the chief's last checkpoint."
+        ) from None
     return history

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import keras
 
-from tfsubspace.train import distribute
-from tfsubspace.train import onednn
-from tfsubspace.train.checkpoint import EpochCheckpoint, history_logger
 from tfsubspace.errors import DataError
+from tfsubspace.train import distribute, onednn
+from tfsubspace.train.checkpoint import EpochCheckpoint, history_logger
 
 
 def epoch_steps(ds, name: str, *, steps_per_epoch: int | None = None, log=print):
@@ -65,9 +64,23 @@ class StopOnNonFinite(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def fit_resumable(model: keras.Model, ds, *, epochs: int, compile, backup_dir, csv_path, name: str = "training",
-                  steps_per_epoch: int | None = None, callbacks=(), verbose="auto", tensorboard_dir=None,
-                  strategy=None, validation_data=None, log=None) -> keras.callbacks.History:
+def fit_resumable(
+    model: keras.Model,
+    ds,
+    *,
+    epochs: int,
+    compile,
+    backup_dir,
+    csv_path,
+    name: str = "training",
+    steps_per_epoch: int | None = None,
+    callbacks=(),
+    verbose="auto",
+    tensorboard_dir=None,
+    strategy=None,
+    validation_data=None,
+    log=None,
+) -> keras.callbacks.History:
     """Fits `model` on `ds` for `epochs`, resumably (see the module docstring).
 
     Args:
@@ -95,9 +108,16 @@ def fit_resumable(model: keras.Model, ds, *, epochs: int, compile, backup_dir, c
         all_callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
     multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
     with onednn.strided_pointwise_workaround([model], log=log):  # the train function is traced in here
-        history = distribute.fit(model, ds, epochs=epochs, initial_epoch=initial_epoch, callbacks=all_callbacks,
-                                 verbose=verbose, strategy=strategy,
-                                 validation_data=None if multi_worker else validation_data)
+        history = distribute.fit(
+            model,
+            ds,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            callbacks=all_callbacks,
+            verbose=verbose,
+            strategy=strategy,
+            validation_data=None if multi_worker else validation_data,
+        )
     losses = history.history.get("loss", [])
     if guard.where is not None or any(not math.isfinite(v) for v in losses):
         epoch, batch = guard.where or (initial_epoch + len(losses) - 1, None)
@@ -105,5 +125,6 @@ def fit_resumable(model: keras.Model, ds, *, epochs: int, compile, backup_dir, c
         raise FloatingPointError(
             f"{name}: the loss became NaN or infinite at {at}; nothing of that epoch was saved (a rerun resumes "
             f"after the last finite one). Check that batch's images for NaN or infinite values; if they are "
-            "finite, lower the learning rate (or the LASSO factor).")
+            "finite, lower the learning rate (or the LASSO factor)."
+        )
     return history

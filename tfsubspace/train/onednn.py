@@ -46,7 +46,7 @@ def onednn_enabled() -> bool:
         from tensorflow.python.util import _pywrap_util_port
 
         return bool(_pywrap_util_port.IsMklEnabled())
-    except Exception:  # noqa: BLE001 - a private TF module; assume the worst
+    except Exception:
         return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() not in ("0", "false")
 
 

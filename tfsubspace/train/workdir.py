@@ -36,8 +36,12 @@ def model_fingerprint(model: keras.Model) -> dict:
     for w in model.weights:
         weights.update(str(tuple(w.shape)).encode())
         weights.update(np.ascontiguousarray(keras.ops.convert_to_numpy(w)).tobytes())
-    return {"name": model.name, "architecture": hashlib.sha256(architecture.encode()).hexdigest()[:16],
-            "weights": weights.hexdigest()[:16], "params": int(model.count_params())}
+    return {
+        "name": model.name,
+        "architecture": hashlib.sha256(architecture.encode()).hexdigest()[:16],
+        "weights": weights.hexdigest()[:16],
+        "params": int(model.count_params()),
+    }
 
 
 class WorkDir:
@@ -63,8 +67,9 @@ class WorkDir:
             lock.seek(0)
             holder = lock.read().strip() or "another process"
             lock.close()
-            raise WorkDirError(f"{self.path} is in use by {holder}; wait for it to finish or use another "
-                               "work_dir.") from None
+            raise WorkDirError(
+                f"{self.path} is in use by {holder}; wait for it to finish or use another work_dir."
+            ) from None
         lock.seek(0)
         lock.truncate()
         lock.write(f"process {os.getpid()}\n")
@@ -88,7 +93,9 @@ class WorkDir:
             try:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as e:
-                raise WorkDirError(f"{path} is damaged ({e}); pass overwrite=True (--overwrite) to start over.") from None
+                raise WorkDirError(
+                    f"{path} is damaged ({e}); pass overwrite=True (--overwrite) to start over."
+                ) from None
             differences = _differences(old, manifest)
             if differences:
                 listed = "\n".join(f"  {d}" for d in differences[:12])
@@ -96,11 +103,14 @@ class WorkDir:
                 raise WorkDirError(
                     f"{self.path} holds a run made with other inputs; reusing its stages would return the other "
                     f"run's student. What differs (earlier -> now):\n{listed}{more}\n"
-                    "Pass overwrite=True (--overwrite) to start over there, or use another work_dir.")
+                    "Pass overwrite=True (--overwrite) to start over there, or use another work_dir."
+                )
             return True
         elif any(self._produced_files()):
-            raise WorkDirError(f"{self.path} holds stage files but no {MANIFEST} (a run of an older tfsubspace, or "
-                               "files of something else); pass overwrite=True (--overwrite) to start over there.")
+            raise WorkDirError(
+                f"{self.path} holds stage files but no {MANIFEST} (a run of an older tfsubspace, or "
+                "files of something else); pass overwrite=True (--overwrite) to start over there."
+            )
         fileio.write_json(path, manifest)
         return False
 
@@ -132,6 +142,8 @@ def check_model_file(path: Path, stage: str) -> keras.Model:
     model = fileio.load_model(path)  # names the file when it does not load
     bad = [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
     if bad:
-        raise WorkDirError(f"{stage}: {path} holds non-finite values in {bad[0]}; delete it (and the stages after it) "
-                           "or pass overwrite=True (--overwrite).")
+        raise WorkDirError(
+            f"{stage}: {path} holds non-finite values in {bad[0]}; delete it (and the stages after it) "
+            "or pass overwrite=True (--overwrite)."
+        )
     return model
