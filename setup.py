@@ -6,7 +6,9 @@ from setuptools import find_packages, setup
 setup(
     name="tfsubspace",
     # the one version string lives in tfsubspace/__init__.py
-    version=re.search(r'__version__ = "([^"]+)"', Path(__file__).with_name("tfsubspace").joinpath("__init__.py").read_text()).group(1),
+    version=re.search(
+        r'__version__ = "([^"]+)"', Path(__file__).with_name("tfsubspace").joinpath("__init__.py").read_text()
+    ).group(1),
     description="Compress trained Keras CNNs by teacher latent subspace learning and LASSO, "
     "and ship them as small, fast .tflite models.",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
