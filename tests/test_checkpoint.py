@@ -115,6 +115,7 @@ def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
         EpochCheckpoint(tmp_path / "b").restore(fresh)
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_under_mirrored_strategy_repeats_the_uninterrupted_one(tmp_path):
     """The same under MirroredStrategy on two logical CPUs, where Keras makes one more pass
     per fit() call than per epoch (so the passes to skip are measured per epoch)."""

@@ -51,6 +51,7 @@ def teacher_and_data(tmp_path_factory):
     return teacher, path, unlabeled, test
 
 
+@pytest.mark.slow
 def test_compress_end_to_end(teacher_and_data, tmp_path):
     teacher, _, ds, test = teacher_and_data
     result = tfsubspace.compress(
@@ -105,6 +106,7 @@ def test_compress_end_to_end(teacher_and_data, tmp_path):
     assert again.student.count_params() == result.student.count_params()
 
 
+@pytest.mark.slow
 def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
     teacher, _, ds, _ = teacher_and_data
     result = tfsubspace.compress(
@@ -128,6 +130,7 @@ def test_stage_wise_random_init_and_budget(teacher_and_data, tmp_path):
     assert [row["epoch"] for row in history] == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_mac_budget(teacher_and_data, tmp_path):
     teacher, _, ds, _ = teacher_and_data
     result = tfsubspace.compress(
@@ -166,6 +169,7 @@ def test_bad_input_is_refused_clearly(teacher_and_data):
         tfsubspace.compress(Sub(), ds)
 
 
+@pytest.mark.slow
 def test_teacher_statistics_that_do_not_fit_the_data_are_warned_about(teacher_and_data):
     teacher, _, ds, _ = teacher_and_data
     images = next(iter(ds))
@@ -205,6 +209,7 @@ def test_nan_loss_stops_with_a_clear_message(teacher_and_data, tmp_path):
     assert not list((tmp_path / "distill_backup").glob("*.h5"))
 
 
+@pytest.mark.slow
 def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
     _, teacher_path, _, _ = teacher_and_data
     work = tmp_path / "work"
@@ -252,6 +257,7 @@ def test_script_killed_mid_training_resumes(teacher_and_data, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_trainer_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = textwrap.dedent("""
         import numpy as np, tensorflow as tf, keras
@@ -305,6 +311,7 @@ def test_adapters_start_as_the_least_squares_map(teacher_and_data):
     assert np.mean((fitted - target) ** 2) < np.mean((selection - target) ** 2)
 
 
+@pytest.mark.slow
 def test_lasso_aimed_at_a_budget_zeroes_the_channels_it_removes(teacher_and_data, tmp_path):
     """With target_params, LASSO shrinks only the channels the budget would remove, so by the end
     of training they are exact zeros and pruning to the budget removes (almost) nothing alive."""
@@ -353,6 +360,7 @@ def _batchnorm_drift(model, ds, batches=8):
     }
 
 
+@pytest.mark.slow
 def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_data, tmp_path):
     """A budget reached before LASSO has zeroed what it removes (here: no LASSO at all) cuts
     live channels, which shifts every later BatchNormalization's input. The pruned student's
@@ -380,6 +388,7 @@ def test_pruning_live_channels_leaves_batchnorm_statistics_that_fit(teacher_and_
     assert result.report["params_removed"] >= 0.7
 
 
+@pytest.mark.slow
 def test_a_recovery_too_short_for_batchnorm_momentum_measures_statistics_again(teacher_and_data, tmp_path, capsys):
     """32 recovery steps at BN momentum 0.99 leave 72% of the moving averages from before them:
     the recovered student's statistics are measured again. At momentum 0.9 (3% left) they are not."""
@@ -419,6 +428,7 @@ KILLING_RUN = textwrap.dedent("""
         real_replace(src, dst)
     os.replace = replace
     sys.argv = [script, *sys.argv[3:]]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python scripts/x.py` has it
     runpy.run_path(script, run_name="__main__")
 """)
 
@@ -429,6 +439,7 @@ def _run_killed(target, script, args, env):
     )
 
 
+@pytest.mark.slow
 def test_killed_mid_surgery_and_mid_export_resumes_to_the_same_result(teacher_and_data, tmp_path):
     _, teacher_path, _, _ = teacher_and_data
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

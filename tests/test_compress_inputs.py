@@ -1,3 +1,4 @@
+
 """Property test over what a user may hand compress(): every draw ends in a student or in an
 error that tfsubspace raised on purpose (naming the problem); never a raw Keras or TensorFlow
 error from deep inside, and never a saved file with a non-finite weight."""
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -84,6 +86,7 @@ def _raised_by_tfsubspace(error: BaseException) -> bool:
     return bool(frames) and "/tfsubspace/" in frames[-1].filename
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(calls())
 def test_every_call_ends_in_a_student_or_a_named_error(call):

@@ -90,6 +90,7 @@ def plan_of(stdout):
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("PLAN"))[5:])
 
 
+@pytest.mark.slow
 def test_two_workers_on_localhost_find_the_single_process_plan(teacher_path, tmp_path):
     single = subprocess.run(
         [sys.executable, "-c", WORKER, "default", str(teacher_path), str(tmp_path / "single"), "60", "512", "2"],
@@ -115,6 +116,7 @@ def test_two_workers_on_localhost_find_the_single_process_plan(teacher_path, tmp
     assert not list(tmp_path.glob("tfsubspace-worker-*"))
 
 
+@pytest.mark.slow
 def test_a_lost_worker_is_reported(teacher_path, tmp_path):
     procs = start_workers(tmp_path, teacher_path, limit=4096, epochs=50, timeout_s=20)
     deadline = time.time() + 300
@@ -142,6 +144,7 @@ def test_strategy_names_and_tf_config_are_checked(monkeypatch):
     assert np.isfinite(default.num_replicas_in_sync)
 
 
+@pytest.mark.slow
 def test_scripts_train_and_compress_under_mirrored_strategy(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     teacher = tmp_path / "teacher.keras"

@@ -105,6 +105,7 @@ KEY_COLUMNS = {
         ("edge_layers", ["edge_layers.json", "edge_layers.md"]),
     ],
 )
+@pytest.mark.slow
 def test_edge_benchmark_runs_on_a_small_pair(pair, tmp_path, script, outputs):
     command = [
         sys.executable,

@@ -157,6 +157,7 @@ def test_benchmark_side_by_side(exported, tmp_path):
         assert path.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_scripts_end_to_end(tmp_path):
     model_path = tmp_path / "m.keras"
     inputs = keras.Input((28, 28, 1))

@@ -138,6 +138,7 @@ def test_data_in_the_wrong_range_is_refused(setup, tmp_path):
     assert input_range.input_rescaling(plain) is None and input_range.model_input_range(plain) == "0-1"
 
 
+@pytest.mark.slow
 def test_export_script_uses_the_models_range(setup, tmp_path):
     root, model = setup
     out = tmp_path / "out"
@@ -163,6 +164,7 @@ def test_export_script_uses_the_models_range(setup, tmp_path):
     assert "input range: 0-255 (auto: model 'takes255' starts with Rescaling 'to_unit'" in run.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_a_repeated_label(tmp_path):
     run = subprocess.run(
         [
@@ -181,6 +183,7 @@ def test_benchmark_refuses_a_repeated_label(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_models_of_different_ranges(setup, tmp_path):
     root, _ = setup
     keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(), keras.layers.Dense(4)], name="unit").save(

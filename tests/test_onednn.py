@@ -113,12 +113,14 @@ def _run_child(source: str, tmp_path, *args, timeout=240):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_mini_xception_trains_with_onednn_under_the_workaround(tmp_path):
     out = _run_child(FIT, tmp_path)
     assert "TRAINED" in out
     assert "strided 1x1 convolution(s) (" in out  # the log line names the rewritten shortcuts
 
 
+@pytest.mark.slow
 def test_compress_mini_xception_with_onednn(tmp_path):
     """The issue itself: compress() with defaults on a mini-Xception, distillation included."""
     out = _run_child(COMPRESS, tmp_path, str(tmp_path / "work"))

@@ -62,6 +62,7 @@ def test_plan_for_budget_meets_it_with_each_way_of_comparing():
         ranking.plan_for_budget(a, scores, params=10, compare="global")
 
 
+@pytest.mark.slow
 def test_plan_for_both_budgets_meets_the_macs_and_spends_the_parameters():
     # MACs sit in the early full-resolution layers and parameters in the late ones: a plan that
     # meets a MAC budget by score order alone leaves parameters unspent (here 17.4% of the
@@ -109,6 +110,7 @@ def mnist_small():
     return train
 
 
+@pytest.mark.slow
 def test_each_peer_method_trains_and_meets_its_budget(mnist_small, tmp_path):
     from test_compress import small_teacher
 
@@ -164,10 +166,13 @@ def test_pruning_peers_measure_batchnorm_statistics_after_the_cut(mnist_small, t
     assert drift < 0.1 and max(_batchnorm_drift(stale, images).values()) > 4 * drift
 
 
+@pytest.mark.tfmot
 def test_tfmot_environment_exists():
     assert os.path.exists(TFMOT_PYTHON), f"{TFMOT_PYTHON} is missing: `make tfmot` builds it (make test does)."
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
 def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
     from tfsubspace import models
 
@@ -195,6 +200,8 @@ def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
         )
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
 def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_function():
     # tfsubspace.reestimate_batchnorm serves tf_keras models in the TFMOT process too: the
     # moving mean becomes the average of the batch means, whatever it was before
@@ -239,6 +246,8 @@ def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
         bridge.load_spec(tmp_path / "bad")
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
 def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     from test_compress import small_teacher
 
@@ -260,6 +269,8 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
         qat.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
 def test_comparison_harness_runs_every_method(tmp_path):
     """benchmarks/compare.py on a tiny teacher, a few steps per method: every row, the table, the plot."""
     from test_compress import small_teacher
@@ -334,6 +345,7 @@ def test_comparison_harness_runs_every_method(tmp_path):
     assert again.returncode == 0 and "accuracy" not in again.stdout
 
 
+@pytest.mark.slow
 def test_peer_methods_train_under_mirrored_strategy_on_two_cpu_devices(tmp_path):
     code = textwrap.dedent("""
         import sys, keras, numpy as np, tensorflow as tf

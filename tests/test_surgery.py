@@ -124,6 +124,7 @@ def check_surgery(model, plan, a, tmp_path, x=None):
     return result
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1))
 @example(seed=6407)  # a Concatenate + Add group whose plan once emptied one branch

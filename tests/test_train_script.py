@@ -26,6 +26,7 @@ def env(tmp_path):
     return dict(os.environ, TFSUBSPACE_DATA_DIR=str(tmp_path / "data"), TF_CPP_MIN_LOG_LEVEL="2")
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end(tmp_path, env):
     out = tmp_path / "teacher.keras"
     result = run(["--model=lenet5", "--epochs=1", "--batch_size=64", "--verbose=2", f"--output={out}"], env=env)
@@ -60,6 +61,7 @@ def test_bad_flags_stop_at_once(tmp_path, env, args, message):
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path, env):
     out = tmp_path / "teacher.keras"
     args = ["--model=lenet5", "--epochs=4", "--batch_size=8", "--verbose=2", f"--output={out}"]
@@ -83,6 +85,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, env):
     assert out.exists() and not backup.exists()
 
 
+@pytest.mark.slow
 def test_tensorboard_logs(tmp_path, env):
     out, tb = tmp_path / "t.keras", tmp_path / "tb"
     result = run(

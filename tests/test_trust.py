@@ -56,6 +56,7 @@ def batched(images, batch=16):
 # ----------------------------------------------------------------- the work directory
 
 
+@pytest.mark.slow
 def test_a_rerun_with_other_options_teacher_or_data_is_refused(teacher_and_images, tmp_path):
     teacher, images, _ = teacher_and_images
     first = tfsubspace.compress(teacher, batched(images), work_dir=tmp_path, **FAST)
@@ -99,6 +100,7 @@ def test_damaged_stage_files_are_named_not_reused(teacher_and_images, tmp_path):
         tfsubspace.compress(teacher, batched(images), work_dir=tmp_path, **FAST)
 
 
+@pytest.mark.slow
 def test_a_second_process_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path):
     with workdir.WorkDir(tmp_path), pytest.raises(WorkDirError, match=f"in use by process {os.getpid()}"):
         workdir.WorkDir(tmp_path).__enter__()
@@ -277,6 +279,7 @@ def test_what_is_refused_before_any_training(teacher_and_images):
         tfsubspace.compress(mixed, ds)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_says_so(teacher_and_images, tmp_path, capsys):
     teacher, images, _ = teacher_and_images
     tfsubspace.compress(teacher, batched(images), work_dir=tmp_path, **FAST)
