@@ -1,4 +1,3 @@
-
 """Property test over what a user may hand compress(): every draw ends in a student or in an
 error that tfsubspace raised on purpose (naming the problem); never a raw Keras or TensorFlow
 error from deep inside, and never a saved file with a non-finite weight."""
