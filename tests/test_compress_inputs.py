@@ -55,7 +55,7 @@ def calls(draw):
         if form.startswith("repeated"):
             ds = ds.repeat()
         data = ds
-    options = dict(width_ratio=0.5, multiple=2, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
+    options = dict(width_ratio=0.5, multiple=2, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
     options.update(
         draw(
             st.just({})

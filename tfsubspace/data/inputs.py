@@ -193,3 +193,32 @@ def check_labels(ds, name: str, classes: int) -> None:
             f"{name}: label {int(flat.max() if flat.max() >= classes else flat.min())} is outside the "
             f"model's {classes} classes."
         )
+
+
+def split_holdout(ds, share: float, *, max_images: int = 2048):
+    """(training ds, held-out images): about `share` of the images set aside, chosen by a hash
+    of their values, so the same images are held out whatever the order of `ds` and in every
+    run; the rest, rebatched, train. The held-out images (at most `max_images`) come back as
+    one NumPy array, read in one pass. Returns (ds, None) when `share` is 0 or nothing falls aside.
+    """
+    import tensorflow as tf
+
+    if share <= 0:
+        return ds, None
+    first = next(iter(ds))
+    batch_size = int(np.shape(first[0] if isinstance(first, (tuple, list)) else first)[0])
+    buckets = 1000
+    cut = int(round(share * buckets))
+
+    def bucket(x, *rest):
+        return tf.strings.to_hash_bucket_fast(tf.io.serialize_tensor(x), buckets)
+
+    images = ds.unbatch()
+    held = [
+        np.asarray(x[0] if isinstance(x, tuple) else x)
+        for x in images.filter(lambda x, *r: bucket(x) < cut).take(max_images)
+    ]
+    if not held:
+        return ds, None
+    train = images.filter(lambda x, *r: bucket(x) >= cut).batch(batch_size)
+    return train, np.stack(held)

@@ -22,8 +22,10 @@ channels of every group, from which the student's architecture is rebuilt).
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -36,6 +38,7 @@ import numpy as np
 from tfsubspace import fileio
 from tfsubspace.data import inputs
 from tfsubspace.distill import subspace
+from tfsubspace.distill.augment import AUGMENTATIONS, augmenter, parse
 from tfsubspace.distill.batchnorm import (
     batchnorm_layers,
     batchnorm_mismatch,
@@ -43,6 +46,9 @@ from tfsubspace.distill.batchnorm import (
     too_short_for_batchnorm,
 )
 from tfsubspace.distill.budget import BudgetTargets
+from tfsubspace.distill.heldout import KEY as HELDOUT_KEY
+from tfsubspace.distill.heldout import HeldOutAgreement
+from tfsubspace.distill.heldout import top1 as heldout_top1
 from tfsubspace.distill.lasso import ChannelLasso, alive, lasso_plan
 from tfsubspace.distill.report import evaluate, format_report
 from tfsubspace.distill.student import INITS, build_student
@@ -52,9 +58,10 @@ from tfsubspace.models import stats
 from tfsubspace.prune import ranking, surgery
 from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.prune.plan import PruningPlan
-from tfsubspace.train import distribute, workdir
+from tfsubspace.train import distribute, fitloop, workdir
 
 SCHEDULES = ("end_to_end", "stage_wise")
+DEFAULT_EPOCHS, DEFAULT_STEPS = 5, 2000  # distillation length when neither epochs nor steps is given
 
 
 # the options whose values do not change the student (left out of the work_dir manifest)
@@ -81,8 +88,20 @@ class CompressionConfig:
     schedule: str = _option(
         "end_to_end", "Latent learning: 'end_to_end' (all taps at once) or 'stage_wise' (tap by tap)."
     )
-    epochs: int = _option(5, "Epochs of latent learning with LASSO.")
+    epochs: int | None = _option(
+        None, "Epochs of latent learning with LASSO (default: 5, or more to reach `steps`' default)."
+    )
+    steps: int | None = _option(
+        None, "Optimizer steps of latent learning instead of epochs (default: at least 2000 steps, 5 epochs)."
+    )
     recover_epochs: int = _option(2, "Epochs of recovery after pruning.")
+    augment: str = _option(
+        "auto", "Views teacher and student share: 'auto', 'none' or a list of crop, flip, mixup, cutmix."
+    )
+    holdout: float = _option(0.1, "Share of the images kept aside to measure agreement with the teacher.")
+    patience: int | None = _option(
+        None, "Stop recovery after this many epochs without better held-out agreement (it keeps the best)."
+    )
     steps_per_epoch: int | None = _option(
         None, "Batches per epoch (default: the whole data set; needed when it repeats)."
     )
@@ -124,7 +143,7 @@ class CompressionConfig:
             ):
                 setattr(self, field.name, getattr(self, field.name).item())
 
-        for name in ("multiple", "epochs", "recover_epochs", "stats_batches", "bn_batches", "seed"):
+        for name in ("multiple", "recover_epochs", "stats_batches", "bn_batches", "seed"):
             if not integer(getattr(self, name)):
                 fail(name, "an integer")
         for name in (
@@ -156,8 +175,16 @@ class CompressionConfig:
             fail("init", f"one of {INITS}")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"one of {SCHEDULES}")
-        if self.epochs < 1:
-            fail("epochs", "a positive integer")
+        for name in ("epochs", "steps", "patience"):
+            value = getattr(self, name)
+            if value is not None and (not integer(value) or value < 1):
+                fail(name, "a positive integer or None")
+        if self.epochs is not None and self.steps is not None:
+            raise ValueError(f"Give epochs or steps, not both. Received: epochs={self.epochs}, steps={self.steps}")
+        if not number(self.holdout) or not 0 <= self.holdout <= 0.5:
+            fail("holdout", "a share of the images in [0, 0.5]")
+        if not isinstance(self.augment, str):
+            fail("augment", f"'auto', 'none' or a comma-separated list of {AUGMENTATIONS}")
         if self.recover_epochs < 0:
             fail("recover_epochs", "a non-negative integer")
         if self.steps_per_epoch is not None and (not integer(self.steps_per_epoch) or self.steps_per_epoch < 1):
@@ -233,6 +260,8 @@ _PRODUCED = (
     "recover.csv",
     "distill_backup",
     "recover_backup",
+    "*_best.weights.h5",
+    "*_best.json",
     ".tmp-*",
 )
 
@@ -266,6 +295,16 @@ def compress(
         init: "teacher" (slice the teacher's channels of most latent energy) or "random".
         schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
         epochs / recover_epochs: epochs of latent learning with LASSO / of recovery.
+        steps: the length of latent learning in optimizer steps instead of epochs. With
+            neither, it is patient: at least DEFAULT_EPOCHS epochs and DEFAULT_STEPS steps, so a
+            few thousand images get more epochs rather than less training.
+        augment: the views teacher and student share at every step (tfsubspace.distill.augment):
+            "auto" (crop and mixup; a flip as well for colour images), "none", or a list.
+        holdout: the share of the images kept out of training (chosen by their values, the
+            same on every run); after each epoch the log records the student's top-1 agreement
+            with the teacher on them (`heldout_agreement`), and recovery ends with the weights of
+            its best epoch.
+        patience: stop recovery after this many epochs without a better held-out agreement.
         steps_per_epoch: batches per epoch (default: all of ds; needed when ds repeats).
         learning_rate / recover_learning_rate: Adam learning rates (cosine decay).
         tap_weight, kd_weight, temperature: latent matching weight, output distillation
@@ -304,9 +343,14 @@ def compress(
     if eval_ds is not None:
         eval_ds = inputs.image_dataset(eval_ds, model, "eval_ds")
         inputs.check_labels(eval_ds, "eval_ds", int(model.outputs[0].shape[-1]))
+    parse(config.augment, tuple(model.inputs[0].shape[1:]))  # a bad augment spec fails before any work
     ds, scanned = inputs.scan(ds, "ds", steps_per_epoch=config.steps_per_epoch)
-    if config.verbose:
-        print(f"[tfsubspace] ds: {scanned.describe()} per epoch", flush=True)
+    log = (lambda message: print(f"[tfsubspace] {message}", flush=True)) if config.verbose else (lambda message: None)
+    log(f"ds: {scanned.describe()} per epoch")
+    ds, heldout = inputs.split_holdout(ds, config.holdout)
+    if heldout is not None:
+        ds, steps = fitloop.epoch_steps(ds, "ds", log=lambda message: None)
+        log(f"{len(heldout)} images held out to measure agreement with the teacher; {steps} batches train")
     keras.utils.set_random_seed(config.seed)
     manifest = {
         "tfsubspace": _version(),
@@ -326,7 +370,7 @@ def compress(
         work_dir = Path(stack.enter_context(distribute.private_work_dir(work_dir, strategy)))
         claimed = stack.enter_context(workdir.WorkDir(work_dir, produced=_PRODUCED))
         resumed = claimed.claim(manifest, overwrite=overwrite)
-        pipeline = _Pipeline(model, teacher_analysis, ds, eval_ds, work_dir, config, strategy)
+        pipeline = _Pipeline(model, teacher_analysis, ds, eval_ds, work_dir, config, strategy, heldout)
         if resumed:
             pipeline.log(f"resuming the run in {work_dir}")
         result = pipeline.run()
@@ -375,7 +419,15 @@ def _warn_on_batchnorm_mismatch(model, images):
 
 class _Pipeline:
     def __init__(
-        self, teacher, analysis: ChannelAnalysis, ds, eval_ds, work_dir: Path, config: CompressionConfig, strategy=None
+        self,
+        teacher,
+        analysis: ChannelAnalysis,
+        ds,
+        eval_ds,
+        work_dir: Path,
+        config: CompressionConfig,
+        strategy=None,
+        heldout=None,
     ):
         self.strategy = strategy
         self._teacher_in_scope = None
@@ -386,8 +438,11 @@ class _Pipeline:
         self.paths: dict[str, Path] = {}
         self.surgery: dict | None = None  # the prune stage's check, from this run or its file
         self.spectra: dict | None = None  # the subspace stage's spectra, from this run or its file
-        self.budget: dict = {}  # each budget: asked, reached, met
         self._stages_seen = 0
+        # images kept aside (never trained on) and the teacher's top-1 on them
+        self.heldout = heldout
+        self.heldout_teacher = heldout_top1(teacher, heldout) if heldout is not None else None
+        self.epochs = distill_epochs(config, int(ds.cardinality()))
 
     def log(self, message: str) -> None:
         if self.config.verbose:
@@ -443,9 +498,9 @@ class _Pipeline:
         student = self._stage(
             "student_distilled",
             self.dir / "student_distilled.keras",
-            lambda p: self._save(self._train(student, "distill", c.epochs, c.learning_rate, c.lasso), p),
+            lambda p: self._save(self._train(student, "distill", self.epochs, c.learning_rate, c.lasso), p),
             None,
-            passes=lambda: adapter_passes + c.epochs * epoch_passes(),
+            passes=lambda: adapter_passes + self.epochs * epoch_passes(),
         )
         plan1 = self._stage(
             "plan_lasso", self.dir / "plan_lasso.json", lambda p: self._lasso_plan(student, p), PruningPlan.load
@@ -536,7 +591,10 @@ class _Pipeline:
             self.spectra = spectra
         return self.spectra
 
-    def _train(self, student, name, epochs, learning_rate, lasso_weight):
+    def _train(self, student, name, epochs, learning_rate, lasso_weight, keep_best=False):
+        """Trains `student` on the teacher (stage `name`). With held-out images, the epoch log
+        gets their agreement; with keep_best (recovery: no LASSO whose progress an earlier
+        epoch would undo) the student ends at its best epoch, early if patience runs out."""
         c = self.config
         taps = self.analysis.taps()
         trained, teacher = student, self.teacher
@@ -566,8 +624,19 @@ class _Pipeline:
                 lasso=lasso,
                 lasso_weight=lasso_weight,
                 lasso_learning_rate=c.lasso_learning_rate,
+                augment=self._augmenter(name),
             )
         trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones
+        heldout = None
+        if self.heldout is not None:
+            heldout = HeldOutAgreement(
+                trained,
+                self.heldout,
+                self.heldout_teacher,
+                best_path=self.dir / f"{name}_best.weights.h5",
+                keep_best=keep_best,
+                patience=c.patience if keep_best else None,
+            )
         extra = []
         if lasso is not None and c.target_params is not None:
             budget = _absolute(c.target_params, stats.count_params(self.teacher))
@@ -590,11 +659,20 @@ class _Pipeline:
             verbose=c.verbose,
             tensorboard_dir=c.tensorboard_dir,
             callbacks=extra,
+            log_callbacks=[heldout] if heldout is not None else [],
             strategy=self.strategy,
         )
         if trained is not student:
             student.set_weights(trained.get_weights())
         return student
+
+    def _augmenter(self, name):
+        shape = tuple(self.teacher.inputs[0].shape[1:])
+        layer = augmenter(self.config.augment, shape, seed=self.config.seed + self._stages_seen)
+        if layer is not None:
+            layer.build((None, *shape))
+            self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
+        return layer
 
     def _lasso_plan(self, student, path):
         c = self.config
@@ -630,7 +708,7 @@ class _Pipeline:
 
     def _recover(self, student, reestimate_batchnorm_after):
         c = self.config
-        student = self._train(student, "recover", c.recover_epochs, c.recover_learning_rate, 0.0)
+        student = self._train(student, "recover", c.recover_epochs, c.recover_learning_rate, 0.0, keep_best=True)
         return self._reestimate_batchnorm(student) if reestimate_batchnorm_after else student
 
     def _reestimate_batchnorm(self, student):
@@ -692,11 +770,27 @@ class _Pipeline:
                 if g in plan1.groups
             },
             "budgets": budgets,
+            "agreement_in_training": {
+                name: log for name in ("distill", "recover") if (log := _agreement_log(self.dir / f"{name}.csv"))
+            },
+            "heldout_images": 0 if self.heldout is None else len(self.heldout),
+            "epochs": self.epochs,
             "surgery": surgery_info,
             "config": dataclasses.asdict(self.config),
             "stage_seconds": self.timings,
             "layers": surgery.layer_report(self.teacher, student),
         }
+
+
+def distill_epochs(config: CompressionConfig, steps_per_epoch: int) -> int:
+    """Epochs of latent learning: `epochs`, or enough for `steps`, or by default at least
+    DEFAULT_EPOCHS and DEFAULT_STEPS optimizer steps. Patient by default: a small data set gets
+    more epochs, so the student trains as long as on a large one."""
+    if config.steps is not None:
+        return max(1, math.ceil(config.steps / steps_per_epoch))
+    if config.epochs is not None:
+        return config.epochs
+    return max(DEFAULT_EPOCHS, math.ceil(DEFAULT_STEPS / steps_per_epoch))
 
 
 def _absolute(target, teacher_value):
@@ -725,3 +819,25 @@ def _compose(plan0: PruningPlan, plan1: PruningPlan) -> PruningPlan:
             keep = [keep[i] for i in plan1.groups[g]["keep"]]
         groups[g] = {"size": first["size"], "keep": keep}
     return PruningPlan(plan0.model, plan0.fingerprint, groups)
+
+
+def _agreement_log(path: Path) -> dict | None:
+    """A training stage's agreement with the teacher, from its epoch log: on its own training
+    images at the last epoch, and on the held-out images at the last and the best epoch."""
+    if not path.exists():
+        return None
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+
+    def value(row, key):
+        v = row.get(key)
+        return float(v) if v not in (None, "", "NA") else None
+
+    out = {"epochs": len(rows), "train": value(rows[-1], "agreement")}
+    heldout = [value(r, HELDOUT_KEY) for r in rows]
+    if any(v is not None for v in heldout):
+        best = max(range(len(rows)), key=lambda i: -1.0 if heldout[i] is None else heldout[i])
+        out.update(heldout=heldout[-1], best_heldout=heldout[best], best_epoch=best + 1)
+    return out

@@ -103,6 +103,9 @@ class StudentTrainer(keras.Model):
         lasso, lasso_weight, proximal: the channel LASSO, its factor, and whether it is
             applied as a proximal step (exact zeros) or as a loss term.
         lasso_learning_rate: the SGD learning rate of the LASSO'd variables (proximal only).
+        augment: a Keras layer that draws a random view of a batch of images
+            (tfsubspace.distill.augment); teacher and student both see that view, drawn
+            afresh at every step. Teacher-only training: labels would not follow a mixup.
     """
 
     def __init__(
@@ -121,6 +124,7 @@ class StudentTrainer(keras.Model):
         lasso_weight: float = 0.0,
         proximal: bool = True,
         lasso_learning_rate: float = 0.01,
+        augment: keras.layers.Layer | None = None,
         **kwargs,
     ):
         super().__init__(name=kwargs.pop("name", "student_trainer"), **kwargs)
@@ -128,6 +132,11 @@ class StudentTrainer(keras.Model):
             raise ValueError("Without a teacher the student can only learn from labels: set label_weight > 0.")
         if teacher is None and taps:
             raise ValueError("Latent taps need a teacher.")
+        if augment is not None and (teacher is None or label_weight > 0):
+            raise ValueError(
+                "augment is for training on a teacher alone: labels do not follow a mixed or cropped view."
+            )
+        self.augment = augment
         self.student = student
         self.teacher = teacher
         self.taps = list(taps)
@@ -289,6 +298,8 @@ class StudentTrainer(keras.Model):
         x, y = self._split(data)
         if self.label_weight > 0 and y is None:
             raise ValueError("label_weight > 0 needs (images, labels) batches.")
+        if self.augment is not None:  # one view for both: the student learns the teacher's function on it
+            x = self.augment(x, training=True)
         t_out = self._features(self.teacher_features, x) if self.teacher is not None else None
         with tf.GradientTape() as tape:
             s_out = self._features(self.student_features, x, training=True)
@@ -367,6 +378,7 @@ def train_student(
     verbose="auto",
     tensorboard_dir=None,
     callbacks=(),
+    log_callbacks=(),
     strategy=None,
     steps_per_epoch: int | None = None,
 ) -> keras.callbacks.History:
@@ -397,6 +409,7 @@ def train_student(
         name=name,
         steps_per_epoch=steps_per_epoch,
         callbacks=[*extra, *callbacks],
+        log_callbacks=log_callbacks,
         verbose=verbose,
         tensorboard_dir=tensorboard_dir,
         strategy=strategy,

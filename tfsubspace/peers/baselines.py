@@ -170,18 +170,22 @@ def train_kd(
     learning_rate: float = 1e-3,
     temperature: float = 4.0,
     alpha: float = 1.0,
+    augment=None,
     verbose="auto",
     strategy=None,
 ) -> keras.Model:
     """Trains `student` (in place) on alpha * distillation + (1 - alpha) * cross-entropy
-    (alpha < 1 needs (images, labels) batches); returns it."""
+    (alpha < 1 needs (images, labels) batches); returns it. `augment` (alpha = 1 only): the
+    views teacher and student share (tfsubspace.distill.augment.augmenter)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be in [0, 1]. Received: alpha={alpha!r}")
     if (done := _finished(work_dir, "kd")) is not None:
         return done
     student, teacher = _placed(student, strategy), _placed(teacher, strategy)
     with _scope(strategy):
-        trainer = StudentTrainer(student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature)
+        trainer = StudentTrainer(
+            student, teacher, kd_weight=alpha, label_weight=1.0 - alpha, temperature=temperature, augment=augment
+        )
     train_student(
         trainer,
         ds,

@@ -75,6 +75,7 @@ def fit_resumable(
     name: str = "training",
     steps_per_epoch: int | None = None,
     callbacks=(),
+    log_callbacks=(),
     verbose="auto",
     tensorboard_dir=None,
     strategy=None,
@@ -91,6 +92,8 @@ def fit_resumable(
         name: the stage's name in messages and under tensorboard_dir.
         steps_per_epoch: batches per epoch (needed for an infinite data set).
         callbacks: more Keras callbacks, after the checkpoint's.
+        log_callbacks: callbacks that add values to each epoch's logs; they run first, so the
+            CSV log and the checkpoint see what they add.
         log: a function for progress lines (print when verbose, by default).
     """
     if log is None:
@@ -103,7 +106,7 @@ def fit_resumable(
     if initial_epoch:
         log(f"{name}: resuming after epoch {initial_epoch} of {epochs} from {checkpoint.directory}")
     guard = StopOnNonFinite()
-    all_callbacks = [history_logger(csv_path, initial_epoch), guard, checkpoint, *callbacks]
+    all_callbacks = [*log_callbacks, history_logger(csv_path, initial_epoch), guard, checkpoint, *callbacks]
     if tensorboard_dir is not None:
         all_callbacks.append(keras.callbacks.TensorBoard(str(Path(tensorboard_dir) / name)))
     multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
