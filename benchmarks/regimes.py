@@ -12,6 +12,8 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images:
   patient schedule, 10% held out, recovery keeps its best epoch);
 - tfsubspace_plain: compress() as it was before those: no augmentation, nothing held out,
   5 + 2 epochs;
+- tfsubspace_crop / tfsubspace_noaug: the defaults with crops alone / with no augmentation
+  (the rest as tfsubspace), to tell the parts of the defaults apart;
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   only with the same views, as many steps as tfsubspace.
 Reported: test accuracy and top-1 agreement with the teacher on Fashion-MNIST's test split.
@@ -71,6 +73,10 @@ def main(argv):
             options = dict(target_params=_TARGET.value, seed=_SEED.value, verbose=2)
             if method == "tfsubspace":
                 result = compress(teacher, ds, work_dir=work, **options)
+                student, report = result.student, result.report
+            elif method in ("tfsubspace_crop", "tfsubspace_noaug"):  # which part of the defaults helps
+                view = "crop" if method == "tfsubspace_crop" else "none"
+                result = compress(teacher, ds, work_dir=work, augment=view, **options)
                 student, report = result.student, result.report
             elif method == "tfsubspace_plain":
                 result = compress(teacher, ds, work_dir=work, augment="none", holdout=0.0, epochs=5, **options)

@@ -68,3 +68,10 @@ def test_plot_is_written(tmp_path):
     st = {"a": stats_from(np.random.default_rng(3).normal(size=(100, 4)))}
     subspace.plot_spectra(st, {"a": 2}, tmp_path / "s.png", energy=0.9)
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_narrowest_width_is_the_floor_of_choose_dimensions():
+    from tfsubspace.distill import subspace as sub
+
+    assert sub.narrowest(32, 0.25, 8) == 8 and sub.narrowest(32, 0.0, 8) == 8 and sub.narrowest(4, 0.0, 8) == 4
+    assert sub.narrowest(40, 0.3, 8) == 16  # ceil(12 / 8) * 8

@@ -347,7 +347,12 @@ def compress(
     ds, scanned = inputs.scan(ds, "ds", steps_per_epoch=config.steps_per_epoch)
     log = (lambda message: print(f"[tfsubspace] {message}", flush=True)) if config.verbose else (lambda message: None)
     log(f"ds: {scanned.describe()} per epoch")
-    ds, heldout = inputs.split_holdout(ds, config.holdout)
+    holdout = config.holdout
+    if holdout and strategy is not None and distribute.is_multi_worker(strategy):
+        # the workers' shards of a filtered data set fall out of step; every worker trains on all
+        log("holdout: nothing is held out under MultiWorkerMirroredStrategy")
+        holdout = 0.0
+    ds, heldout = inputs.split_holdout(ds, holdout)
     if heldout is not None:
         ds, steps = fitloop.epoch_steps(ds, "ds", log=lambda message: None)
         log(f"{len(heldout)} images held out to measure agreement with the teacher; {steps} batches train")
@@ -564,9 +569,15 @@ class _Pipeline:
                 "samples": st.count,
                 "spectrum": [float(v) for v in st.spectrum()],
                 "mean_square": _mean_square(st),
+                # the energy rule wanted fewer channels than min_ratio and multiple allow
+                "at_min": dims[g] < len(st.total)
+                and dims[g] == subspace.narrowest(len(st.total), c.min_ratio, c.multiple),
             }
             for g, st in latents.items()
         }
+        at_min = [g for g, v in self.spectra.items() if v["at_min"]]
+        if at_min:
+            self.log(f"subspace: {len(at_min)} group(s) at their narrowest width: {', '.join(at_min)}")
         fileio.write_json(self.dir / "spectra.json", self.spectra)
         subspace.plot_spectra(latents, dims, self.dir / "spectra.png", energy=None if c.width_ratio else c.energy)
         self.paths["spectra"] = self.dir / "spectra.png"
@@ -765,6 +776,7 @@ class _Pipeline:
                     "teacher": plan0.groups[g]["size"],
                     "subspace": len(plan0.groups[g]["keep"]),
                     "final": len(plan1.groups[g]["keep"]),
+                    "subspace_at_min": bool(self._spectra().get(g, {}).get("at_min", False)),
                 }
                 for g in plan0.groups
                 if g in plan1.groups

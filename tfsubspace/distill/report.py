@@ -60,8 +60,12 @@ def format_report(report: dict) -> str:
         lines.append(f"| top-1 agreement with the teacher | | {pct(s['agreement'])} |")
     for name, b in report.get("budgets", {}).items():
         lines.append(f"| {name} budget | | {b['target']:,}: {'met' if b['met'] else 'NOT met'} |")
+    for stage, log in report.get("agreement_in_training", {}).items():
+        heldout = f", held out {pct(log['heldout'])}" if log.get("heldout") is not None else ""
+        lines.append(f"| agreement in {stage} (last epoch) | | train {pct(log.get('train'))}{heldout} |")
     lines += ["", "## Widths per channel group", "", "| group | teacher | subspace | final |", "|---|---:|---:|---:|"]
     for g, w in report["widths"].items():
-        lines.append(f"| {g} | {w['teacher']} | {w['subspace']} | {w['final']} |")
+        narrowest = " (narrowest)" if w.get("subspace_at_min") else ""
+        lines.append(f"| {g} | {w['teacher']} | {w['subspace']}{narrowest} | {w['final']} |")
     lines += ["", "## Layers", "", surgery.format_report(report["layers"])]
     return "\n".join(lines) + "\n"

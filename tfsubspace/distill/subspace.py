@@ -138,9 +138,14 @@ def choose_dimensions(
     for group, st in stats.items():
         n = len(st.total)
         k = math.ceil(width_ratio * n) if width_ratio is not None else energy_dimension(st.spectrum(), energy)
-        k = max(k, math.ceil(min_ratio * n), 1)
-        dims[group] = min(n, math.ceil(k / multiple) * multiple)
+        dims[group] = max(min(n, math.ceil(k / multiple) * multiple), narrowest(n, min_ratio, multiple))
     return dims
+
+
+def narrowest(n: int, min_ratio: float, multiple: int) -> int:
+    """The least width choose_dimensions gives a group of width n: ceil(min_ratio * n), at
+    least 1, rounded up to `multiple`, at most n."""
+    return min(n, math.ceil(max(math.ceil(min_ratio * n), 1) / multiple) * multiple)
 
 
 def top_channels(stats: dict[str, LatentStatistics], dims: dict[str, int]) -> dict[str, np.ndarray]:
