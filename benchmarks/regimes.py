@@ -12,11 +12,12 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images:
   patient schedule, 10% held out, recovery keeps its best epoch);
 - tfsubspace_plain: compress() as it was before those: no augmentation, nothing held out,
   5 + 2 epochs;
-- tfsubspace_crop / tfsubspace_noaug: the defaults with crops alone / with no augmentation
-  (the rest as tfsubspace), to tell the parts of the defaults apart;
+- tfsubspace_crop / tfsubspace_mixup / tfsubspace_noaug: the defaults with crops alone / mixup
+  alone / no augmentation (the rest as tfsubspace), to tell the parts of the defaults apart;
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   only with the same views, as many steps as tfsubspace.
-Reported: test accuracy and top-1 agreement with the teacher on Fashion-MNIST's test split.
+Rows named *_crop_mixup are tfsubspace and kd_fresh from when augment="auto" meant crop and
+mixup (they are why it no longer includes the crop). Reported: test accuracy and top-1 agreement with the teacher on Fashion-MNIST's test split.
 Results: benchmarks/results/regimes.json and regimes.md; finished rows are kept (delete the
 JSON's row to run it again).
 """
@@ -74,8 +75,8 @@ def main(argv):
             if method == "tfsubspace":
                 result = compress(teacher, ds, work_dir=work, **options)
                 student, report = result.student, result.report
-            elif method in ("tfsubspace_crop", "tfsubspace_noaug"):  # which part of the defaults helps
-                view = "crop" if method == "tfsubspace_crop" else "none"
+            elif method in ("tfsubspace_crop", "tfsubspace_mixup", "tfsubspace_noaug"):  # which part helps
+                view = {"tfsubspace_crop": "crop", "tfsubspace_mixup": "mixup", "tfsubspace_noaug": "none"}[method]
                 result = compress(teacher, ds, work_dir=work, augment=view, **options)
                 student, report = result.student, result.report
             elif method == "tfsubspace_plain":

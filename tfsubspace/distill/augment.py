@@ -10,12 +10,15 @@ the teacher on that view: the transfer set becomes as varied as the augmentation
 from seed generators, which the trainer's checkpoints save: a resumed run draws the views an
 unbroken run would have drawn.
 
-Spec: "auto" (the default for the input shape), "none", or a comma-separated list of
+Spec: "auto" (mixup, and a flip for colour images), "none", or a comma-separated list of
   crop     a random resized crop: zoom in by up to 25% and shift by up to 10%
   flip     a horizontal flip (left off by "auto" for one-channel images: digits and letters
            are not mirror-symmetric)
   mixup    each image blended with another of the batch (Beta(0.2, 0.2) weights)
   cutmix   a box of each image replaced by the same box of another
+"auto" leaves crops out: on images from the teacher's own domain they cost the student far
+more than they gave it on images from another domain (benchmarks/README.md, "Few unlabeled
+images"); pass "crop,mixup" when the images come from elsewhere.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def parse(spec: str, input_shape) -> tuple[str, ...]:
     if spec == "auto":
         if len(input_shape) != 3 or min(input_shape[:2]) < 8:
             return ()  # not an image a crop or flip makes sense on
-        return ("crop", "mixup") if input_shape[-1] == 1 else ("crop", "flip", "mixup")
+        return ("mixup",) if input_shape[-1] == 1 else ("flip", "mixup")
     names = tuple(n.strip() for n in spec.split(",") if n.strip())
     unknown = [n for n in names if n not in AUGMENTATIONS]
     if unknown:

@@ -360,7 +360,10 @@ def compress(
     manifest = {
         "tfsubspace": _version(),
         "teacher": workdir.model_fingerprint(model),
-        "options": config.manifest(),
+        "options": {
+            **config.manifest(),
+            "augment_views": list(parse(config.augment, tuple(model.inputs[0].shape[1:]))),
+        },
         "data": {
             "element_spec": str(ds.element_spec),
             "batches": scanned.steps,
