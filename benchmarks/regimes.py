@@ -17,9 +17,10 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images:
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   only with the same views, as many steps as tfsubspace.
 Rows named *_crop_mixup are tfsubspace and kd_fresh from when augment="auto" meant crop and
-mixup (they are why it no longer includes the crop). Reported: test accuracy and top-1 agreement with the teacher on Fashion-MNIST's test split.
-Results: benchmarks/results/regimes.json and regimes.md; finished rows are kept (delete the
-JSON's row to run it again).
+mixup (they are why it no longer includes the crop). Reported: test accuracy and top-1
+agreement with the teacher on Fashion-MNIST's test split. Results:
+benchmarks/results/regimes.json and regimes.md; finished rows are kept (delete the JSON's
+row to run it again).
 """
 
 import json
