@@ -77,7 +77,7 @@ def test_compress_end_to_end(teacher_and_data, tmp_path):
     assert report["budgets"]["params"]["met"]
     assert report["surgery"]["max_abs_diff"] <= 1e-4 or not all(f["exact"] for f in report["surgery"]["folds"])
     widths = report["widths"]
-    assert widths["logits"] == {"teacher": 10, "subspace": 10, "final": 10}
+    assert widths["logits"] == {"teacher": 10, "subspace": 10, "final": 10, "subspace_at_min": False}
     assert any(w["final"] < w["subspace"] for w in widths.values()), "LASSO removed no channel"
     for name in ("plan", "student", "report", "report_md", "spectra"):
         assert result.paths[name].exists(), name
