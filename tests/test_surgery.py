@@ -457,3 +457,30 @@ def test_plan_errors():
         bad.validate(a)
     with pytest.raises(PlanError, match="'logits' cannot be pruned: pinned by model output"):
         PruningPlan.from_masks(a, {"logits": [0, 1]}).validate(a)
+
+
+@pytest.mark.parametrize("shared_axes", [[1, 2, 3], [3], [1, 2], None])
+def test_prelu_with_any_shared_axes_is_sliced_and_counted(shared_axes, tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = L.PReLU(shared_axes=shared_axes, alpha_initializer=keras.initializers.Constant(0.2), name="act")(x)
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="c2")(x))))
+    a = analysis.analyze(model)
+    check_surgery(model, random_plan(a, 1), a, tmp_path)  # slim == masked, plan_params == the slim count
+
+
+def test_rescaling_and_normalization_first_layers(tmp_path):
+    inputs = L.Input((8, 8, 3))
+    norm = L.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).normal(2.0, 3.0, size=(16, 8, 8, 3)).astype("float32"))
+    x = norm(L.Rescaling(1 / 255.0, name="scale")(inputs))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(x)
+    x = L.Rescaling(0.5, name="halve")(x)  # a scalar scale is channel-wise: c1 stays prunable
+    model = keras.Model(inputs, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="c2")(x))))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].prunable
+    check_surgery(model, random_plan(a, 2), a, tmp_path)
+    per_channel = L.Rescaling([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], name="per_channel")
+    pinned = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(per_channel(L.Conv2D(6, 3, name="c")(inputs)))))
+    group = analysis.analyze(pinned).groups["c"]
+    assert not group.prunable and "per-channel scale" in " ".join(group.pinned)

@@ -111,6 +111,10 @@ class Handler:
     def count_params(self, layer, n_in: int, n_out: int) -> int:
         return 0
 
+    def weights_set(self, layer) -> None:
+        """Called on a rebuilt layer once its sliced weights are set (a layer that derives state
+        from its weights updates it here)."""
+
     def fold_constants(self, layer, constants: np.ndarray, keep_in: np.ndarray):
         """Bias change (over all output channels) that stands in for removed constant inputs.
 
@@ -147,8 +151,15 @@ class ChannelMixing(Handler):
         return sum(int(np.prod(w.shape)) for w in layer.get_weights())
 
 
+def _shared(w) -> bool:
+    """A weight shared by every channel: a scalar, or one entry along the channel axis (PReLU
+    with its shared_axes over the channels)."""
+    return np.ndim(w) == 0 or np.shape(w)[-1] == 1
+
+
 class Follower(Handler):
-    """Per-channel weights along the last axis (BatchNormalization, PReLU)."""
+    """Per-channel weights along the last axis (BatchNormalization, PReLU); a weight shared by
+    every channel is kept whole."""
 
     def map_channels(self, layer, in_ids, in_shapes, ctx):
         axis = getattr(layer, "axis", -1)
@@ -159,11 +170,42 @@ class Follower(Handler):
         return super().map_channels(layer, in_ids, in_shapes, ctx)
 
     def slice_weights(self, layer, keep_in, keep_out):
-        return [w[..., keep_out] for w in layer.get_weights()]
+        return [w if _shared(w) else w[..., keep_out] for w in layer.get_weights()]
 
     def count_params(self, layer, n_in, n_out):
-        per_channel = sum(int(np.prod(w.shape[:-1])) for w in layer.get_weights())
-        return per_channel * n_out
+        weights = layer.get_weights()
+        shared = sum(int(np.size(w)) for w in weights if _shared(w))
+        return shared + sum(int(np.prod(w.shape[:-1])) for w in weights if not _shared(w)) * n_out
+
+
+class Pinned(Handler):
+    """A layer that keeps every channel it sees (its weights are whole-tensor constants, such as
+    an adapted Normalization's mean, variance and count): its group is pinned, its weights kept."""
+
+    def map_channels(self, layer, in_ids, in_shapes, ctx):
+        ctx.pin(in_ids[0], f"{type(layer).__name__} {layer.name!r} holds per-channel constants it cannot drop")
+        return super().map_channels(layer, in_ids, in_shapes, ctx)
+
+    def slice_weights(self, layer, keep_in, keep_out):
+        return layer.get_weights()
+
+    def weights_set(self, layer) -> None:
+        finalize = getattr(layer, "finalize_state", None)  # Normalization: mean and variance from the weights
+        if finalize is not None:
+            finalize()
+
+    def count_params(self, layer, n_in, n_out):
+        return sum(int(np.size(w)) for w in layer.get_weights())
+
+
+class Rescaling(PassThrough):
+    """x * scale + offset: channel-wise as it is when both are scalars; per-channel values pin
+    the group (they live in the config, not in weights that could be sliced)."""
+
+    def map_channels(self, layer, in_ids, in_shapes, ctx):
+        if np.ndim(layer.scale) or np.ndim(layer.offset):
+            ctx.pin(in_ids[0], f"Rescaling {layer.name!r} has per-channel scale or offset")
+        return super().map_channels(layer, in_ids, in_shapes, ctx)
 
 
 class Producer(Handler):
@@ -416,6 +458,8 @@ for _cls in (
     L.UpSampling3D,
 ):
     register(_cls, PassThrough())
+register(L.Rescaling, Rescaling())
+register(L.Normalization, Pinned())
 register(L.Flatten, Flatten())
 register(L.Reshape, Reshape())
 for _cls in (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum):

@@ -217,8 +217,9 @@ def apply_plan(
 
     built, weights = {}, []
     slim = _rebuild(analysis.graph, analysis, kept, deltas, built, weights)
-    for layer, values in weights:
+    for layer, values, handler in weights:
         layer.set_weights(values)
+        handler.weights_set(layer)
     if not verify:
         return SurgeryResult(slim, plan, float("nan"), [], folds)
 
@@ -344,7 +345,7 @@ def _slim_layer(node, analysis, kept, delta, weights):
     else:
         values.append(delta[keep_out].astype(values[0].dtype))
         layer = handler.rebuild(node.layer, keep_in, keep_out, use_bias=True)
-    weights.append((layer, values))
+    weights.append((layer, values, handler))
     return layer
 
 
