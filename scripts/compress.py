@@ -9,7 +9,7 @@ same command again after a crash or a kill and it resumes where it stopped.
 """
 
 from absl import app, flags
-from flagdefs import config_from_flags, define_config_flags, define_dataset
+from flagdefs import config_from_flags, define_config_flags, define_dataset, define_strategy
 
 from tfsubspace.distill.pipeline import CompressionConfig
 
@@ -34,14 +34,7 @@ _OVERWRITE = flags.DEFINE_boolean(
     False,
     "Clear --work_dir's stages and start over (a rerun with another teacher, options or data is refused without it).",
 )
-_STRATEGY = flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
-    "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
-    "command on every worker). --batch_size is the global batch.",
-)
+_STRATEGY = define_strategy()
 # every compress() option, from CompressionConfig's fields (compress() validates the values)
 _OPTIONS = define_config_flags(CompressionConfig)
 

@@ -1,6 +1,7 @@
 """Flags the scripts share, declared from the library's own tables: the data sets from
 tfsubspace.data.DATASETS, compress()'s options from the fields of CompressionConfig (name,
-default, type and help), so that a new option or data set needs no copy here."""
+default, type and help), so that a new option or data set needs no copy here; and the
+tf.distribute strategy, which two scripts take."""
 
 import dataclasses
 import types
@@ -15,6 +16,18 @@ _CHOICES = {"init": ("teacher", "random"), "schedule": ("end_to_end", "stage_wis
 
 def define_dataset(help_text: str, default: str = "mnist"):
     return flags.DEFINE_enum("dataset", default, list(DATASETS), help_text)
+
+
+def define_strategy():
+    """--strategy, the tf.distribute strategy by name (tfsubspace.train.distribute.STRATEGIES)."""
+    return flags.DEFINE_enum(
+        "strategy",
+        "default",
+        ["default", "mirrored", "multi_worker"],
+        "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
+        "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
+        "command on every worker). --batch_size is the global batch.",
+    )
 
 
 def _types(config_class, name: str) -> set:

@@ -8,7 +8,7 @@ A killed run resumes from its last finished epoch when started again with the sa
 """
 
 from absl import app, flags
-from flagdefs import define_dataset
+from flagdefs import define_dataset, define_strategy
 
 _MODEL = flags.DEFINE_enum("model", "lenet5", ["lenet5", "vgg16", "wrn"], "Reference model to train.")
 _WIDTH = flags.DEFINE_float("width", 1.0, "VGG-16 channel multiplier.", lower_bound=1e-3)
@@ -30,14 +30,7 @@ _WEIGHT_DECAY = flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay.
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed for weights, shuffling and augmentation.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the trained model (.keras).", required=True)
 _TENSORBOARD = flags.DEFINE_string("tensorboard_dir", None, "TensorBoard log directory (none if unset).")
-_STRATEGY = flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy: one device, the devices of this host (MirroredStrategy), "
-    "or several hosts (MultiWorkerMirroredStrategy from TF_CONFIG; run the same "
-    "command on every worker). --batch_size is the global batch.",
-)
+_STRATEGY = define_strategy()
 _VERBOSE = flags.DEFINE_enum("verbose", "auto", ["auto", "0", "1", "2"], "Keras fit() verbosity.")
 
 flags.register_validator("output", lambda v: v is None or v.endswith(".keras"), "--output must end in .keras")
