@@ -195,20 +195,24 @@ def check_labels(ds, name: str, classes: int) -> None:
         )
 
 
-def split_holdout(ds, share: float, *, max_images: int = 2048):
+def split_holdout(ds, share: float, *, max_images: int = 2048, examples: int | None = None):
     """(training ds, held-out images): about `share` of the images set aside, chosen by a hash
     of their values, so the same images are held out whatever the order of `ds` and in every
     run; the rest, rebatched, train. The held-out images (at most `max_images`) come back as
-    one NumPy array, read in one pass. Returns (ds, None) when `share` is 0 or nothing falls aside.
+    one NumPy array, read in one pass. With `examples` (the images in ds), the share is lowered
+    so that about max_images fall aside rather than more images than are measured. Returns
+    (ds, None) when `share` is 0 or nothing falls aside.
     """
     import tensorflow as tf
 
+    if examples:
+        share = min(share, max_images / examples)
     if share <= 0:
         return ds, None
     first = next(iter(ds))
     batch_size = int(np.shape(first[0] if isinstance(first, (tuple, list)) else first)[0])
     buckets = 1000
-    cut = int(round(share * buckets))
+    cut = max(1, int(round(share * buckets)))
 
     def bucket(x, *rest):
         return tf.strings.to_hash_bucket_fast(tf.io.serialize_tensor(x), buckets)

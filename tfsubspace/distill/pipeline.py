@@ -98,7 +98,7 @@ class CompressionConfig:
     augment: str = _option(
         "auto", "Views teacher and student share: 'auto', 'none' or a list of crop, flip, mixup, cutmix."
     )
-    holdout: float = _option(0.1, "Share of the images kept aside to measure agreement with the teacher.")
+    holdout: float = _option(0.1, "Share of the images kept aside to measure agreement (at most 2048 images).")
     patience: int | None = _option(
         None, "Stop recovery after this many epochs without better held-out agreement (it keeps the best)."
     )
@@ -300,7 +300,7 @@ def compress(
             few thousand images get more epochs rather than less training.
         augment: the views teacher and student share at every step (tfsubspace.distill.augment):
             "auto" (crop and mixup; a flip as well for colour images), "none", or a list.
-        holdout: the share of the images kept out of training (chosen by their values, the
+        holdout: the share of the images kept out of training, at most 2048 (chosen by their values, the
             same on every run); after each epoch the log records the student's top-1 agreement
             with the teacher on them (`heldout_agreement`), and recovery ends with the weights of
             its best epoch.
@@ -352,7 +352,7 @@ def compress(
         # the workers' shards of a filtered data set fall out of step; every worker trains on all
         log("holdout: nothing is held out under MultiWorkerMirroredStrategy")
         holdout = 0.0
-    ds, heldout = inputs.split_holdout(ds, holdout)
+    ds, heldout = inputs.split_holdout(ds, holdout, examples=scanned.examples)
     if heldout is not None:
         ds, steps = fitloop.epoch_steps(ds, "ds", log=lambda message: None)
         log(f"{len(heldout)} images held out to measure agreement with the teacher; {steps} batches train")
