@@ -67,22 +67,27 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def non_finite_weight(variables) -> str | None:
+    """The name of the first variable (Keras 3 or tf_keras) holding NaN or infinite values, or None."""
+    import numpy as np
+
+    for v in variables:
+        if not np.isfinite(np.asarray(v.numpy() if hasattr(v, "numpy") else v)).all():
+            return getattr(v, "path", v.name)
+    return None
+
+
 def save_model(model, path: str | os.PathLike) -> Path:
     """Saves a Keras model as .keras atomically and returns the path; refuses one with a
     non-finite weight."""
-    import numpy as np
-
     from tfsubspace.errors import TfSubspaceError
 
     path = Path(path)
     if path.suffix != ".keras":
         raise ValueError(f"A model is saved in the .keras format; expected a path ending in .keras. Received: {path}")
-    for w in model.weights:  # a file with a NaN weight would be reused as if it were sound
-        if not np.isfinite(np.asarray(w.numpy() if hasattr(w, "numpy") else w)).all():
-            raise TfSubspaceError(
-                f"Not saving {path}: weight {getattr(w, 'path', w.name)} of model {model.name!r} holds NaN or "
-                "infinite values."
-            )
+    bad = non_finite_weight(model.weights)  # a file with a NaN weight would be reused as if it were sound
+    if bad is not None:
+        raise TfSubspaceError(f"Not saving {path}: weight {bad} of model {model.name!r} holds NaN or infinite values.")
     with atomic_path(path) as tmp:
         model.save(tmp)
     return path

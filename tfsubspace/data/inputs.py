@@ -106,6 +106,18 @@ def image_dataset(data, model: keras.Model, name: str, *, batch_size: int = DEFA
     return data.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def one_epoch(ds, name: str, steps_per_epoch: int | None = None):
+    """The batches of one epoch: `ds` cut to `steps_per_epoch` when given (each epoch starts
+    the data set again); an infinite data set (`.repeat()`) without it is refused."""
+    import tensorflow as tf
+
+    if steps_per_epoch is not None:
+        return ds.take(steps_per_epoch)
+    if int(ds.cardinality()) == tf.data.INFINITE_CARDINALITY:
+        raise DataError(f"{name} is infinite (it repeats); pass steps_per_epoch, or drop the .repeat().")
+    return ds
+
+
 @dataclasses.dataclass(frozen=True)
 class Scan:
     """What one pass over a data set found."""
@@ -129,15 +141,8 @@ def scan(ds, name: str, *, steps_per_epoch: int | None = None):
     """
     import tensorflow as tf
 
+    ds = one_epoch(ds, name, steps_per_epoch)
     cardinality = int(ds.cardinality())
-    if steps_per_epoch is not None:
-        if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
-            raise ValueError(
-                f"steps_per_epoch must be a positive integer. Received: steps_per_epoch={steps_per_epoch!r}"
-            )
-        ds = ds.take(steps_per_epoch)
-    elif cardinality == tf.data.INFINITE_CARDINALITY:
-        raise DataError(f"{name} is infinite (it repeats); pass steps_per_epoch, or drop the .repeat().")
     total, examples, low, high = 0, 0, np.inf, -np.inf
     steps = 0
     for steps, batch in enumerate(ds, start=1):
@@ -161,10 +166,15 @@ def scan(ds, name: str, *, steps_per_epoch: int | None = None):
     return ds, Scan(steps, examples, f"{total:016x}", (low, high))
 
 
+def _one_hot(y: np.ndarray, classes: int) -> bool:
+    """Whether labels are rows of one value per class (one-hot or probabilities)."""
+    return y.ndim == 2 and y.shape[1] == classes and classes > 1
+
+
 def labels_to_sparse(y, classes: int) -> np.ndarray:
     """Class indices from sparse labels (N,) / (N, 1) or one-hot / probability labels (N, classes)."""
     y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] == classes and classes > 1:
+    if _one_hot(y, classes):
         return np.argmax(y, axis=-1)
     return y.reshape(len(y), -1)[:, 0].astype(np.int64) if y.ndim > 1 else y.astype(np.int64)
 
@@ -179,7 +189,7 @@ def check_labels(ds, name: str, classes: int) -> None:
     if batch is None:
         raise DataError(f"{name} is empty; pass at least one batch.")
     y = np.asarray(batch[1])
-    if y.ndim == 2 and y.shape[1] == classes and classes > 1:
+    if _one_hot(y, classes):
         return
     if y.ndim > 2 or (y.ndim == 2 and y.shape[1] != 1):
         raise DataError(

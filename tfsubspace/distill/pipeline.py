@@ -343,7 +343,7 @@ def compress(
     if eval_ds is not None:
         eval_ds = inputs.image_dataset(eval_ds, model, "eval_ds")
         inputs.check_labels(eval_ds, "eval_ds", int(model.outputs[0].shape[-1]))
-    parse(config.augment, tuple(model.inputs[0].shape[1:]))  # a bad augment spec fails before any work
+    views = parse(config.augment, tuple(model.inputs[0].shape[1:]))  # a bad augment spec fails before any work
     ds, scanned = inputs.scan(ds, "ds", steps_per_epoch=config.steps_per_epoch)
     log = (lambda message: print(f"[tfsubspace] {message}", flush=True)) if config.verbose else (lambda message: None)
     log(f"ds: {scanned.describe()} per epoch")
@@ -362,7 +362,7 @@ def compress(
         "teacher": workdir.model_fingerprint(model),
         "options": {
             **config.manifest(),
-            "augment_views": list(parse(config.augment, tuple(model.inputs[0].shape[1:]))),
+            "augment_views": list(views),
         },
         "data": {
             "element_spec": str(ds.element_spec),

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import h5py
 import keras
-import numpy as np
 
 from tfsubspace import fileio
 from tfsubspace.errors import TfSubspaceError
@@ -90,7 +89,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             return
-        if not all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in self.model.trainable_variables):
+        if fileio.non_finite_weight(self.model.trainable_variables) is not None:
             return
         done = epoch + 1
         old = self._backups()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import keras
 
+from tfsubspace.data import inputs
 from tfsubspace.errors import DataError
 from tfsubspace.train import distribute, onednn
 from tfsubspace.train.checkpoint import EpochCheckpoint, history_logger
@@ -32,11 +33,10 @@ def epoch_steps(ds, name: str, *, steps_per_epoch: int | None = None, log=print)
     batches of one epoch (counted in one pass when the data set does not know)."""
     import tensorflow as tf
 
+    ds = inputs.one_epoch(ds, name, steps_per_epoch)
     if steps_per_epoch is not None:
-        return ds.take(steps_per_epoch), int(steps_per_epoch)
+        return ds, int(steps_per_epoch)
     cardinality = int(ds.cardinality())
-    if cardinality == tf.data.INFINITE_CARDINALITY:
-        raise DataError(f"{name}: the data set is infinite (it repeats); pass steps_per_epoch, or drop the .repeat().")
     if cardinality == tf.data.UNKNOWN_CARDINALITY:
         cardinality = sum(1 for _ in ds)
         log(f"{name}: the data set does not know its length; counted {cardinality} batches per epoch")

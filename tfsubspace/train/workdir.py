@@ -140,10 +140,10 @@ def check_model_file(path: Path, stage: str) -> keras.Model:
     """Loads a stage's model file with the package's loader and checks that every weight is
     finite, so that a damaged or poisoned file is named instead of reused."""
     model = fileio.load_model(path)  # names the file when it does not load
-    bad = [w.path for w in model.weights if not np.isfinite(keras.ops.convert_to_numpy(w)).all()]
-    if bad:
+    bad = fileio.non_finite_weight(model.weights)
+    if bad is not None:
         raise WorkDirError(
-            f"{stage}: {path} holds non-finite values in {bad[0]}; delete it (and the stages after it) "
+            f"{stage}: {path} holds non-finite values in {bad}; delete it (and the stages after it) "
             "or pass overwrite=True (--overwrite)."
         )
     return model
