@@ -45,8 +45,6 @@ def main(argv):
     from tfsubspace.train import distribute
 
     options = config_from_flags(CompressionConfig, _OPTIONS)
-    if options.get("width_ratio") is not None:
-        options["energy"] = None
     strategy = distribute.get_strategy(_STRATEGY.value)
     teacher = load_model(_TEACHER.value, safe_mode=not _UNSAFE.value)
     info = data.dataset_info(_DATASET.value)

@@ -4,8 +4,9 @@ Stages (each writes its result into `work_dir` atomically; a rerun with the same
 skips finished stages and resumes an interrupted training stage from its last epoch):
 
 1. subspace: stream unlabeled data through the teacher, choose each channel group's
-   dimension k from its latent spectrum (energy share) or a fixed width ratio
-   -> plan_subspace.json, spectra.json, spectra.png
+   dimension k: by default all groups at once under the parameter/MAC budget, where each
+   principal direction is worth what the teacher's output depends on it; or by energy share,
+   or a fixed width ratio -> plan_subspace.json, spectra.json, spectra.png
 2. student: the teacher sliced to the k channels of most latent energy (or randomly
    initialised), BN statistics re-estimated -> student_init.keras
 3. distill: latent subspace learning + output distillation + channel LASSO (proximal),
@@ -52,7 +53,7 @@ from tfsubspace.distill.heldout import top1 as heldout_top1
 from tfsubspace.distill.lasso import ChannelLasso, alive, lasso_plan
 from tfsubspace.distill.report import evaluate, format_report
 from tfsubspace.distill.student import INITS, build_student
-from tfsubspace.distill.trainer import StudentTrainer, stage_split, train_student
+from tfsubspace.distill.trainer import StudentTrainer, ends_in_softmax, stage_split, train_student
 from tfsubspace.errors import DataMismatchWarning, WorkDirError
 from tfsubspace.models import stats
 from tfsubspace.prune import ranking, surgery
@@ -62,6 +63,9 @@ from tfsubspace.train import distribute, fitloop, workdir
 
 SCHEDULES = ("end_to_end", "stage_wise")
 DEFAULT_EPOCHS, DEFAULT_STEPS = 5, 2000  # distillation length when neither epochs nor steps is given
+# the budget when none is given and no other width rule is chosen: the paper's compression
+DEFAULT_TARGET_PARAMS = 0.2
+SENSITIVITY_BATCHES = 8  # batches of the output-sensitivity pass that weighs the budget's widths
 
 
 # the options whose values do not change the student (left out of the work_dir manifest)
@@ -78,8 +82,13 @@ class CompressionConfig:
     """Every option of compress(); see compress() for their meaning. Each field's metadata
     carries its help line, from which scripts/compress.py declares its flags."""
 
-    energy: float | None = _option(0.99, "Share of latent energy each group's subspace keeps.")
-    width_ratio: float | None = _option(None, "A fixed share of each group's width (instead of energy).")
+    energy: float | None = _option(
+        None, "Share of latent energy each group's subspace keeps (instead of widths chosen for the budget)."
+    )
+    width_ratio: float | None = _option(None, "A fixed share of each group's width (instead of the budget's).")
+    headroom: float = _option(
+        1.25, "Under a budget, the student starts this many times over it; LASSO chooses the rest of the cut."
+    )
     min_ratio: float = _option(0.0, "Lower bound of each width, as a share of the teacher's.")
     multiple: int = _option(8, "Round every width up to a multiple of this (SIMD, Edge TPU).")
     init: str = _option(
@@ -148,6 +157,7 @@ class CompressionConfig:
                 fail(name, "an integer")
         for name in (
             "min_ratio",
+            "headroom",
             "learning_rate",
             "recover_learning_rate",
             "tap_weight",
@@ -162,11 +172,16 @@ class CompressionConfig:
         for name in ("energy", "width_ratio"):
             if getattr(self, name) is not None and not number(getattr(self, name)):
                 fail(name, "a number or None")
-        if self.width_ratio is not None:
-            if not 0 < self.width_ratio <= 1:
-                fail("width_ratio", "in (0, 1]")
-        elif self.energy is None or not 0 < self.energy <= 1:
-            fail("energy", "in (0, 1] (or set width_ratio)")
+        if self.width_ratio is not None and self.energy is not None:
+            raise ValueError(
+                f"Give energy or width_ratio, not both. Received: energy={self.energy}, width_ratio={self.width_ratio}"
+            )
+        if self.width_ratio is not None and not 0 < self.width_ratio <= 1:
+            fail("width_ratio", "in (0, 1]")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            fail("energy", "in (0, 1]")
+        if not self.headroom >= 1:
+            fail("headroom", "at least 1")
         if not 0 <= self.min_ratio <= 1:
             fail("min_ratio", "in [0, 1]")
         if self.multiple < 1:
@@ -221,6 +236,19 @@ class CompressionConfig:
             fail("tensorboard_dir", "a path or None")
         if self.verbose not in ("auto", 0, 1, 2) or isinstance(self.verbose, bool):
             fail("verbose", "'auto', 0, 1 or 2")
+
+    @property
+    def width_rule(self) -> str:
+        """How the subspace stage chooses widths: "width_ratio", "energy" or "budget"."""
+        if self.width_ratio is not None:
+            return "width_ratio"
+        return "energy" if self.energy is not None else "budget"
+
+    def with_default_budget(self) -> CompressionConfig:
+        """This config, with DEFAULT_TARGET_PARAMS when widths follow a budget and none is set."""
+        if self.width_rule == "budget" and self.target_params is None and self.target_macs is None:
+            return dataclasses.replace(self, target_params=DEFAULT_TARGET_PARAMS)
+        return self
 
     def manifest(self) -> dict:
         """The options that shape the student, for the work_dir manifest."""
@@ -289,8 +317,15 @@ def compress(
             `ds` then holds global batches). Under MultiWorkerMirroredStrategy every worker runs
             the same command; only the chief writes to work_dir, the others to a private copy.
         overwrite: clear work_dir's stages and start over.
-        energy: share of latent energy each group's subspace keeps (default 0.99), or
-        width_ratio: a fixed share of each group's width instead.
+        energy: share of latent energy each group's subspace keeps, or
+        width_ratio: a fixed share of each group's width. With neither (the default), widths
+            are chosen for the budget: all groups at once, `multiple` channels at a time, where
+            the teacher's output loses most per unit of budget without them (each principal
+            direction of a latent is worth its variance times the output's squared gain from
+            it, subspace.output_sensitivity); the student starts `headroom` times over the
+            budget, and LASSO removes the rest. With no budget given either, target_params is
+            DEFAULT_TARGET_PARAMS (0.2: the paper's compression, about 80% of the parameters
+            removed).
         min_ratio: lower bound of k as a share of the width; multiple: round k up to it (8).
         init: "teacher" (slice the teacher's channels of most latent energy) or "random".
         schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
@@ -314,13 +349,15 @@ def compress(
             tfsubspace.distill.trainer): each step soft-thresholds channels by this times `lasso`.
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
         target_params: a parameter budget for the student: a ratio of the teacher's as a
-            float in (0, 1], or a count as an integer > 1. During training, LASSO is aimed at
+            float in (0, 1], or a count as an integer > 1 (default: 0.2 when no width rule is
+            given, see energy). During training, LASSO is aimed at
             it: every 50 steps the channels of lowest normalized norm that the budget would
             remove become the only ones the proximal step shrinks (distill.BudgetTargets), so
             they reach zero while the rest adapts; whatever is still over budget at the end is
             removed by the same ranking. A budget that every group at its narrowest still
             exceeds is warned about, and the report says so.
-        target_macs: the same as a budget of multiply-accumulates per image (both may be set).
+        target_macs: the same as a budget of multiply-accumulates per image (both may be set;
+            LASSO is aimed at the plan that meets both).
         stats_batches / bn_batches: batches for the latent statistics / each BN re-estimation
             (of the sliced student, of the pruned one and after a short recovery).
         seed: random seed.
@@ -337,6 +374,7 @@ def compress(
         known = ", ".join(f.name for f in dataclasses.fields(CompressionConfig))
         raise TypeError(f"{e}. compress() options: {known}.") from None
     config.validate()
+    config = config.with_default_budget()
     inputs.check_model(model)
     teacher_analysis = analyze(model)
     ds = inputs.image_dataset(ds, model, "ds")
@@ -487,7 +525,11 @@ class _Pipeline:
         adapter_passes = int(c.tap_weight > 0)
         epoch_passes = lambda: distribute.passes_per_epoch(self.strategy)
         plan0 = self._stage(
-            "plan_subspace", self.dir / "plan_subspace.json", self._subspace, PruningPlan.load, passes=1
+            "plan_subspace",
+            self.dir / "plan_subspace.json",
+            self._subspace,
+            PruningPlan.load,
+            passes=1 + int(c.width_rule == "budget"),  # the statistics (and the sensitivity pass)
         )
         if (self.dir / "spectra.png").exists():
             self.paths["spectra"] = self.dir / "spectra.png"
@@ -555,13 +597,32 @@ class _Pipeline:
             progress=bool(c.verbose),
             on_first_batch=lambda images: _warn_on_batchnorm_mismatch(self.teacher, images),
         )
-        dims = subspace.choose_dimensions(
-            latents,
-            energy=None if c.width_ratio else c.energy,
-            width_ratio=c.width_ratio,
-            min_ratio=c.min_ratio,
-            multiple=c.multiple,
-        )
+        values = None
+        if c.width_rule == "budget":
+            sensitivity = subspace.output_sensitivity(
+                self.teacher,
+                self.ds,
+                self.analysis,
+                list(latents),
+                max_batches=SENSITIVITY_BATCHES,
+                seed=c.seed,
+                log_output=ends_in_softmax(self.teacher),
+            )
+            values = {g: subspace.direction_values(st, sensitivity[g]) for g, st in latents.items()}
+            params, macs = self._budgets()
+            dims = subspace.dimensions_for_budget(
+                latents,
+                values,
+                self.analysis,
+                params=None if params is None else params * c.headroom,
+                macs=None if macs is None else macs * c.headroom,
+                min_ratio=c.min_ratio,
+                multiple=c.multiple,
+            )
+        else:
+            dims = subspace.choose_dimensions(
+                latents, energy=c.energy, width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple
+            )
         keep = subspace.top_channels(latents, dims)
         plan = PruningPlan.from_masks(self.analysis, keep)
         self.spectra = {
@@ -572,7 +633,9 @@ class _Pipeline:
                 "samples": st.count,
                 "spectrum": [float(v) for v in st.spectrum()],
                 "mean_square": _mean_square(st),
-                # the energy rule wanted fewer channels than min_ratio and multiple allow
+                # with a budget: what each principal direction is worth to the output, largest first
+                **({"values": [float(v) for v in values[g]]} if values is not None else {}),
+                # the width rule wanted fewer channels than min_ratio and multiple allow
                 "at_min": dims[g] < len(st.total)
                 and dims[g] == subspace.narrowest(len(st.total), c.min_ratio, c.multiple),
             }
@@ -582,7 +645,7 @@ class _Pipeline:
         if at_min:
             self.log(f"subspace: {len(at_min)} group(s) at their narrowest width: {', '.join(at_min)}")
         fileio.write_json(self.dir / "spectra.json", self.spectra)
-        subspace.plot_spectra(latents, dims, self.dir / "spectra.png", energy=None if c.width_ratio else c.energy)
+        subspace.plot_spectra(latents, dims, self.dir / "spectra.png", energy=c.energy)
         self.paths["spectra"] = self.dir / "spectra.png"
         plan.save(path)
         return plan
@@ -652,13 +715,18 @@ class _Pipeline:
                 patience=c.patience if keep_best else None,
             )
         extra = []
-        if lasso is not None and c.target_params is not None:
-            budget = _absolute(c.target_params, stats.count_params(self.teacher))
+        if lasso is not None and (c.target_params is not None or c.target_macs is not None):
+            params, macs = self._budgets()
             extra.append(
                 BudgetTargets(
                     lasso,
                     lambda norms: ranking.plan_for_budget(
-                        student_analysis, norms, params=budget, multiple=c.multiple, keep=alive(norms, c.zero_tolerance)
+                        student_analysis,
+                        norms,
+                        params=params,
+                        macs=macs,
+                        multiple=c.multiple,
+                        keep=alive(norms, c.zero_tolerance),
                     ).masks(),
                     groups_of_taps={tap: g for g, tap in student_analysis.taps().items()},
                 )
@@ -688,14 +756,19 @@ class _Pipeline:
             self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
         return layer
 
+    def _budgets(self) -> tuple[int | None, int | None]:
+        """The parameter and MAC budgets as counts (None where not set)."""
+        c = self.config
+        return (
+            _absolute(c.target_params, stats.count_params(self.teacher)),
+            _absolute(c.target_macs, stats.count_macs(self.teacher)),
+        )
+
     def _lasso_plan(self, student, path):
         c = self.config
+        params, macs = self._budgets()
         plan = lasso_plan(
-            analyze(student),
-            zero_tolerance=c.zero_tolerance,
-            multiple=c.multiple,
-            budget=_absolute(c.target_params, stats.count_params(self.teacher)),
-            macs_budget=_absolute(c.target_macs, stats.count_macs(self.teacher)),
+            analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, budget=params, macs_budget=macs
         )
         plan.save(path)
         return plan

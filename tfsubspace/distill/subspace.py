@@ -3,9 +3,18 @@
 For each prunable channel group, the latent is the tensor at its tap (ChannelAnalysis.taps).
 `latent_statistics` streams the data through the teacher once and accumulates each latent's
 channel sums and cross-products (memory grows with the channel counts, not with the data);
-`LatentStatistics.spectrum` gives the eigenvalues of the channel covariance, and
-`choose_dimensions` keeps the smallest k holding a share of the energy (sum of eigenvalues),
-within [min_ratio, 1] of the width and rounded up to a multiple.
+`LatentStatistics.spectrum` gives the eigenvalues of the channel covariance. Two rules turn
+spectra into widths:
+
+- `choose_dimensions`: per group, the smallest k holding a share of the energy (sum of
+  eigenvalues), within [min_ratio, 1] of the width and rounded up to a multiple;
+- `dimensions_for_budget`: all groups at once, under a parameter and/or MAC budget. Each
+  principal direction of each latent is worth what dropping it would change the teacher's
+  output (`output_sensitivity`: its variance times the squared gain from that direction to the
+  output, measured with random output projections of the teacher's gradient), and widths grow,
+  `multiple` channels at a time, where the most output is bought per unit of budget. Energy
+  alone keeps early, full-resolution layers as wide as late ones, at many times their MACs,
+  and counts a direction the output ignores as much as one it depends on.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import keras
 import numpy as np
 
 from tfsubspace.errors import TfSubspaceError
+from tfsubspace.prune import cost, graph
 from tfsubspace.prune.analysis import ChannelAnalysis
 
 
@@ -146,6 +156,141 @@ def narrowest(n: int, min_ratio: float, multiple: int) -> int:
     """The least width choose_dimensions gives a group of width n: ceil(min_ratio * n), at
     least 1, rounded up to `multiple`, at most n."""
     return min(n, math.ceil(max(math.ceil(min_ratio * n), 1) / multiple) * multiple)
+
+
+def output_sensitivity(
+    teacher: keras.Model,
+    ds,
+    analysis: ChannelAnalysis,
+    groups,
+    *,
+    max_batches: int = 8,
+    seed: int = 0,
+    log_output: bool = False,
+) -> dict[str, np.ndarray]:
+    """Per group (of `groups`, which have taps), the (n, n) matrix G = E[sum over positions of
+    g g^T], g the gradient at the group's latent of r . y, y the teacher's output and r a
+    standard normal vector drawn per image: for a change d of the latent at every position,
+    E||change of y||^2 is about sum over positions of d^T G d, so a principal direction v of
+    variance lambda is worth lambda v^T G v. `log_output`: y is the log of the output (a
+    softmax's probabilities: their log is the logits up to a shift)."""
+    import tensorflow as tf
+
+    taps = analysis.taps()
+    by_path = {taps[g]: g for g in groups}
+    rng = np.random.default_rng(seed)
+    sums = dict.fromkeys(groups)
+    images = 0
+    for seen, batch in enumerate(ds):
+        if seen >= max_batches:
+            break
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        watched = {}
+        with tf.GradientTape() as tape:
+
+            def watch(node, out):
+                if node.path in by_path:
+                    tape.watch(out)
+                    watched[by_path[node.path]] = out
+                return out
+
+            values = {ref.key: tf.convert_to_tensor(v) for ref, v in zip(analysis.graph.inputs, [x])}
+            graph.run(analysis.graph, values, watch)
+            y = tf.cast(values[analysis.graph.outputs[0].key], tf.float32)
+            if log_output:
+                y = tf.math.log(tf.maximum(y, 1e-12))
+            y = tf.reshape(y, (tf.shape(y)[0], -1))
+            r = tf.constant(rng.standard_normal(y.shape).astype(np.float32))
+            projected = tf.reduce_sum(r * y)
+        names = list(watched)
+        grads = tape.gradient(projected, [watched[g] for g in names])
+        for g, grad in zip(names, grads):
+            a = np.zeros(watched[g].shape, np.float64) if grad is None else grad.numpy().astype(np.float64)
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            term = np.einsum("bpi,bpj->ij", a, a)
+            sums[g] = term if sums[g] is None else sums[g] + term
+        images += int(x.shape[0])
+    if images == 0:
+        raise TfSubspaceError("The data set is empty: output sensitivity needs at least one batch of images.")
+    return {g: (v if v is not None else np.zeros((1, 1))) / images for g, v in sums.items()}
+
+
+def direction_values(st: LatentStatistics, sensitivity: np.ndarray | None = None) -> np.ndarray:
+    """What each principal direction of a latent is worth, largest first: its variance, or with
+    the output's `sensitivity` (output_sensitivity's G) its variance times v^T G v."""
+    values, vectors = np.linalg.eigh(st.covariance)
+    values = np.clip(values, 0.0, None)
+    if sensitivity is not None:
+        values = values * np.einsum("ij,ik,kj->j", vectors, sensitivity, vectors)
+    return np.sort(values)[::-1]
+
+
+def dimensions_for_budget(
+    stats: dict[str, LatentStatistics],
+    values: dict[str, np.ndarray],
+    analysis: ChannelAnalysis,
+    *,
+    params: float | None = None,
+    macs: float | None = None,
+    min_ratio: float = 0.0,
+    multiple: int = 8,
+) -> dict[str, int]:
+    """Subspace dimension k per group of `stats` so that the model with each group's k
+    channels of highest variance (the rest of the model whole) has at most `params`
+    parameters and `macs` MACs per image: every group starts at its narrowest width, then,
+    `multiple` channels at a time, grows the group whose next directions (`values`, what each
+    direction is worth, largest first) are worth most per unit of budget they use, while the
+    budgets hold. When even the narrowest widths exceed a budget, they are returned as they
+    are (the LASSO stage removes channels further)."""
+    if params is None and macs is None:
+        raise ValueError("dimensions_for_budget needs a parameter or a MAC budget.")
+    if multiple < 1:
+        raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
+    pricer = cost.PlanCost(analysis)
+    width = {g: len(st.total) for g, st in stats.items()}
+    dims = {g: narrowest(n, min_ratio, multiple) for g, n in width.items()}
+    order = {g: np.argsort(-st.channel_variance, kind="stable") for g, st in stats.items()}
+
+    def keep_vector(dims):
+        masks = {}
+        for g, k in dims.items():
+            mask = np.zeros(width[g], bool)
+            mask[order[g][:k]] = True
+            masks[g] = mask
+        return analysis.keep_vector(masks)
+
+    kept = keep_vector(dims)
+    spent = pricer(kept)
+    limits = [(getattr(spent, name), limit) for name, limit in (("params", params), ("macs", macs))]
+    if any(used > limit for used, limit in limits if limit is not None):
+        return dims
+
+    def price(g):  # the cost of growing g by `multiple` channels, at today's widths
+        k = min(width[g], dims[g] + multiple)
+        return k, pricer.change(kept, keep_vector({**dims, g: k}), g)
+
+    def worth(g, k, change):  # output bought per unit of budget, None when it does not fit
+        if (params is not None and spent.params + change.params > params) or (
+            macs is not None and spent.macs + change.macs > macs
+        ):
+            return None
+        share = sum(used / limit for used, limit in ((change.params, params), (change.macs, macs)) if limit)
+        return float(np.sum(values[g][dims[g] : k])) / max(share, 1e-12)
+
+    prices = {g: price(g) for g in dims if dims[g] < width[g]}
+    while prices:
+        offers = {g: worth(g, *p) for g, p in prices.items()}
+        offers = {g: w for g, w in offers.items() if w is not None}
+        if not offers:
+            break
+        g = max(offers, key=offers.get)
+        dims[g], change = prices.pop(g)
+        kept, spent = keep_vector(dims), cost.Cost(spent.params + change.params, spent.macs + change.macs)
+        # a group's price depends on the widths of the groups it shares layers with
+        for h in {g, *pricer.neighbours(g)}:
+            if h in dims and dims[h] < width[h]:
+                prices[h] = price(h)
+    return dims
 
 
 def top_channels(stats: dict[str, LatentStatistics], dims: dict[str, int]) -> dict[str, np.ndarray]:

@@ -63,6 +63,28 @@ class _WithoutActivation(keras.layers.Layer):
             self.layer.activation = activation
 
 
+def _softmax_ending(model: keras.Model):
+    """(layer, its input tensors, whether the softmax is the layer's activation) when
+    `model`'s output is a softmax; None otherwise."""
+    made_by = keras_private.producer(model.outputs[0])
+    if made_by is None:
+        return None
+    layer, node_index = made_by
+    inputs = keras_private.inbound_nodes(layer)[node_index].input_tensors
+    if isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
+    ):
+        return layer, inputs, False
+    if _is_softmax(getattr(layer, "activation", None)) and len(inputs) == 1:
+        return layer, inputs, True
+    return None
+
+
+def ends_in_softmax(model: keras.Model) -> bool:
+    """Whether `model` hands out a softmax's probabilities (see logits_output)."""
+    return _softmax_ending(model) is not None
+
+
 def logits_output(model: keras.Model):
     """The tensor of `model`'s graph whose softmax is its output, or the output itself.
 
@@ -71,19 +93,11 @@ def logits_output(model: keras.Model):
     makes the distillation loss vanish. Its logits are the softmax's input, or the last
     layer's output computed without its activation.
     """
-    output = model.outputs[0]
-    made_by = keras_private.producer(output)
-    if made_by is None:
-        return output
-    layer, node_index = made_by
-    inputs = keras_private.inbound_nodes(layer)[node_index].input_tensors
-    if isinstance(layer, keras.layers.Softmax) or (
-        isinstance(layer, keras.layers.Activation) and _is_softmax(layer.activation)
-    ):
-        return inputs[0]
-    if _is_softmax(getattr(layer, "activation", None)) and len(inputs) == 1:
-        return _WithoutActivation(layer)(inputs[0])
-    return output
+    ending = _softmax_ending(model)
+    if ending is None:
+        return model.outputs[0]
+    layer, inputs, in_activation = ending
+    return _WithoutActivation(layer)(inputs[0]) if in_activation else inputs[0]
 
 
 class StudentTrainer(keras.Model):

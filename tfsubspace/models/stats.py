@@ -36,25 +36,29 @@ def _prod(values) -> int:
     return math.prod(int(v) for v in values)
 
 
-def _conv_macs(layer, in_shape, out_shape) -> int:
+def _conv_macs(layer, n_in: int, n_out: int, in_shape, out_shape) -> int:
     kernel = _prod(layer.kernel_size)
     spatial_out = _prod(out_shape[1:-1])
     if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.DepthwiseConv1D)):
-        return spatial_out * kernel * int(in_shape[-1]) * layer.depth_multiplier
+        return spatial_out * kernel * n_out
     if isinstance(layer, (keras.layers.SeparableConv2D, keras.layers.SeparableConv1D)):
-        depthwise_channels = int(in_shape[-1]) * layer.depth_multiplier
-        return spatial_out * (kernel * depthwise_channels + depthwise_channels * layer.filters)
+        depthwise_channels = n_in * layer.depth_multiplier
+        return spatial_out * (kernel * depthwise_channels + depthwise_channels * n_out)
     if isinstance(layer, (keras.layers.Conv2DTranspose, keras.layers.Conv1DTranspose, keras.layers.Conv3DTranspose)):
-        return _prod(in_shape[1:-1]) * kernel * int(in_shape[-1]) * layer.filters
+        return _prod(in_shape[1:-1]) * kernel * n_in * n_out
     groups = getattr(layer, "groups", 1)
-    return spatial_out * kernel * (int(in_shape[-1]) // groups) * layer.filters
+    return spatial_out * kernel * (n_in // groups) * n_out
 
 
-def _layer_macs(layer, in_shape, out_shape) -> int:
+def layer_macs(layer, in_shape, out_shape) -> int:
+    """MACs of one call of `layer` from a tensor of `in_shape` to one of `out_shape` (batch
+    axis first, channels last). The channel counts come from the shapes, not the layer, so
+    the same call can be priced at other widths (a pruning plan's)."""
+    n_in, n_out = int(in_shape[-1]), int(out_shape[-1])
     if isinstance(layer, keras.layers.Dense):
-        return _prod(in_shape[1:]) * layer.units
+        return _prod(in_shape[1:]) * n_out
     if hasattr(layer, "kernel_size"):  # every convolution, depthwise and transposed included
-        return _conv_macs(layer, in_shape, out_shape)
+        return _conv_macs(layer, n_in, n_out, in_shape, out_shape)
     return 0
 
 
@@ -92,7 +96,7 @@ def layer_stats(model: keras.Model) -> list[LayerStats]:
                         "build the model with a fully known input shape (keras.Input(shape=(H, W, C)))."
                     )
                 continue
-            macs += _layer_macs(layer, in_shape, out_shape)
+            macs += layer_macs(layer, in_shape, out_shape)
         rows.append(LayerStats(layer.name, type(layer).__name__, int(layer.count_params()), int(macs)))
     return rows
 

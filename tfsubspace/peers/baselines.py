@@ -14,11 +14,12 @@ work_dir/NAME.keras, and resumes from its epoch checkpoints when run again.
   regressor, then distillation with labels (Romero et al., "FitNets", ICLR 2015).
 - `l1_filter_pruning`: the teacher's filters of smallest L1 norm removed, one pruning ratio
   for every layer, then fine-tuning with labels (Li et al., "Pruning Filters for Efficient
-  ConvNets", ICLR 2017).
+  ConvNets", ICLR 2017); `l1_filter_kd`: the same cut, then output distillation from the
+  teacher on unlabeled images instead of labels.
 - `network_slimming`: training with L1 on the BatchNormalization scales, the channels of
   smallest scale removed under one global threshold, then fine-tuning with labels (Liu et
   al., "Learning Efficient Convolutional Networks through Network Slimming", ICCV 2017).
-The pruning methods take a parameter budget (absolute count) and meet it with
+The pruning methods take a parameter and/or MAC budget (absolute counts) and meet them with
 tfsubspace.prune.ranking.plan_for_budget; like compress(), they measure BatchNormalization
 statistics again after the cut and after a fine-tuning too short for BN's moving averages.
 Every method takes a tf.distribute `strategy` (tfsubspace.train.distribute): it then trains copies
@@ -260,12 +261,22 @@ def fitnets(
     return student
 
 
+def _l1_cut(teacher, ds, params, macs, multiple, work_dir):
+    analysis = analyze(teacher)
+    plan = ranking.plan_for_budget(
+        analysis, ranking.filter_l1_norms(analysis), params=params, macs=macs, compare="rank", multiple=multiple
+    )
+    plan.save(Path(work_dir) / "plan.json")
+    return _pruned(teacher, plan, ds, analysis=analysis)
+
+
 def l1_filter_pruning(
     teacher: keras.Model,
     labeled_ds,
     *,
-    params: int,
+    params: int | None,
     epochs: int,
+    macs: int | None = None,
     work_dir,
     learning_rate: float = 3e-4,
     multiple: int = 1,
@@ -273,15 +284,11 @@ def l1_filter_pruning(
     strategy=None,
 ) -> keras.Model:
     """Li et al.: removes the filters of smallest L1 norm, the same share of every layer,
-    until at most `params` parameters remain; fine-tunes `epochs` epochs with labels."""
+    until at most `params` parameters (and `macs` MACs per image) remain; fine-tunes `epochs`
+    epochs with labels."""
     if (done := _finished(work_dir, "l1_filter")) is not None:
         return done
-    analysis = analyze(teacher)
-    plan = ranking.plan_for_budget(
-        analysis, ranking.filter_l1_norms(analysis), params=params, compare="rank", multiple=multiple
-    )
-    plan.save(Path(work_dir) / "plan.json")
-    slim = _pruned(teacher, plan, labeled_ds, analysis=analysis)
+    slim = _l1_cut(teacher, labeled_ds, params, macs, multiple, work_dir)
     slim = _fine_tune(
         slim,
         labeled_ds,
@@ -294,6 +301,29 @@ def l1_filter_pruning(
     )
     fileio.save_model(slim, Path(work_dir) / "l1_filter.keras")
     return slim
+
+
+def l1_filter_kd(
+    teacher: keras.Model,
+    ds,
+    *,
+    params: int | None,
+    epochs: int,
+    work_dir,
+    macs: int | None = None,
+    multiple: int = 1,
+    augment=None,
+    verbose="auto",
+    strategy=None,
+) -> keras.Model:
+    """Li et al.'s cut (see l1_filter_pruning), then `epochs` epochs of output distillation
+    from `teacher` on the images of `ds` (no labels; `augment`: the views both see)."""
+    if (done := _finished(work_dir, "kd")) is not None:
+        return done
+    slim = _l1_cut(teacher, ds, params, macs, multiple, work_dir)
+    return train_kd_only(
+        slim, teacher, ds, epochs=epochs, work_dir=work_dir, augment=augment, verbose=verbose, strategy=strategy
+    )
 
 
 def network_slimming(

@@ -132,6 +132,20 @@ def _trace(model, input_refs, counter, prefix) -> Graph:
     return Graph(model, inputs, outputs, nodes)
 
 
+def run(g: Graph, values: dict, fn=None) -> None:
+    """Runs graph `g` eagerly, layer call by layer call: `values` maps tensor keys to values
+    (the inputs' on entry; every tensor's on return), and `fn(node, out)`, when given, replaces
+    each call's output (to mask it, or to watch it on a GradientTape)."""
+    for node in g.nodes:
+        if node.sub is not None:
+            run(node.sub, values, fn)
+            for outer, inner in zip(node.outputs, node.sub.outputs):
+                values[outer.key] = values[inner.key]
+            continue
+        out = node.layer(*substitute(node.args, values), **substitute(node.kwargs, values))
+        values[node.outputs[0].key] = out if fn is None else fn(node, out)
+
+
 def _swap(x: Any, refs: dict) -> Any:
     if isinstance(x, keras.KerasTensor):
         return refs[id(x)]

@@ -19,8 +19,7 @@ import bisect
 import keras
 import numpy as np
 
-from tfsubspace.models import stats
-from tfsubspace.prune import channels, surgery
+from tfsubspace.prune import channels, cost, surgery
 from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.prune.index import ChannelIndex
 from tfsubspace.prune.plan import PruningPlan
@@ -88,9 +87,8 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
     early, full-resolution ones that hold the MACs: far more parameters than either budget asks.
     """
 
-    def count_macs(trial):  # MACs need the spatial sizes: count them on the slim model
-        slim = surgery.apply_plan(analysis.model, finish(trial), analysis=analysis, verify=False).model
-        return stats.count_macs(slim)
+    def count_macs(trial):
+        return cost.plan_macs(analysis, finish(trial), validate=False)
 
     def params_fit(trial):
         return budget is None or surgery.plan_params(analysis, finish(trial)) <= budget

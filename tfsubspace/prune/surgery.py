@@ -68,18 +68,6 @@ class SurgeryResult:
 # ---------------------------------------------------------------- masked reference
 
 
-def _run(g: Graph, values: dict, fn) -> None:
-    """Runs graph `g` eagerly: values maps tensor keys to arrays; fn(node, out) post-processes."""
-    for node in g.nodes:
-        if node.sub is not None:
-            _run(node.sub, values, fn)
-            for outer, inner in zip(node.outputs, node.sub.outputs):
-                values[outer.key] = values[inner.key]
-            continue
-        out = node.layer(*substitute(node.args, values), **substitute(node.kwargs, values))
-        values[node.outputs[0].key] = fn(node, out)
-
-
 def masked_predict(
     model: keras.Model,
     plan: PruningPlan,
@@ -103,7 +91,7 @@ def masked_predict(
         return out if m.all() else out * keras.ops.convert_to_tensor(m.astype(np.float32))
 
     values = _run_inputs(analysis, x)
-    _run(analysis.graph, values, mask)
+    graph.run(analysis.graph, values, mask)
     return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs]
 
 
@@ -132,7 +120,7 @@ def _constant_channels(analysis: ChannelAnalysis, kept: np.ndarray, x):
                 live = np.any(np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2]) != 0, axis=0)
             constant[analysis.ids[node.outputs[0].key][live]] = False
     values = _run_inputs(analysis, x)
-    _run(analysis.graph, values, lambda node, out: out)
+    graph.run(analysis.graph, values)
     per_node = {}
     for node in analysis.graph.walk():
         if not isinstance(analysis.handler_for(node.layer), channels.Producer):
@@ -288,7 +276,7 @@ def _folded_reference(analysis: ChannelAnalysis, kept: np.ndarray, x, carried: d
             )
         return out if passes.all() else out * mask
 
-    _run(analysis.graph, values, step)
+    graph.run(analysis.graph, values, step)
     return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs], deviations
 
 

@@ -1,0 +1,139 @@
+"""Widths chosen for a budget: plan costs without surgery, the output-weighted value of each
+latent direction, the search that spends the budget, and compress()'s default budget."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfsubspace
+from tfsubspace import models
+from tfsubspace.distill import subspace
+from tfsubspace.distill.pipeline import DEFAULT_TARGET_PARAMS, CompressionConfig
+from tfsubspace.models import stats
+from tfsubspace.prune import analysis, cost, surgery
+from tfsubspace.prune.plan import PruningPlan
+
+
+def random_masks(an, rng, share=0.6):
+    masks = {name: rng.random(g.size) < share for name, g in an.groups.items() if g.prunable}
+    for mask in masks.values():
+        mask[rng.integers(len(mask))] = True
+    return masks
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: models.build("vgg16", (28, 28, 1), 10, width=0.25),
+        lambda: models.build("wrn", (28, 28, 1), 10, depth=10, widen_factor=1),
+        lambda: models.build("lenet5", (28, 28, 1), 10),
+        lambda: keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
+    ],
+)
+def test_plan_cost_is_the_slim_models_count(build):
+    model = build()
+    an = analysis.analyze(model)
+    rng = np.random.default_rng(0)
+    pricer = cost.PlanCost(an)
+    for _ in range(2):
+        masks = random_masks(an, rng)
+        plan = PruningPlan.from_masks(an, masks)
+        slim = surgery.apply_plan(model, plan, analysis=an, verify=False).model
+        priced = cost.plan_cost(an, plan)
+        assert priced == cost.Cost(stats.count_params(slim), stats.count_macs(slim))
+        assert priced.params == surgery.plan_params(an, plan)
+        # changing one group re-prices only its calls, to the same total
+        group = next(iter(masks))
+        wider = {**masks, group: np.ones_like(masks[group])}
+        before, after = an.keep_vector(masks), an.keep_vector(wider)
+        assert pricer.change(before, after, group) == pricer(after) - pricer(before)
+
+
+def _two_branch_teacher():
+    """Two parallel convolutions: the output reads only the first (the second's Dense weights
+    are zero), though the second's latent has far more energy."""
+    inputs = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(16, 3, padding="same", name="seen")(inputs)
+    b = keras.layers.Conv2D(16, 3, padding="same", name="ignored")(inputs)
+    x = keras.layers.Concatenate(name="cat")([keras.layers.ReLU(name="ra")(a), keras.layers.ReLU(name="rb")(b)])
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    rng = np.random.default_rng(0)
+    model.get_layer("ignored").set_weights([10 * rng.standard_normal((3, 3, 1, 16)), np.zeros(16)])
+    kernel, bias = model.get_layer("logits").get_weights()
+    kernel[16:] = 0.0
+    model.get_layer("logits").set_weights([kernel, bias])
+    return model
+
+
+def test_directions_are_worth_what_the_output_depends_on():
+    model = _two_branch_teacher()
+    an = analysis.analyze(model)
+    images = tf.data.Dataset.from_tensor_slices(np.random.default_rng(1).random((64, 8, 8, 1), "float32")).batch(16)
+    latents = subspace.latent_statistics(model, images, an, progress=False)
+    assert set(latents) == {"seen", "ignored"}
+    energy = {g: subspace.direction_values(st) for g, st in latents.items()}
+    assert energy["ignored"].sum() > 10 * energy["seen"].sum()  # by energy, the ignored branch wins
+    sensitivity = subspace.output_sensitivity(model, images, an, list(latents))
+    worth = {g: subspace.direction_values(st, sensitivity[g]) for g, st in latents.items()}
+    assert worth["ignored"].max() == 0.0
+    assert worth["seen"].max() > 0.0
+    # under a budget, the search widens the branch the output reads and leaves the other narrowest
+    budget = cost.plan_cost(an, PruningPlan.from_masks(an, {"seen": np.ones(16, bool), "ignored": np.eye(16)[0] > 0}))
+    dims = subspace.dimensions_for_budget(latents, worth, an, params=budget.params, multiple=1)
+    assert dims == {"seen": 16, "ignored": 1}
+    dims = subspace.dimensions_for_budget(latents, energy, an, params=budget.params, multiple=1)
+    assert dims["ignored"] > dims["seen"]
+
+
+@pytest.mark.parametrize("budget", [{"params": 0.3}, {"macs": 0.4}, {"params": 0.25, "macs": 0.5}])
+def test_the_search_spends_the_budget_and_no_more(budget):
+    model = models.build("vgg16", (28, 28, 1), 10, width=0.25)
+    an = analysis.analyze(model)
+    rng = np.random.default_rng(2)
+    images = tf.data.Dataset.from_tensor_slices(rng.random((64, 28, 28, 1), "float32")).batch(32)
+    latents = subspace.latent_statistics(model, images, an, progress=False)
+    values = {g: subspace.direction_values(st) for g, st in latents.items()}
+    full = cost.plan_cost(an, PruningPlan.from_masks(an, {}))
+    limits = {name: share * getattr(full, name) for name, share in budget.items()}
+    dims = subspace.dimensions_for_budget(latents, values, an, multiple=8, **limits)
+
+    def priced(dims):
+        return cost.plan_cost(an, PruningPlan.from_masks(an, subspace.top_channels(latents, dims)))
+
+    spent = priced(dims)
+    assert all(getattr(spent, name) <= limit for name, limit in limits.items())
+    assert all(k % 8 == 0 or k == len(latents[g].total) for g, k in dims.items())
+    # no group can take its next 8 channels within the budget
+    for g, k in dims.items():
+        if k < len(latents[g].total):
+            grown = priced({**dims, g: min(k + 8, len(latents[g].total))})
+            assert any(getattr(grown, name) > limit for name, limit in limits.items()), g
+    # a budget the narrowest widths already exceed returns them
+    tight = subspace.dimensions_for_budget(latents, values, an, params=1000, multiple=8)
+    assert tight == {g: 8 for g in latents}
+
+
+def test_the_default_is_the_papers_compression():
+    config = CompressionConfig()
+    assert config.width_rule == "budget"
+    assert config.with_default_budget().target_params == DEFAULT_TARGET_PARAMS == 0.2
+    assert CompressionConfig(energy=0.99).with_default_budget().target_params is None
+    assert CompressionConfig(target_macs=0.5).with_default_budget().target_params is None
+    with pytest.raises(ValueError, match="Give energy or width_ratio, not both"):
+        CompressionConfig(energy=0.9, width_ratio=0.5).validate()
+    with pytest.raises(ValueError, match="headroom must be at least 1"):
+        CompressionConfig(headroom=0.5).validate()
+
+
+@pytest.mark.slow
+def test_compress_with_only_a_model_and_images_removes_about_80_percent():
+    keras.utils.set_random_seed(0)
+    model = models.build("vgg16", (28, 28, 1), 10, width=0.25)
+    images = np.random.default_rng(3).random((256, 28, 28, 1), "float32")
+    result = tfsubspace.compress(model, images, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0)
+    report = result.report
+    assert report["budgets"]["params"]["met"]
+    assert 0.78 <= report["params_removed"] <= 0.85, report["params_removed"]
+    assert result.student.count_params() == surgery.plan_params(analysis.analyze(model), result.plan)
