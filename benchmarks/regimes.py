@@ -199,8 +199,14 @@ def main(argv):
 
 
 def write(out_json: Path, rows: list, teachers: dict) -> None:
+    """Writes the results; rows and teachers another run wrote meanwhile are kept."""
     from tfsubspace import fileio
 
+    if out_json.exists():
+        saved = json.loads(out_json.read_text())
+        mine = {(r["teacher"], r["regime"], r["method"]) for r in rows}
+        rows = [r for r in saved.get("rows", []) if (r["teacher"], r["regime"], r["method"]) not in mine] + rows
+        teachers = {**saved.get("teachers", {}), **teachers}
     fileio.write_json(out_json, {"teachers": teachers, "machine": machine(), "rows": rows})
     lines = [
         "# Few unlabeled images, in and out of the teacher's domain",
