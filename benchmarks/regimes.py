@@ -24,8 +24,9 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images, 
   budget), the default before widths were chosen for the budget;
 - tfsubspace_plain: compress() before consistent views: no augmentation, nothing held out,
   5 + 2 epochs, energy=0.99;
-- tfsubspace_crop / tfsubspace_mixup / tfsubspace_noaug: the defaults with crops alone / mixup
-  alone / no augmentation, to tell the parts of the views apart;
+- tfsubspace_crop / tfsubspace_mixup / tfsubspace_noaug / tfsubspace_crop_mixup2: the
+  defaults with crops alone / mixup alone / no augmentation / crops and mixup, to tell the
+  parts of the views apart;
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   with the same views for as many steps as tfsubspace;
 - kd_plain: the same without augmentation (kd_fresh_energy: kd_fresh of the tfsubspace_energy
@@ -66,6 +67,7 @@ _TFSUBSPACE = {  # method -> compress() options besides the budget
     "tfsubspace_crop": {"augment": "crop"},
     "tfsubspace_mixup": {"augment": "mixup"},
     "tfsubspace_noaug": {"augment": "none"},
+    "tfsubspace_crop_mixup2": {"augment": "crop,mixup"},
     "tfsubspace_plain": {"energy": 0.99, "augment": "none", "holdout": 0.0, "epochs": 5},
 }
 
