@@ -112,7 +112,7 @@ def test_the_search_spends_the_budget_and_no_more(budget):
             assert any(getattr(grown, name) > limit for name, limit in limits.items()), g
     # a budget the narrowest widths already exceed returns them
     tight = subspace.dimensions_for_budget(latents, values, an, params=1000, multiple=8)
-    assert tight == {g: 8 for g in latents}
+    assert tight == dict.fromkeys(latents, 8)
 
 
 def test_the_default_is_the_papers_compression():
@@ -137,3 +137,26 @@ def test_compress_with_only_a_model_and_images_removes_about_80_percent():
     assert report["budgets"]["params"]["met"]
     assert 0.78 <= report["params_removed"] <= 0.85, report["params_removed"]
     assert result.student.count_params() == surgery.plan_params(analysis.analyze(model), result.plan)
+
+
+@pytest.mark.slow
+def test_a_speedup_budget_is_planned_and_reported(tmp_path):
+    """target_speedup: the latency table of the teacher prices every plan; the student meets
+    the budget by the table's estimate, and the report says so."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c1")(inputs)
+    x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="c2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    images = np.random.default_rng(4).random((128, 16, 16, 1), "float32")
+    result = tfsubspace.compress(
+        model, images, target_speedup=2.0, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0
+    )
+    report = result.report
+    latency = report["latency"]
+    assert latency["speedup"] >= 2.0 / 1.01
+    assert report["budgets"]["latency_ms"]["met"]
+    assert report["budgets"]["latency_ms"]["target"] == pytest.approx(latency["teacher_ms"] / 2, rel=1e-4)
+    assert "target_params" not in report["budgets"] and "params" not in report["budgets"]
+    assert "float32 .tflite latency" in result.summary()

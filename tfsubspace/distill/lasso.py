@@ -185,18 +185,23 @@ def lasso_plan(
     *,
     zero_tolerance: float = 1e-6,
     multiple: int = 1,
-    budget: float | None = None,
-    macs_budget: float | None = None,
+    params: float | None = None,
+    macs: float | None = None,
+    latency_ms: float | None = None,
+    latency=None,
 ) -> PruningPlan:
     """The pruning plan LASSO left: drop the channels whose ChannelLasso norm is (relatively)
-    under `zero_tolerance`; with a parameter `budget` and/or a `macs_budget` (per image), also
-    the weakest by normalized norm until both are met (tfsubspace.prune.ranking.plan_for_budget)."""
+    under `zero_tolerance`; with budgets (`params`, `macs` per image, `latency_ms` as the
+    LatencyTable `latency` prices it), also the weakest by normalized norm until all are met
+    (tfsubspace.prune.ranking.plan_for_budget)."""
     norms = ChannelLasso(analysis).norms()
     return ranking.plan_for_budget(
         analysis,
         norms,
-        params=budget,
-        macs=macs_budget,
+        params=params,
+        macs=macs,
+        latency_ms=latency_ms,
+        latency=latency,
         compare="normalized",
         multiple=multiple,
         keep=alive(norms, zero_tolerance),

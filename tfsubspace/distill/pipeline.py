@@ -128,6 +128,12 @@ class CompressionConfig:
     target_macs: float | int | None = _option(
         None, "MAC budget per image: a ratio of the teacher's (float in (0, 1]) or a count (integer > 1)."
     )
+    target_speedup: float | None = _option(
+        None, "Latency budget: the student's float32 .tflite this many times faster than the teacher's, here."
+    )
+    target_latency_ms: float | None = _option(
+        None, "Latency budget in milliseconds of the student's float32 .tflite (batch 1) on this machine."
+    )
     stats_batches: int = _option(100, "Batches for the latent statistics.")
     bn_batches: int = _option(50, "Batches for each BatchNormalization re-estimation.")
     seed: int = _option(0, "Random seed.")
@@ -228,6 +234,15 @@ class CompressionConfig:
                     "a ratio of the teacher's as a float in (0, 1], or a count as an integer > 1 "
                     "(a float over 1 is neither)",
                 )
+        for name in ("target_speedup", "target_latency_ms"):
+            value = getattr(self, name)
+            if value is not None and (not number(value) or not np.isfinite(value) or value <= 0):
+                fail(name, "a positive number or None")
+        if self.target_speedup is not None and self.target_latency_ms is not None:
+            raise ValueError(
+                f"Give target_speedup or target_latency_ms, not both. Received: target_speedup={self.target_speedup}, "
+                f"target_latency_ms={self.target_latency_ms}"
+            )
         if self.stats_batches < 1:
             fail("stats_batches", "a positive integer")
         if self.bn_batches < 0:
@@ -246,7 +261,8 @@ class CompressionConfig:
 
     def with_default_budget(self) -> CompressionConfig:
         """This config, with DEFAULT_TARGET_PARAMS when widths follow a budget and none is set."""
-        if self.width_rule == "budget" and self.target_params is None and self.target_macs is None:
+        budgets = (self.target_params, self.target_macs, self.target_speedup, self.target_latency_ms)
+        if self.width_rule == "budget" and all(b is None for b in budgets):
             return dataclasses.replace(self, target_params=DEFAULT_TARGET_PARAMS)
         return self
 
@@ -358,6 +374,11 @@ def compress(
             exceeds is warned about, and the report says so.
         target_macs: the same as a budget of multiply-accumulates per image (both may be set;
             LASSO is aimed at the plan that meets both).
+        target_speedup / target_latency_ms: a latency budget for the student's float32 .tflite
+            (batch 1, one thread) on this machine: a speed-up over the teacher's, or
+            milliseconds. Latency is priced by a table measured once per model and machine
+            (tfsubspace.edge.latency.LatencyTable, cached; it finds the width multiples this
+            machine's kernels step at) and planned for like the other budgets.
         stats_batches / bn_batches: batches for the latent statistics / each BN re-estimation
             (of the sliced student, of the pruned one and after a short recovery).
         seed: random seed.
@@ -485,6 +506,7 @@ class _Pipeline:
         self.surgery: dict | None = None  # the prune stage's check, from this run or its file
         self.spectra: dict | None = None  # the subspace stage's spectra, from this run or its file
         self._stages_seen = 0
+        self._latency_table = self._latency_budget = None
         # images kept aside (never trained on) and the teacher's top-1 on them
         self.heldout = heldout
         self.heldout_teacher = heldout_top1(teacher, heldout) if heldout is not None else None
@@ -609,15 +631,11 @@ class _Pipeline:
                 log_output=ends_in_softmax(self.teacher),
             )
             values = {g: subspace.direction_values(st, sensitivity[g]) for g, st in latents.items()}
-            params, macs = self._budgets()
+            budgets = self._budgets()
+            for name in ("params", "macs", "latency_ms"):
+                budgets[name] = None if budgets[name] is None else budgets[name] * c.headroom
             dims = subspace.dimensions_for_budget(
-                latents,
-                values,
-                self.analysis,
-                params=None if params is None else params * c.headroom,
-                macs=None if macs is None else macs * c.headroom,
-                min_ratio=c.min_ratio,
-                multiple=c.multiple,
+                latents, values, self.analysis, min_ratio=c.min_ratio, multiple=c.multiple, **budgets
             )
         else:
             dims = subspace.choose_dimensions(
@@ -715,18 +733,13 @@ class _Pipeline:
                 patience=c.patience if keep_best else None,
             )
         extra = []
-        if lasso is not None and (c.target_params is not None or c.target_macs is not None):
-            params, macs = self._budgets()
+        budgets = self._budgets()
+        if lasso is not None and any(budgets[name] is not None for name in ("params", "macs", "latency_ms")):
             extra.append(
                 BudgetTargets(
                     lasso,
                     lambda norms: ranking.plan_for_budget(
-                        student_analysis,
-                        norms,
-                        params=params,
-                        macs=macs,
-                        multiple=c.multiple,
-                        keep=alive(norms, c.zero_tolerance),
+                        student_analysis, norms, multiple=c.multiple, keep=alive(norms, c.zero_tolerance), **budgets
                     ).masks(),
                     groups_of_taps={tap: g for g, tap in student_analysis.taps().items()},
                 )
@@ -756,20 +769,37 @@ class _Pipeline:
             self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
         return layer
 
-    def _budgets(self) -> tuple[int | None, int | None]:
-        """The parameter and MAC budgets as counts (None where not set)."""
+    def _budgets(self) -> dict:
+        """The budgets as plan_for_budget / dimensions_for_budget take them: absolute counts of
+        parameters and MACs, milliseconds and the latency table (None where not set)."""
         c = self.config
-        return (
-            _absolute(c.target_params, stats.count_params(self.teacher)),
-            _absolute(c.target_macs, stats.count_macs(self.teacher)),
-        )
+        table, latency_ms = self._latency()
+        return {
+            "params": _absolute(c.target_params, stats.count_params(self.teacher)),
+            "macs": _absolute(c.target_macs, stats.count_macs(self.teacher)),
+            "latency_ms": latency_ms,
+            "latency": table,
+        }
+
+    def _latency(self):
+        """The teacher's latency table and the latency budget in ms, or (None, None)."""
+        c = self.config
+        if c.target_speedup is None and c.target_latency_ms is None:
+            return None, None
+        if self._latency_table is None:
+            from tfsubspace.edge.latency import LatencyTable
+
+            self.log("latency: measuring the teacher's layers with LiteRT (cached per model and machine)")
+            self._latency_table = LatencyTable.measure(self.teacher, progress=c.verbose == 2)
+            teacher_ms = self._latency_table.estimate()
+            budget = c.target_latency_ms if c.target_latency_ms is not None else teacher_ms / c.target_speedup
+            self.log(f"latency: teacher {teacher_ms:.4f} ms per image here; budget {budget:.4f} ms")
+            self._latency_budget = budget
+        return self._latency_table, self._latency_budget
 
     def _lasso_plan(self, student, path):
         c = self.config
-        params, macs = self._budgets()
-        plan = lasso_plan(
-            analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, budget=params, macs_budget=macs
-        )
+        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, **self._budgets())
         plan.save(path)
         return plan
 
@@ -824,21 +854,33 @@ class _Pipeline:
                 ) from None
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
+        table, latency_budget = self._latency()
+        latency = None
+        if table is not None:
+            t_ms, s_ms = table.estimate(), table.estimate_model(student)
+            latency = {"teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms, "machine": table.machine}
         budgets = {}
         for name, option, teacher_value, reached in (
             ("params", "target_params", t_params, s_params),
             ("macs", "target_macs", t_macs, s_macs),
+            ("latency_ms", "target_speedup" if self.config.target_speedup else "target_latency_ms", None, None),
         ):
-            target = _absolute(getattr(self.config, option), teacher_value)
+            if name == "latency_ms":
+                if latency is None:
+                    continue
+                target, reached = latency_budget, latency["student_ms"]
+            else:
+                target = _absolute(getattr(self.config, option), teacher_value)
             if target is None:
                 continue
             # folding the constants of removed channels may add a bias or two: 1% of slack
             met = reached <= target * 1.01
-            budgets[name] = {"target": int(round(target)), "reached": int(reached), "met": met}
+            rounded = (lambda v: float(f"{v:.6g}")) if name == "latency_ms" else (lambda v: int(round(v)))
+            budgets[name] = {"target": rounded(target), "reached": rounded(reached), "met": met}
             if not met:
                 warnings.warn(
-                    f"{option}={getattr(self.config, option)!r}: the student has {reached:,} {name}, over the budget "
-                    f"of {int(round(target)):,}; its channel groups are at their narrowest (min_ratio="
+                    f"{option}={getattr(self.config, option)!r}: the student has {rounded(reached):,} {name}, over "
+                    f"the budget of {rounded(target):,}; its channel groups are at their narrowest (min_ratio="
                     f"{self.config.min_ratio}, multiple={self.config.multiple}, output units are never removed).",
                     stacklevel=2,
                 )
@@ -858,6 +900,8 @@ class _Pipeline:
                 if g in plan1.groups
             },
             "budgets": budgets,
+            # float32 .tflite latency per image as the teacher's latency table prices it
+            **({"latency": latency} if latency is not None else {}),
             "agreement_in_training": {
                 name: log for name in ("distill", "recover") if (log := _agreement_log(self.dir / f"{name}.csv"))
             },

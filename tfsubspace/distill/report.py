@@ -54,6 +54,12 @@ def format_report(report: dict) -> str:
         f"| params | {t['params']:,} | {s['params']:,} ({pct(report['params_removed'])} removed) |",
         f"| MACs / image | {t['macs']:,} | {s['macs']:,} ({pct(report['macs_removed'])} removed) |",
     ]
+    if "latency" in report:
+        lat = report["latency"]
+        lines.append(
+            f"| float32 .tflite latency (estimated here) | {lat['teacher_ms']:.4f} ms | {lat['student_ms']:.4f} ms "
+            f"({lat['speedup']:.2f}x faster) |"
+        )
     if "accuracy" in s:
         lines.append(f"| accuracy | {pct(t.get('accuracy'))} | {pct(s.get('accuracy'))} |")
     if "agreement" in s:

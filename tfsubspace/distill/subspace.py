@@ -239,21 +239,31 @@ def dimensions_for_budget(
     *,
     params: float | None = None,
     macs: float | None = None,
+    latency_ms: float | None = None,
+    latency=None,
     min_ratio: float = 0.0,
     multiple: int = 8,
 ) -> dict[str, int]:
     """Subspace dimension k per group of `stats` so that the model with each group's k
     channels of highest variance (the rest of the model whole) has at most `params`
-    parameters and `macs` MACs per image: every group starts at its narrowest width, then,
+    parameters, `macs` MACs per image and `latency_ms` milliseconds as `latency` (the model's
+    tfsubspace.edge.latency.LatencyTable) prices it: every group starts at its narrowest width, then,
     `multiple` channels at a time, grows the group whose next directions (`values`, what each
     direction is worth, largest first) are worth most per unit of budget they use, while the
     budgets hold. When even the narrowest widths exceed a budget, they are returned as they
     are (the LASSO stage removes channels further)."""
-    if params is None and macs is None:
-        raise ValueError("dimensions_for_budget needs a parameter or a MAC budget.")
+    budgets = {"params": params, "macs": macs, "latency_ms": latency_ms}
+    if all(v is None for v in budgets.values()):
+        raise ValueError("dimensions_for_budget needs a parameter, MAC or latency budget.")
+    if latency_ms is not None and latency is None:
+        raise ValueError("A latency_ms budget needs the model's latency table (latency=).")
     if multiple < 1:
         raise ValueError(f"multiple must be a positive integer. Received: multiple={multiple}")
-    pricer = cost.PlanCost(analysis)
+    pricer = cost.PlanCost(analysis, latency=latency if latency_ms is not None else None)
+
+    def fits(c: cost.Cost) -> bool:
+        return all(limit is None or getattr(c, name) <= limit for name, limit in budgets.items())
+
     width = {g: len(st.total) for g, st in stats.items()}
     dims = {g: narrowest(n, min_ratio, multiple) for g, n in width.items()}
     order = {g: np.argsort(-st.channel_variance, kind="stable") for g, st in stats.items()}
@@ -268,8 +278,7 @@ def dimensions_for_budget(
 
     kept = keep_vector(dims)
     spent = pricer(kept)
-    limits = [(getattr(spent, name), limit) for name, limit in (("params", params), ("macs", macs))]
-    if any(used > limit for used, limit in limits if limit is not None):
+    if not fits(spent):
         return dims
 
     def price(g):  # the cost of growing g by `multiple` channels, at today's widths
@@ -277,11 +286,10 @@ def dimensions_for_budget(
         return k, pricer.change(kept, keep_vector({**dims, g: k}), g)
 
     def worth(g, k, change):  # output bought per unit of budget, None when it does not fit
-        if (params is not None and spent.params + change.params > params) or (
-            macs is not None and spent.macs + change.macs > macs
-        ):
+        if not fits(spent + change):
             return None
-        share = sum(used / limit for used, limit in ((change.params, params), (change.macs, macs)) if limit)
+        # a change can be negative (a width that is a faster kernel's multiple): then it comes first
+        share = sum(getattr(change, name) / limit for name, limit in budgets.items() if limit)
         return float(np.sum(values[g][dims[g] : k])) / max(share, 1e-12)
 
     prices = {g: price(g) for g in dims if dims[g] < width[g]}
@@ -292,7 +300,7 @@ def dimensions_for_budget(
             break
         g = max(offers, key=offers.get)
         dims[g], change = prices.pop(g)
-        kept, spent = keep_vector(dims), cost.Cost(spent.params + change.params, spent.macs + change.macs)
+        kept, spent = keep_vector(dims), spent + change
         # a group's price depends on the widths of the groups it shares layers with
         for h in {g, *pricer.neighbours(g)}:
             if h in dims and dims[h] < width[h]:

@@ -19,7 +19,7 @@ import bisect
 import keras
 import numpy as np
 
-from tfsubspace.prune import channels, cost, surgery
+from tfsubspace.prune import channels, cost
 from tfsubspace.prune.analysis import ChannelAnalysis
 from tfsubspace.prune.index import ChannelIndex
 from tfsubspace.prune.plan import PruningPlan
@@ -44,18 +44,23 @@ def plan_for_budget(
     *,
     params: float | None = None,
     macs: float | None = None,
+    latency_ms: float | None = None,
+    latency=None,
     compare: str = "normalized",
     multiple: int = 1,
     keep: dict[str, np.ndarray] | None = None,
 ) -> PruningPlan:
     """The plan that removes the fewest lowest-scored channels for the model to have at most
-    `params` parameters and `macs` MACs per image (absolute counts; None: no limit).
+    `params` parameters, `macs` MACs per image and `latency_ms` milliseconds as `latency` (a
+    tfsubspace.edge.latency.LatencyTable of the model) prices it (None: no limit).
 
     `keep` (boolean masks per group) starts from channels already chosen (others are gone);
     groups missing from `scores` are kept whole.
     """
     if compare not in COMPARE:
         raise ValueError(f"compare must be one of {COMPARE}. Received: compare={compare!r}")
+    if latency_ms is not None and latency is None:
+        raise ValueError("A latency_ms budget needs the model's latency table (latency=).")
     scores = {g: np.asarray(s, dtype=np.float64) for g, s in scores.items()}
     masks = {g: (np.ones(len(s), bool) if keep is None else np.array(keep[g], bool)) for g, s in scores.items()}
     for g, mask in masks.items():
@@ -66,8 +71,10 @@ def plan_for_budget(
         plan = PruningPlan.from_masks(analysis, trial).round_up(multiple, scores=scores)
         return ensure_every_layer_kept(analysis, plan, scores)
 
-    if params is not None or macs is not None:
-        masks = _meet_budget(analysis, _comparable(scores, masks, compare), masks, params, macs, finish)
+    pricer = cost.PlanCost(analysis, latency=latency if latency_ms is not None else None)
+    budgets = {"params": params, "macs": macs, "latency_ms": latency_ms}
+    if any(v is not None for v in budgets.values()):
+        masks = _meet_budget(analysis, pricer, _comparable(scores, masks, compare), masks, budgets, finish)
     return finish(masks)
 
 
@@ -79,44 +86,48 @@ def _comparable(scores, masks, compare):
     return {g: s / max(float(s[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, s in scores.items()}
 
 
-def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
+def _meet_budget(analysis, pricer, comparable, masks, budgets, finish):
     """Removes the fewest channels that make the plan fit the budgets: the lowest-scored
-    first until the parameter budget holds, then, while MACs are still over their budget, the
-    channels whose score per MAC they cost is lowest. One score order for both would stop only
-    when MACs fit, taking from the late, parameter-heavy groups as many channels as from the
-    early, full-resolution ones that hold the MACs: far more parameters than either budget asks.
+    first until the parameter budget holds, then, while MACs (then latency) are still over
+    their budget, the channels whose score per MAC (per millisecond) they cost is lowest. One
+    score order for all would stop only when MACs fit, taking from the late, parameter-heavy
+    groups as many channels as from the early, full-resolution ones that hold the MACs: far
+    more parameters than either budget asks.
     """
 
-    def count_macs(trial):
-        return cost.plan_macs(analysis, finish(trial), validate=False)
+    def spent(trial):
+        return pricer(analysis.keep_vector(finish(trial).masks()))
 
-    def params_fit(trial):
-        return budget is None or surgery.plan_params(analysis, finish(trial)) <= budget
+    def fits(trial, names=tuple(budgets)):
+        c = spent(trial)
+        return all(budgets[n] is None or getattr(c, n) <= budgets[n] for n in names)
 
     start = masks
-    masks = _remove_until(masks, comparable, params_fit)
-    if macs_budget is None:
-        return masks
-    macs = count_macs(masks)
-    if macs <= macs_budget:
+    masks = _remove_until(masks, comparable, lambda t: fits(t, ("params",)))
+    over = [n for n in ("macs", "latency_ms") if budgets[n] is not None]
+    if not over or fits(masks):
         return masks
 
-    def per_mac(trial, macs):  # score over the MACs one channel of its group costs at these widths
+    def per_unit(trial, name):  # score over what one channel of its group costs at these widths
+        total = getattr(spent(trial), name)
         out = {}
         for g, mask in trial.items():
-            if mask.sum() <= 1:  # nothing left to remove: its cost counts as 1 MAC
+            if mask.sum() <= 1:  # nothing left to remove: its cost counts as 1 unit
                 out[g] = comparable[g]
                 continue
             fewer = {h: m.copy() for h, m in trial.items()}
             fewer[g][np.flatnonzero(mask)[0]] = False
-            out[g] = comparable[g] / max(macs - count_macs(fewer), 1)
+            saved = total - getattr(spent(fewer), name)
+            out[g] = comparable[g] / max(saved, 1e-9 if name == "latency_ms" else 1)
         return out
 
-    slim = _remove_until(masks, per_mac(masks, macs), lambda t: count_macs(t) <= macs_budget)
-    # The two cuts leave parameters unspent (MACs sit in the early groups, parameters in the
-    # late ones): give back the removed channels worth most per MAC they cost at the new
-    # widths while both budgets hold.
-    ratio = per_mac(slim, count_macs(slim))
+    slim = masks
+    for i, name in enumerate(over):
+        slim = _remove_until(slim, per_unit(slim, name), lambda t, names=tuple(over[: i + 1]): fits(t, names))
+    # The cuts leave parameters unspent (MACs sit in the early groups, parameters in the late
+    # ones): give back the removed channels worth most per unit they cost at the new widths
+    # while every budget holds.
+    ratio = per_unit(slim, over[-1])
     removed = sorted((-float(ratio[g][i]), g, i) for g in start for i in np.flatnonzero(start[g] & ~slim[g]))
 
     def with_back(count):
@@ -125,11 +136,8 @@ def _meet_budget(analysis, comparable, masks, budget, macs_budget, finish):
             trial[g][i] = True
         return trial
 
-    def both_fit(trial):
-        return params_fit(trial) and count_macs(trial) <= macs_budget
-
     # the most given back that still fits: the count before the first that does not
-    return with_back(bisect.bisect_left(range(1, len(removed) + 1), True, key=lambda c: not both_fit(with_back(c))))
+    return with_back(bisect.bisect_left(range(1, len(removed) + 1), True, key=lambda c: not fits(with_back(c))))
 
 
 def _remove_until(masks, order, fits):
