@@ -9,6 +9,12 @@ command exits with status 2. --c_array writes model_data.cc/.h for TFLite Micro 
 --edgetpu prints the Edge TPU compatibility report of the int8 file. The images are fed in
 the range the model takes (--input_range; auto: 0-255 for a model that starts with
 Rescaling(1/255), else 0-1), and the range used is printed.
+
+Full int8 is automatic: when the plain post-training file fails the check, the float model is
+rewritten (--int8_fixes: BatchNormalization folding, cross-layer equalization, bias
+correction, in that order) until a file passes; the agreement of each step is printed, and for
+a failing plain file the tensors that lose it. --diagnose prints the per-tensor error table of
+the plain post-training int8 file (where it loses the model, and why).
 """
 
 import sys
@@ -38,6 +44,15 @@ _CHECK = flags.DEFINE_integer("check_examples", 500, "Images for the checks.", l
 _MIN_AGREE = flags.DEFINE_float(
     "min_agreement", 0.98, "Least top-1 agreement of a quantized file.", lower_bound=0.0, upper_bound=1.0
 )
+_FIXES = flags.DEFINE_list(
+    "int8_fixes",
+    ["fold", "equalize", "bias"],
+    "Float rewrites full int8 may try, in this order, when the plain file fails its check "
+    "(fold, equalize, bias); empty for plain post-training int8 only.",
+)
+_DIAGNOSE = flags.DEFINE_boolean(
+    "diagnose", False, "Print the per-tensor error table of the plain post-training int8 file."
+)
 _C_ARRAY = flags.DEFINE_boolean("c_array", False, "Write model_data.cc/.h of the int8 file (TFLite Micro).")
 _EDGETPU = flags.DEFINE_boolean("edgetpu", False, "Print the Edge TPU report of the int8 file.")
 _QAT = flags.DEFINE_boolean(
@@ -60,7 +75,7 @@ _TFMOT_PYTHON = flags.DEFINE_string(
 def main(argv):
     del argv
     from tfsubspace import data, load_model
-    from tfsubspace.edge import edgetpu, export, micro, qat
+    from tfsubspace.edge import autoint8, diagnose, edgetpu, export, micro, qat
     from tfsubspace.edge.input_range import resolve_input_range
 
     model = load_model(_MODEL.value, safe_mode=not _UNSAFE.value)
@@ -81,6 +96,7 @@ def main(argv):
         io_dtype=_IO.value,
         name=_NAME.value,
         input_range=input_range,
+        int8_fixes=tuple(f for f in _FIXES.value if f),
     )
     if _QAT.value:
         teacher = load_model(_QAT_TEACHER.value, safe_mode=not _UNSAFE.value) if _QAT_TEACHER.value else None
@@ -107,6 +123,15 @@ def main(argv):
             + ("" if r.passed else "  FAILED")
         )
     int8 = next((r for r in results if r.mode == "int8"), None)
+    if int8 is not None and int8.steps:
+        print(autoint8.format_step_rows(int8.steps))
+        for line in int8.diagnosis:
+            print(f"  {line}")
+    if int8 is not None and _DIAGNOSE.value:
+        plain = autoint8.int8_steps(
+            model, export._images(calibration, _CALIB.value), export._images(checks, _CHECK.value), fixes=()
+        )[0]
+        print(diagnose.format_diagnosis(diagnose.diagnose(plain.content, model, export._images(checks, _CHECK.value))))
     if int8 is not None and (_C_ARRAY.value or _EDGETPU.value):
         if _C_ARRAY.value:
             arena = micro.micro_arena_bytes(int8.path)

@@ -1,5 +1,6 @@
 """TFLite export, its checks, the Edge TPU report, TFLite Micro arena, C arrays, benchmarks."""
 
+import json
 import os
 import re
 import subprocess
@@ -47,6 +48,9 @@ def test_every_mode_is_written_and_checked(exported):
     by_mode = {r.mode: r for r in results}
     assert by_mode["float32"].max_abs_error < 1e-4 and by_mode["float32"].agreement == 1.0
     assert by_mode["int8"].passed and by_mode["int8"].agreement >= 0.98
+    # plain post-training int8 passed, so no fix was tried and nothing needed a diagnosis
+    assert [s["step"] for s in by_mode["int8"].steps] == ["plain"] and by_mode["int8"].diagnosis == []
+    assert json.loads(json.dumps(by_mode["int8"].to_json()))["steps"][0]["passed"] is True
     assert by_mode["int8"].size_bytes < by_mode["float16"].size_bytes < by_mode["float32"].size_bytes
     for r in results:
         assert r.path.read_bytes()[4:8] == b"TFL3" and r.examples == 64
@@ -66,6 +70,9 @@ def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
     )
     assert not results[0].passed
     assert "quantization-aware training" in results[0].message and "calibrate on more" in results[0].message
+    # every fix was tried, and says how far it got
+    assert [s["step"] for s in results[0].steps] == ["plain", "fold", "equalize", "bias"]
+    assert "after fold, equalize, bias" in results[0].message and results[0].diagnosis
     assert results[0].path.exists()  # written, but marked failed
 
 

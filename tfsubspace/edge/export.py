@@ -6,6 +6,12 @@ writes each file atomically, and runs every file with the LiteRT interpreter aga
 model on the check images: max abs error of the outputs and top-1 agreement. A full-int8 file
 whose agreement falls under `min_agreement` is reported as failed, with what to try.
 
+Full int8 is automatic (autoint8.int8_steps): when the plain post-training file fails its
+check, the float model is rewritten (BatchNormalization folding, cross-layer equalization,
+bias correction, in that order, each exact or measured) and converted again, and the first
+file that passes is kept; the ExportedModel lists every step's agreement (`steps`) and, for a
+failing plain file, where its error comes from (`diagnosis`, from diagnose.py).
+
 Calibration and checks must use images in the range the model takes: a model that starts
 with Rescaling(1/255) takes 0-255 pixels, and an int8 file calibrated on [0, 1] images clips
 every real input above 1 while its check (on the same wrong images) still looks perfect.
@@ -22,6 +28,7 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
+from tfsubspace.edge import autoint8
 from tfsubspace.edge.convert import MODES, convert, with_batch_size
 from tfsubspace.edge.input_range import check_input_range
 from tfsubspace.edge.runtime import TFLiteRunner
@@ -40,6 +47,8 @@ class ExportedModel:
     examples: int
     passed: bool
     message: str = ""
+    steps: list = dataclasses.field(default_factory=list)  # int8: every step tried (autoint8)
+    diagnosis: list = dataclasses.field(default_factory=list)  # int8: findings of a failing file
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -84,6 +93,8 @@ def export(
     name: str | None = None,
     batch_size: int = 1,
     input_range: str | None = None,
+    int8_fixes=autoint8.FIXES,
+    diagnose_failures: bool = True,
 ) -> list[ExportedModel]:
     """Exports `model` to `out_dir`/NAME_MODE.tflite for each mode and checks each file.
 
@@ -96,6 +107,9 @@ def export(
             files of other batch sizes are named NAME_MODE_bBATCH.tflite).
         input_range: None (guess, see check_input_range), "0-1" or "0-255": the pixel range
             the model takes, which both data sets must be in.
+        int8_fixes: the float rewrites full int8 may try, in autoint8.FIXES order, when the
+            plain file fails its check (() for plain post-training int8 only).
+        diagnose_failures: add per-tensor findings (diagnose.py) of a failing plain int8 file.
     Returns:
         One ExportedModel per mode; a failed int8 file is still written, marked failed.
     Raises:
@@ -123,16 +137,71 @@ def export(
     name = name or model.name
     results = []
     for mode in modes:
-        content = convert(fixed, mode, calibration=calibration, io_dtype=io_dtype)
         suffix = "" if batch_size == 1 else f"_b{batch_size}"
+        if mode == "int8":
+            results.append(
+                _export_int8(
+                    model,
+                    out_dir / f"{name}_{mode}{suffix}.tflite",
+                    calibration,
+                    images,
+                    fixes=int8_fixes,
+                    min_agreement=min_agreement,
+                    batch_size=batch_size,
+                    io_dtype=io_dtype,
+                    diagnose_failures=diagnose_failures,
+                )
+            )
+            continue
+        content = convert(fixed, mode, calibration=calibration, io_dtype=io_dtype)
         path = fileio.write_bytes(out_dir / f"{name}_{mode}{suffix}.tflite", content)
         error, agreement = check(content, model, images)
-        passed, message = agreement >= min_agreement, ""
-        if not passed:
-            message = (
-                f"top-1 agreement with the Keras model is {agreement:.2%}, under {min_agreement:.0%}: "
-                "calibrate on more (and more varied) images, or use quantization-aware training "
-                "(scripts/export_tflite.py --qat needs the tfmot extra)."
-            )
+        passed = agreement >= min_agreement
+        message = "" if passed else _failure_message(agreement, min_agreement)
         results.append(ExportedModel(mode, path, len(content), error, agreement, len(images), passed, message))
     return results
+
+
+def _failure_message(agreement: float, min_agreement: float, tried: str = "") -> str:
+    return (
+        f"top-1 agreement with the Keras model is {agreement:.2%}, under {min_agreement:.0%}{tried}: "
+        "calibrate on more (and more varied) images, or use quantization-aware training "
+        "(scripts/export_tflite.py --qat needs the tfmot extra)."
+    )
+
+
+def _export_int8(model, path, calibration, images, *, fixes, min_agreement, batch_size, io_dtype, diagnose_failures):
+    """The full-int8 file: the first automatic step that passes, else the best one, checked."""
+    if calibration is None or not len(calibration):
+        raise ValueError("Full int8 export needs calibration images (a representative data set).")
+    steps = autoint8.int8_steps(
+        model, calibration, images, fixes=fixes, min_agreement=min_agreement, batch_size=batch_size, io_dtype=io_dtype
+    )
+    chosen = autoint8.best(steps)
+    path = fileio.write_bytes(path, chosen.content)
+    findings = []
+    if diagnose_failures and not steps[0].passed:
+        from tfsubspace.edge import diagnose
+
+        findings = [f"plain: {line}" for line in diagnose.diagnose(steps[0].content, model, images).findings()]
+        if not chosen.passed and chosen is not steps[0]:
+            kept = diagnose.diagnose(chosen.content, chosen.model, images).findings()
+            findings += [f"{chosen.name}: {line}" for line in kept]
+    message = ""
+    if not chosen.passed:
+        tried = f" after {', '.join(s.name for s in steps[1:])}" if len(steps) > 1 else ""
+        message = _failure_message(chosen.agreement, min_agreement, tried)
+    elif chosen.name != "plain":
+        message = f"plain int8 agreed {steps[0].agreement:.2%}; the {chosen.name} step reached {chosen.agreement:.2%}."
+    return ExportedModel(
+        "int8",
+        path,
+        len(chosen.content),
+        chosen.max_abs_error,
+        chosen.agreement,
+        len(images),
+        chosen.passed,
+        message,
+        steps=[s.summary() for s in steps],
+        diagnosis=findings,
+    )

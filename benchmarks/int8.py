@@ -1,0 +1,232 @@
+"""Full-int8 export of models that plain post-training quantization breaks, and its fixes.
+
+    python benchmarks/int8.py
+
+Test models (trained here on Fashion-MNIST with 0-255 inputs if runs/int8/MODEL.keras is
+missing; `--retrain` trains them again):
+- relu_bn: Conv -> ReLU -> BatchNormalization blocks (the layer order of many Keras
+  tutorials), raw 0-255 pixels in, no Rescaling; relu_bn_l2: the same with L2 weight decay
+  (5e-4) on the kernels, as tutorials train it;
+- mbv2_like: a MobileNetV2-like network (inverted residuals, depthwise, ReLU6);
+- mobilenetv2: keras.applications.MobileNetV2(alpha=0.35, weights=None) on the images padded
+  to 32x32 and repeated over 3 channels.
+For each: float accuracy on the test split, then the int8 file of every step of the
+automatic export (plain post-training int8, then each fix in order) with its top-1
+agreement with the float model, accuracy, file size, the time of the float rewrites and Edge
+TPU compatibility. Agreement needs no labels; accuracy uses them only to report.
+Results: benchmarks/results/int8.json and int8.md.
+"""
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+_NAMES = ("relu_bn", "relu_bn_l2", "mbv2_like", "mobilenetv2")
+
+_OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where the models and .tflite files go.")
+_RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where int8.json and int8.md go.")
+_MODELS = flags.DEFINE_multi_enum("models", list(_NAMES), list(_NAMES), "Test models.")
+_RETRAIN = flags.DEFINE_boolean("retrain", False, "Train the test models again even if saved.")
+_CALIB = flags.DEFINE_integer("calibration_examples", 500, "Calibration images (train split).", lower_bound=1)
+_CHECK = flags.DEFINE_integer("check_examples", 1000, "Images for the export's check (held out of training).")
+_EVAL = flags.DEFINE_integer("eval_examples", 10000, "Test images for agreement and accuracy.", lower_bound=1)
+_TRAIN_ONLY = flags.DEFINE_boolean("train_only", False, "Train (or load) the models and stop.")
+
+# name -> (epochs, train images, learning rate): short training on 2 CPU cores, like a model
+# trained for a demo, which leaves the wide BatchNormalization scales of an early model.
+TRAINING = {
+    "relu_bn": (2, 60000, 1e-3),
+    "relu_bn_l2": (3, 60000, 1e-3),
+    "mbv2_like": (3, 60000, 2e-3),
+    "mobilenetv2": (3, 60000, 2e-3),
+}
+
+
+def relu_bn(keras, weight_decay=None, name="relu_bn"):
+    """Conv -> ReLU -> BatchNormalization blocks on raw 0-255 pixels."""
+    layers = keras.layers
+    reg = keras.regularizers.L2(weight_decay) if weight_decay else None
+    inputs = keras.Input((28, 28, 1))
+    x = inputs
+    for filters in (32, 64, 128):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", activation="relu", kernel_regularizer=reg)(x)
+            x = layers.BatchNormalization()(x)
+        x = layers.Dropout(0.2)(layers.MaxPooling2D()(x))
+    x = layers.Flatten()(x)
+    x = layers.BatchNormalization()(layers.Dense(128, activation="relu", kernel_regularizer=reg)(x))
+    outputs = layers.Dense(10)(layers.Dropout(0.3)(x))
+    return keras.Model(inputs, outputs, name=name)
+
+
+def relu_bn_l2(keras):
+    return relu_bn(keras, weight_decay=5e-4, name="relu_bn_l2")
+
+
+def mbv2_like(keras):
+    """Inverted residual blocks (1x1 expand, 3x3 depthwise, 1x1 linear project, Add), ReLU6."""
+    layers = keras.layers
+
+    def conv_bn(x, filters, kernel=1, strides=1, relu=True):
+        x = layers.Conv2D(filters, kernel, strides=strides, padding="same", use_bias=False)(x)
+        x = layers.BatchNormalization()(x)
+        return layers.ReLU(6.0)(x) if relu else x
+
+    def block(x, filters, strides, expand):
+        y = conv_bn(x, x.shape[-1] * expand)
+        y = layers.DepthwiseConv2D(3, strides=strides, padding="same", use_bias=False)(y)
+        y = layers.ReLU(6.0)(layers.BatchNormalization()(y))
+        y = conv_bn(y, filters, relu=False)
+        return layers.Add()([x, y]) if strides == 1 and x.shape[-1] == filters else y
+
+    inputs = keras.Input((28, 28, 1))
+    x = conv_bn(layers.Rescaling(1 / 255)(inputs), 16, kernel=3)
+    for filters, strides in ((16, 1), (24, 2), (24, 1), (32, 2), (32, 1), (64, 2), (64, 1)):
+        x = block(x, filters, strides, expand=1 if filters == 16 else 6)
+    x = conv_bn(x, 256)
+    outputs = layers.Dense(10)(layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inputs, outputs, name="mbv2_like")
+
+
+def mobilenetv2(keras):
+    """keras.applications.MobileNetV2(alpha=0.35) on 28x28 gray images padded to 32x32x3."""
+    layers = keras.layers
+    inputs = keras.Input((28, 28, 1))
+    x = layers.ZeroPadding2D(2)(layers.Rescaling(1 / 127.5, offset=-1.0)(inputs))
+    x = layers.Concatenate()([x, x, x])
+    base = keras.applications.MobileNetV2(
+        input_tensor=x, alpha=0.35, weights=None, include_top=True, classes=10, classifier_activation=None
+    )
+    return keras.Model(inputs, base.output, name="mobilenetv2")
+
+
+BUILDERS = {"relu_bn": relu_bn, "relu_bn_l2": relu_bn_l2, "mbv2_like": mbv2_like, "mobilenetv2": mobilenetv2}
+
+
+def train(name, keras, train_x, train_y):
+    epochs, examples, learning_rate = TRAINING[name]
+    keras.utils.set_random_seed(0)
+    model = BUILDERS[name](keras)
+    model.compile(
+        keras.optimizers.Adam(learning_rate),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    start = time.perf_counter()
+    model.fit(train_x[:examples], train_y[:examples], batch_size=128, epochs=epochs, verbose=2)
+    # Short training leaves moving statistics far behind (keras.applications' momentum is
+    # 0.999): they are measured again on training images, as tfsubspace does for students.
+    import tensorflow as tf
+
+    from tfsubspace import reestimate_batchnorm
+
+    reestimate_batchnorm(model, tf.data.Dataset.from_tensor_slices(train_x[:examples]).batch(128), batches=100)
+    return model, time.perf_counter() - start
+
+
+def main(argv):
+    del argv
+    import keras
+    import numpy as np
+
+    from tfsubspace import data, fileio, load_model
+
+    out = Path(_OUT.value)
+    train_x, train_y = data.load_arrays("fashion_mnist", "train")
+    test_x, test_y = data.load_arrays("fashion_mnist", "test")
+    train_x, test_x = train_x.astype(np.float32), test_x.astype(np.float32)  # 0-255 pixels
+    # The last images of the train split are held out of training: the export checks on them.
+    held = _CHECK.value
+    fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
+    models, train_seconds = {}, {}
+    for name in _MODELS.value:
+        path = out / f"{name}.keras"
+        if path.exists() and not _RETRAIN.value:
+            models[name] = load_model(path)
+            continue
+        models[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
+        fileio.save_model(models[name], path)
+        print(f"{name}: trained in {train_seconds[name]:.0f} s, saved {path}", flush=True)
+    if _TRAIN_ONLY.value:
+        return
+    from tfsubspace.edge import autoint8, edgetpu
+    from tfsubspace.edge.runtime import TFLiteRunner
+
+    rows = []
+    test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
+    for name, model in models.items():
+        logits = keras.ops.convert_to_numpy(model.predict(test, batch_size=256, verbose=0))
+        float_accuracy = float(np.mean(logits.argmax(-1) == labels))
+        steps = autoint8.int8_steps(model, fit_x[: _CALIB.value], check_x, stop_at_pass=False)
+        row = {
+            "model": name,
+            "params": model.count_params(),
+            "float_accuracy": float_accuracy,
+            "chosen": autoint8.best(steps).name,
+            "steps": [],
+        }
+        for step in steps:
+            path = fileio.write_bytes(out / "tflite" / f"{name}_int8_{step.name}.tflite", step.content)
+            pred = TFLiteRunner(path)(test).argmax(-1)
+            row["steps"].append(
+                {
+                    **step.summary(),
+                    "test_agreement": float(np.mean(pred == logits.argmax(-1))),
+                    "test_accuracy": float(np.mean(pred == labels)),
+                    "edgetpu_compatible": edgetpu.edgetpu_check(path)["compatible"],
+                }
+            )
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
+        print(autoint8.format_steps(steps), flush=True)
+    report = {
+        "command": "python benchmarks/int8.py",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "settings": {
+            "calibration_examples": _CALIB.value,
+            "check_examples": _CHECK.value,
+            "eval_examples": len(test),
+            "min_agreement": 0.98,
+        },
+        "training_seconds": train_seconds,
+        "rows": rows,
+    }
+    results = Path(_RESULTS.value)
+    fileio.write_json(results / "int8.json", report)
+    fileio.write_text(results / "int8.md", format_markdown(report))
+    print(format_markdown(report))
+
+
+def format_markdown(report) -> str:
+    s = report["settings"]
+    lines = [
+        f"`{report['command']}` ({report['machine']}): full int8 of each test model, plain post-training "
+        f"quantization then each fix in order (each on top of the previous). Calibration: "
+        f"{s['calibration_examples']} train images; the export's check: {s['check_examples']} held-out train "
+        f"images (min agreement {s['min_agreement']:.0%}); agreement and accuracy below: the first "
+        f"{s['eval_examples']} test images. Agreement is top-1 with the float model (no labels).",
+        "",
+        "| model | float acc. | step | check agr. | test agr. | test acc. | acc. change | file | rewrite | "
+        "float max diff | Edge TPU |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in report["rows"]:
+        for i, st in enumerate(row["steps"]):
+            chosen = " (kept)" if st["step"] == row["chosen"] else ""
+            lines.append(
+                f"| {row['model'] if i == 0 else ''} | {100 * row['float_accuracy']:.2f}% | {st['step']}{chosen} | "
+                f"{100 * st['agreement']:.2f}% | {100 * st['test_agreement']:.2f}% | "
+                f"{100 * st['test_accuracy']:.2f}% | "
+                f"{100 * (st['test_accuracy'] - row['float_accuracy']):+.2f} | {st['size_bytes'] / 1024:.1f} KiB | "
+                f"{st['rewrite_seconds']:.1f} s | {st['float_max_abs_diff']:.2g} | "
+                f"{'yes' if st['edgetpu_compatible'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,215 @@
+"""Full int8 that keeps the model: exact float rewrites (folding, equalization), bias correction,
+the per-tensor diagnosis, and the automatic export that tries them when plain int8 fails."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tfsubspace.edge import autoint8, biascorrect, diagnose, edgetpu, equalize, export, fold, graphedit
+
+L = keras.layers
+
+
+def _randomize_batchnorm(model, rng, spread):
+    """BatchNormalization statistics as a trained model has them: scales over `spread` decades."""
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            c = layer.gamma.shape[0]
+            gamma = rng.choice([-1, 1], c, p=[0.2, 0.8]) * 10 ** rng.uniform(-spread / 2, spread / 2, c)
+            layer.set_weights(
+                [gamma, rng.normal(0, 1, c), rng.normal(0, 0.5, c), 10 ** rng.uniform(-2, 1, c)]
+                if layer.center and layer.scale
+                else layer.get_weights()
+            )
+
+
+def random_model(draw_ops, seed):
+    """A small CNN of randomly chosen blocks, each of an order found in real models."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((10, 10, 2))
+    x = inputs
+    for op, padding, filters in draw_ops:
+        if op == "conv_relu_bn":  # the Keras-tutorial order
+            x = L.BatchNormalization()(L.Conv2D(filters, 3, padding=padding, activation="relu")(x))
+        elif op == "conv_bn_relu":
+            x = L.ReLU()(L.BatchNormalization()(L.Conv2D(filters, 3, padding=padding, use_bias=False)(x)))
+        elif op == "conv_bn_relu6":
+            x = L.ReLU(6.0)(L.BatchNormalization()(L.Conv2D(filters, 1, padding=padding)(x)))
+        elif op == "conv_relu_layer_bn_pool":
+            x = L.MaxPooling2D(padding="same")(
+                L.BatchNormalization()(L.ReLU()(L.Conv2D(filters, 3, padding=padding)(x)))
+            )
+        elif op == "depthwise_relu_bn":
+            x = L.BatchNormalization()(L.DepthwiseConv2D(3, padding=padding, activation="relu")(x))
+        elif op == "bn_conv":
+            x = L.Conv2D(filters, 3, padding=padding, activation="relu")(L.BatchNormalization()(x))
+    x = L.Flatten()(x)
+    x = L.BatchNormalization()(L.Dense(6, activation="relu")(x))
+    model = keras.Model(inputs, L.Dense(4)(x))
+    _randomize_batchnorm(model, rng, spread=3)
+    return model
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "conv_relu_bn",
+                "conv_bn_relu",
+                "conv_bn_relu6",
+                "conv_relu_layer_bn_pool",
+                "depthwise_relu_bn",
+                "bn_conv",
+            ]
+        ),
+        st.sampled_from(["same", "valid"]),
+        st.integers(2, 5),
+    ),
+    min_size=1,
+    max_size=3,
+).filter(lambda ops: sum(p == "valid" for _, p, _ in ops) + sum(o.endswith("pool") for o, _, _ in ops) <= 2)
+
+
+def _relative_diff(a, b, x):
+    ref = graphedit.predict(a, x)
+    return np.max(np.abs(graphedit.predict(b, x) - ref)) / max(np.max(np.abs(ref)), 1e-6)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS, seed=st.integers(0, 1000))
+def test_folding_and_equalization_keep_the_function(ops, seed):
+    model = random_model(ops, seed)
+    x = np.random.default_rng(seed).normal(0, 1, (16, 10, 10, 2)).astype("float32")
+    folded, report = fold.fold_batchnorm(model)
+    assert len(report) == sum(isinstance(layer, L.BatchNormalization) for layer in model.layers)
+    assert _relative_diff(model, folded, x) < 1e-4, report
+    equalized, report = equalize.equalize(folded, x)
+    assert _relative_diff(model, equalized, x) < 1e-4, report
+
+
+def test_relu_then_batchnorm_folds_away_with_exact_borders():
+    model = random_model([("conv_relu_bn", "same", 4), ("conv_relu_bn", "same", 3)], seed=3)
+    folded, report = fold.fold_batchnorm(model)
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers), report
+    conv1, bn1, conv2 = model.layers[1:4]
+    assert report[0] == f"{bn1.name}: scale into {conv1.name} (through ReLU), shift into {conv2.name}"
+    # the shift met zero padding in the original: a border map keeps the borders exact
+    assert any(isinstance(layer, graphedit.BiasMap) for layer in folded.layers)
+    x = np.random.default_rng(0).normal(0, 1, (8, 10, 10, 2)).astype("float32")
+    assert _relative_diff(model, folded, x) < 1e-5
+    # and the rebuilt model saves and loads like any Keras model
+    assert folded.get_config()
+
+
+def test_relu6_and_merges_are_left_alone():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 3))
+    a = L.ReLU(6.0)(L.Conv2D(3, 1)(inputs))
+    b = L.BatchNormalization()(a)  # after ReLU6: its scale cannot go back through the clip
+    out = L.Conv2D(2, 1)(L.Add()([b, inputs]))  # and its output is merged: nowhere to go forward
+    model = keras.Model(inputs, out)
+    _randomize_batchnorm(model, np.random.default_rng(0), spread=2)
+    folded, report = fold.fold_batchnorm(model)
+    assert "kept" in report[0] and "ReLU6" in report[0]
+    equalized, report = equalize.equalize(folded, np.ones((2, 6, 6, 3), "float32"))
+    assert any("ReLU6" in line for line in report)
+
+
+def starved_model(seed=2):
+    """Conv -> ReLU -> BatchNormalization where the convolution makes one channel 300 times
+    wider than the others and the BN brings them all back to one range: the ReLU output's single
+    int8 scale, set by the wide channel, leaves the others a step or two."""
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    x = L.BatchNormalization()(x)
+    x = L.Flatten()(L.MaxPooling2D()(x))
+    model = keras.Model(inputs, L.Dense(5)(x), name="starved")
+    conv, bn = model.layers[1], model.layers[2]
+    gain = np.full(8, 10**-2.5)
+    gain[0] = 1.0
+    conv.set_weights([rng.normal(0, 0.5, (3, 3, 1, 8)) * gain, np.zeros(8)])
+    bn.set_weights([np.ones(8), rng.normal(0, 0.1, 8), np.zeros(8), gain**2])
+    return model
+
+
+def images(n, seed):
+    return np.random.default_rng(seed).uniform(0, 1, (n, 8, 8, 1)).astype("float32")
+
+
+def test_automatic_int8_fixes_a_failing_model(tmp_path):
+    model = starved_model()
+    calibration, check = images(200, 0), images(300, 1)
+    steps = autoint8.int8_steps(model, calibration, check, min_agreement=0.97, stop_at_pass=False)
+    names = [s.name for s in steps]
+    assert names == ["plain", "fold", "equalize", "bias"]
+    plain, folded = steps[0], steps[1]
+    assert plain.agreement < 0.9 and not plain.passed
+    assert folded.passed and folded.agreement > plain.agreement and folded.float_max_abs_diff < 1e-3
+    assert folded.rewrite_seconds > 0 and "scale into" in folded.notes[0]
+    # export() keeps the first file that passes, and says where plain int8 lost
+    result = export.export(
+        model, tmp_path, modes=("int8",), calibration_ds=calibration[None], check_ds=check[None], min_agreement=0.97
+    )[0]
+    assert result.passed and [s["step"] for s in result.steps] == ["plain", "fold"]
+    assert result.agreement == pytest.approx(result.steps[1]["agreement"])
+    assert "plain int8 agreed" in result.message
+    assert any("channels under 4 steps" in line or "rounded by over 10%" in line for line in result.diagnosis)
+    assert edgetpu.edgetpu_check(result.path)["compatible"]
+    # the plain-only export keeps failing: the fixes are what passes it
+    plain_only = export.export(
+        model,
+        tmp_path,
+        modes=("int8",),
+        calibration_ds=calibration[None],
+        check_ds=check[None],
+        min_agreement=0.97,
+        int8_fixes=(),
+        diagnose_failures=False,
+    )[0]
+    assert not plain_only.passed and len(plain_only.steps) == 1 and not plain_only.diagnosis
+
+
+def test_diagnosis_names_the_starved_tensor():
+    model = starved_model()
+    plain = autoint8.int8_steps(model, images(200, 0), images(50, 1), fixes=())[0]
+    d = diagnose.diagnose(plain.content, model, images(50, 1))
+    conv = d.tensors[0]
+    assert conv.op == "CONV_2D" and conv.starved_channels >= 3 and conv.channels == 8
+    assert d.tensors[-1].relative_error > 0.1
+    text = diagnose.format_diagnosis(d)
+    assert "Findings:" in text and "starved" in text
+    assert d.to_json()["tensors"][0]["channels"] == 8
+
+
+def test_bias_correction_changes_only_biases():
+    model, _ = fold.fold_batchnorm(starved_model())
+    plain = autoint8.int8_steps(model, images(100, 0), images(20, 1), fixes=())[0]
+    corrected, report = biascorrect.correct_biases(model, plain.content, images(100, 0))
+    assert len(report) == 2 and all("mean int8 shift" in line for line in report)
+    for old, new in zip(model.layers, corrected.layers):
+        if graphedit.is_linear_layer(old):
+            np.testing.assert_allclose(new.get_weights()[0], old.get_weights()[0], rtol=1e-6)
+
+
+def test_unknown_fix_and_rewrite_of_shared_layers():
+    with pytest.raises(ValueError, match="Unknown int8 fixes"):
+        autoint8.int8_steps(starved_model(), images(2, 0), images(2, 0), fixes=("magic",))
+    shared_bn = L.BatchNormalization()
+    inputs = keras.Input((4, 4, 2))
+    model = keras.Model(inputs, L.Add()([shared_bn(inputs), shared_bn(L.Conv2D(2, 1)(inputs))]))
+    folded, report = fold.fold_batchnorm(model)
+    assert report == [f"{shared_bn.name}: kept (called more than once)"]
+    x = images(4, 0).repeat(2, axis=-1)[:, :4, :4]
+    assert _relative_diff(model, folded, x) < 1e-6
+
+
+def test_export_accepts_datasets_of_batches(tmp_path):
+    ds = tf.data.Dataset.from_tensor_slices(images(64, 0)).batch(16)
+    result = export.export(starved_model(), tmp_path, modes=("int8",), calibration_ds=ds, min_agreement=0.0)[0]
+    assert result.passed and [s["step"] for s in result.steps] == ["plain"]

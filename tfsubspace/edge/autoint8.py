@@ -1,0 +1,147 @@
+"""Full int8 that keeps the model's function: plain post-training int8, then fixes in order.
+
+`int8_steps(model, calibration, check)` converts the model to full int8 as it is ("plain");
+when the file's top-1 agreement with the model on the check images is under `min_agreement`,
+it converts again after each float rewrite in FIXES, each on top of the previous ones:
+- "fold": BatchNormalization folding (fold.py), its scale moved before the int8 activation
+  tensor where a ReLU allows it;
+- "equalize": cross-layer equalization of each ReLU chain's activation ranges (equalize.py);
+- "bias": empirical bias correction from the previous step's int8 file (biascorrect.py).
+It stops at the first file that passes (or runs them all, `stop_at_pass=False`). Every rewrite
+is checked against the original float model (max abs difference of the outputs on the check
+images) and refused (RewriteError) when it changes the function more than `rewrite_tolerance`
+relative to the outputs' range; bias correction changes it on purpose and is exempt. Each step
+reports its agreement, the time its rewrite took, and what it did, so a failing file says how
+far each fix got. Quantization-aware training (qat.py) stays the last resort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import keras
+import numpy as np
+
+from tfsubspace.edge import biascorrect, equalize, fold
+from tfsubspace.edge.convert import convert, with_batch_size
+from tfsubspace.edge.graphedit import RewriteError, predict
+from tfsubspace.edge.runtime import TFLiteRunner
+
+log = logging.getLogger(__name__)
+
+FIXES = ("fold", "equalize", "bias")
+
+
+@dataclasses.dataclass
+class Int8Step:
+    """One full-int8 file of the automatic export and its check against the float model."""
+
+    name: str  # "plain" or the last fix applied
+    content: bytes
+    agreement: float
+    max_abs_error: float
+    passed: bool
+    rewrite_seconds: float = 0.0  # time of this step's float rewrite
+    float_max_abs_diff: float = 0.0  # the rewritten float model against the original
+    notes: list = dataclasses.field(default_factory=list)
+    model: object = None  # the rewritten float model
+
+    def summary(self) -> dict:
+        return {
+            "step": self.name,
+            "agreement": self.agreement,
+            "max_abs_error": self.max_abs_error,
+            "passed": self.passed,
+            "size_bytes": len(self.content),
+            "rewrite_seconds": self.rewrite_seconds,
+            "float_max_abs_diff": self.float_max_abs_diff,
+            "notes": list(self.notes),
+        }
+
+
+def _check(content: bytes, expected: np.ndarray, images: np.ndarray) -> tuple[float, float]:
+    got = TFLiteRunner(content)(images)
+    return float(np.max(np.abs(expected - got))), float(np.mean(expected.argmax(-1) == got.argmax(-1)))
+
+
+def int8_steps(
+    model: keras.Model,
+    calibration: np.ndarray,
+    check: np.ndarray,
+    *,
+    fixes=FIXES,
+    min_agreement: float = 0.98,
+    batch_size: int = 1,
+    io_dtype: str = "int8",
+    stop_at_pass: bool = True,
+    rewrite_tolerance: float = 1e-4,
+) -> list[Int8Step]:
+    """The plain int8 file, then one per fix in `fixes` (in FIXES order) while none passes.
+
+    Args:
+        calibration: float32 images for int8 calibration and for the rewrites' statistics.
+        check: float32 images for the agreement check (held out from calibration, ideally).
+        rewrite_tolerance: largest max abs difference of an exact rewrite's outputs from the
+            model's, relative to the largest |output|.
+    """
+    unknown = [f for f in fixes if f not in FIXES]
+    if unknown:
+        raise ValueError(f"Unknown int8 fixes {unknown}; expected some of {FIXES}.")
+    expected = predict(model, check)
+    scale = max(float(np.max(np.abs(expected))), 1e-12)
+    steps = []
+
+    def add(name, current, seconds=0.0, notes=(), diff=0.0):
+        content = convert(with_batch_size(current, batch_size), "int8", calibration=calibration, io_dtype=io_dtype)
+        error, agreement = _check(content, expected, check)
+        step = Int8Step(
+            name, content, agreement, error, agreement >= min_agreement, seconds, diff, list(notes), current
+        )
+        steps.append(step)
+        log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * agreement, seconds)
+        return step
+
+    step = add("plain", model)
+    current = model
+    for fix in [f for f in FIXES if f in fixes]:
+        if step.passed and stop_at_pass:
+            break
+        start = time.perf_counter()
+        if fix == "fold":
+            current, notes = fold.fold_batchnorm(current)
+        elif fix == "equalize":
+            current, notes = equalize.equalize(current, calibration)
+        else:
+            current, notes = biascorrect.correct_biases(current, steps[-1].content, calibration)
+        seconds = time.perf_counter() - start
+        diff = float(np.max(np.abs(predict(current, check) - expected)))
+        if fix != "bias" and diff > rewrite_tolerance * scale:
+            raise RewriteError(
+                f"The {fix} rewrite of {model.name!r} changed its outputs by up to {diff:.3g} "
+                f"(outputs up to {scale:.3g}): it should be exact. Steps: {notes}"
+            )
+        step = add(fix, current, seconds, notes, diff)
+    return steps
+
+
+def best(steps: list[Int8Step]) -> Int8Step:
+    """The first step that passed, else the one of highest agreement."""
+    return next((s for s in steps if s.passed), None) or max(steps, key=lambda s: s.agreement)
+
+
+def format_steps(steps: list[Int8Step]) -> str:
+    """A text table of the steps: agreement, rewrite time, float difference, size."""
+    return format_step_rows([s.summary() for s in steps])
+
+
+def format_step_rows(rows: list[dict]) -> str:
+    """format_steps of Int8Step.summary() rows (as ExportedModel.steps holds them)."""
+    lines = [f"{'int8 step':<10} {'agreement':>10} {'rewrite':>9} {'float diff':>11} {'size':>10}"]
+    for r in rows:
+        lines.append(
+            f"{r['step']:<10} {r['agreement']:>10.2%} {r['rewrite_seconds']:>8.1f}s {r['float_max_abs_diff']:>11.2g} "
+            f"{r['size_bytes'] / 1024:>8.1f}KiB" + ("  passed" if r["passed"] else "")
+        )
+    return "\n".join(lines)
