@@ -635,7 +635,7 @@ class _Pipeline:
             for name in ("params", "macs", "latency_ms"):
                 budgets[name] = None if budgets[name] is None else budgets[name] * c.headroom
             dims = subspace.dimensions_for_budget(
-                latents, values, self.analysis, min_ratio=c.min_ratio, multiple=c.multiple, **budgets
+                latents, values, self.analysis, min_ratio=c.min_ratio, multiple=self._multiple, **budgets
             )
         else:
             dims = subspace.choose_dimensions(
@@ -655,7 +655,7 @@ class _Pipeline:
                 **({"values": [float(v) for v in values[g]]} if values is not None else {}),
                 # the width rule wanted fewer channels than min_ratio and multiple allow
                 "at_min": dims[g] < len(st.total)
-                and dims[g] == subspace.narrowest(len(st.total), c.min_ratio, c.multiple),
+                and dims[g] == subspace.narrowest(len(st.total), c.min_ratio, self._multiple),
             }
             for g, st in latents.items()
         }
@@ -739,7 +739,7 @@ class _Pipeline:
                 BudgetTargets(
                     lasso,
                     lambda norms: ranking.plan_for_budget(
-                        student_analysis, norms, multiple=c.multiple, keep=alive(norms, c.zero_tolerance), **budgets
+                        student_analysis, norms, multiple=self._multiple, keep=alive(norms, c.zero_tolerance), **budgets
                     ).masks(),
                     groups_of_taps={tap: g for g, tap in student_analysis.taps().items()},
                 )
@@ -781,6 +781,15 @@ class _Pipeline:
             "latency": table,
         }
 
+    @property
+    def _multiple(self) -> int:
+        """The width multiple: `multiple`, or under a latency budget the largest output multiple
+        the latency table found this machine's kernels to step at, if larger."""
+        table, _ = self._latency()
+        if table is None:
+            return self.config.multiple
+        return max([self.config.multiple, *(m_out for _, m_out in table.multiples().values())])
+
     def _latency(self):
         """The teacher's latency table and the latency budget in ms, or (None, None)."""
         c = self.config
@@ -793,13 +802,17 @@ class _Pipeline:
             self._latency_table = LatencyTable.measure(self.teacher, progress=c.verbose == 2)
             teacher_ms = self._latency_table.estimate()
             budget = c.target_latency_ms if c.target_latency_ms is not None else teacher_ms / c.target_speedup
-            self.log(f"latency: teacher {teacher_ms:.4f} ms per image here; budget {budget:.4f} ms")
+            steps = max(m_out for _, m_out in self._latency_table.multiples().values())
+            self.log(
+                f"latency: teacher {teacher_ms:.4f} ms per image here; budget {budget:.4f} ms; kernels step at "
+                f"{steps} output channels"
+            )
             self._latency_budget = budget
         return self._latency_table, self._latency_budget
 
     def _lasso_plan(self, student, path):
         c = self.config
-        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=c.multiple, **self._budgets())
+        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=self._multiple, **self._budgets())
         plan.save(path)
         return plan
 

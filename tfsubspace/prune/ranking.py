@@ -74,7 +74,7 @@ def plan_for_budget(
     pricer = cost.PlanCost(analysis, latency=latency if latency_ms is not None else None)
     budgets = {"params": params, "macs": macs, "latency_ms": latency_ms}
     if any(v is not None for v in budgets.values()):
-        masks = _meet_budget(analysis, pricer, _comparable(scores, masks, compare), masks, budgets, finish)
+        masks = _meet_budget(analysis, pricer, _comparable(scores, masks, compare), masks, budgets, finish, multiple)
     return finish(masks)
 
 
@@ -86,13 +86,16 @@ def _comparable(scores, masks, compare):
     return {g: s / max(float(s[masks[g]].mean()) if masks[g].any() else 1.0, 1e-12) for g, s in scores.items()}
 
 
-def _meet_budget(analysis, pricer, comparable, masks, budgets, finish):
+def _meet_budget(analysis, pricer, comparable, masks, budgets, finish, multiple=1):
     """Removes the fewest channels that make the plan fit the budgets: the lowest-scored
     first until the parameter budget holds, then, while MACs (then latency) are still over
     their budget, the channels whose score per MAC (per millisecond) they cost is lowest. One
     score order for all would stop only when MACs fit, taking from the late, parameter-heavy
     groups as many channels as from the early, full-resolution ones that hold the MACs: far
-    more parameters than either budget asks.
+    more parameters than either budget asks. What a channel costs is what removing
+    `multiple` channels of its group saves, per channel: plans are rounded up to that
+    multiple, and the runtime's kernels step at theirs (latency), so one channel alone would
+    mostly save nothing.
     """
 
     def spent(trial):
@@ -116,8 +119,10 @@ def _meet_budget(analysis, pricer, comparable, masks, budgets, finish):
                 out[g] = comparable[g]
                 continue
             fewer = {h: m.copy() for h, m in trial.items()}
-            fewer[g][np.flatnonzero(mask)[0]] = False
-            saved = total - getattr(spent(fewer), name)
+            kept = np.flatnonzero(mask)
+            step = min(len(kept) - 1, max(multiple, 1))
+            fewer[g][kept[:step]] = False
+            saved = (total - getattr(spent(fewer), name)) / step
             out[g] = comparable[g] / max(saved, 1e-9 if name == "latency_ms" else 1)
         return out
 
