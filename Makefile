@@ -12,7 +12,7 @@ export TFSUBSPACE_DATA_DIR ?= $(HOME)/.cache/tfsubspace/data
 # Quieter TensorFlow start-up logs.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install tfmot data test test-fast lint format demo bench-cpu bench-gpu clean
+.PHONY: install tfmot data test test-fast test-applications lint format demo bench-cpu bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -38,7 +38,11 @@ data: install
 	$(PY) scripts/fetch_data.py
 
 test: data tfmot
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not applications"
+
+# Every keras.applications constructor, with and without its top (about an hour on 2 cores).
+test-applications: data
+	$(PY) -m pytest -q tests -m applications
 
 # The edit-test loop: everything but the tests marked slow or tfmot (a few minutes).
 test-fast: data

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from tfsubspace import data, fileio, models
 from tfsubspace.edge import convert, runtime
 from tfsubspace.errors import DataFileError, TfSubspaceError
-from tfsubspace.prune import analysis
+from tfsubspace.prune import analysis, surgery
 from tfsubspace.prune.plan import PlanError, PruningPlan
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -80,6 +80,30 @@ def files(tmp_path_factory):
 def test_keras_file(tmp_path, files, cut, flips):
     path = tmp_path / "m.keras"
     path.write_bytes(corrupt(files[0], cut, flips))
+    try:
+        fileio.load_model(path)
+    except TfSubspaceError as e:
+        assert str(path) in str(e)
+
+
+@pytest.fixture(scope="module")
+def ops_file(tmp_path_factory):
+    """A slim model holding keras.ops nodes (with a per-channel constant) and a grouped convolution."""
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", groups=4)(x * np.linspace(0.5, 1.5, 4).astype("float32") + 3.0)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(keras.ops.relu6(x))))
+    a = analysis.analyze(model)
+    slim = surgery.apply_plan(model, PruningPlan.from_masks(a, {a.group_names[0]: [0, 2]}), analysis=a).model
+    path = tmp_path_factory.mktemp("ops") / "slim.keras"
+    return fileio.save_model(slim, path).read_bytes()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**CORRUPTION)
+def test_keras_file_with_ops(tmp_path, ops_file, cut, flips):
+    path = tmp_path / "slim.keras"
+    path.write_bytes(corrupt(ops_file, cut, flips))
     try:
         fileio.load_model(path)
     except TfSubspaceError as e:

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tfsubspace import models
+import tfsubspace
+from tfsubspace import keras_private, models
 from tfsubspace.errors import UnsupportedModelError
 from tfsubspace.prune import analysis, channels, surgery
 from tfsubspace.prune.plan import PlanError, PruningPlan
@@ -130,6 +131,59 @@ def check_surgery(model, plan, a, tmp_path, x=None):
 @example(seed=6407)  # a Concatenate + Add group whose plan once emptied one branch
 def test_random_models_slim_equals_masked(seed, tmp_path):
     model = random_model(seed)
+    a = analysis.analyze(model)
+    check_surgery(model, random_plan(a, seed), a, tmp_path)
+
+
+def random_modern_model(seed: int) -> keras.Model:
+    """A random model of the constructs of recent architectures: keras.ops activations and
+    residual adds, per-channel constants, grouped convolutions, GroupNormalization,
+    squeeze-and-excite with ops, a broadcast spatial attention."""
+    rng = np.random.default_rng(seed)
+    pick = lambda *xs: xs[int(rng.integers(len(xs)))]
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(2 * int(rng.integers(1, 5)), 3, padding="same")(inputs)
+    for _ in range(int(rng.integers(2, 6))):
+        c = x.shape[-1]
+        divisors = [d for d in range(1, c + 1) if c % d == 0]
+        kind = pick("ops_act", "grouped", "groupnorm", "se", "attention", "residual", "widen")
+        if kind == "ops_act":  # hard swish with ops, then a per-channel scale
+            x = x * keras.ops.relu6(x + 3.0) * (1.0 / 6.0) * rng.uniform(0.5, 1.5, c).astype("float32")
+        elif kind == "grouped":
+            groups = int(pick(*divisors))
+            x = L.Conv2D(groups * int(rng.integers(1, 3)), 3, padding="same", groups=groups)(x)
+            x = L.ReLU()(L.BatchNormalization()(x))
+        elif kind == "groupnorm":
+            x = L.GroupNormalization(int(pick(*divisors)))(x)
+        elif kind == "se":
+            se = keras.ops.mean(x, axis=(1, 2), keepdims=True)
+            se = L.Conv2D(int(rng.integers(1, 4)), 1, activation="relu")(se)
+            x = x * keras.ops.sigmoid(L.Conv2D(c, 1)(se))
+        elif kind == "attention":
+            x = L.Multiply()([x, L.Conv2D(1, 3, padding="same", activation="sigmoid")(x)])
+        elif kind == "residual":
+            x = x + L.Conv2D(c, 3, padding="same")(keras.ops.relu(x))
+        else:
+            x = L.Conv2D(2 * int(rng.integers(1, 5)), 1)(x)
+    if rng.integers(2):
+        x = L.GlobalAveragePooling2D()(x)
+    else:
+        x = keras.ops.reshape(x, (-1, 64 * x.shape[-1]))
+    return randomize(keras.Model(inputs, L.Dense(3)(x)), rng)
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_random_modern_models_slim_equals_masked(seed, tmp_path):
+    model = random_modern_model(seed)
+    a = analysis.analyze(model)
+    check_surgery(model, random_plan(a, seed), a, tmp_path)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_random_modern_model(seed, tmp_path):
+    model = random_modern_model(seed)
     a = analysis.analyze(model)
     check_surgery(model, random_plan(a, seed), a, tmp_path)
 
@@ -484,3 +538,258 @@ def test_rescaling_and_normalization_first_layers(tmp_path):
     pinned = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(per_channel(L.Conv2D(6, 3, name="c")(inputs)))))
     group = analysis.analyze(pinned).groups["c"]
     assert not group.prunable and "per-channel scale" in " ".join(group.pinned)
+
+
+# ---------------------------------------------------------------- keras.ops nodes, grouped convolution, norms
+
+
+def test_keras_ops_nodes_map_like_their_layers(tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = keras.ops.relu6(x * np.linspace(0.5, 1.5, 6).astype("float32") + 3.0) * (1.0 / 6.0)  # a per-channel constant
+    y = L.Conv2D(6, 1, name="c2")(inputs)
+    x = keras.ops.add(x, y) - np.full((1, 1, 6), 0.1, "float32")  # ties c1 and c2
+    x = keras.ops.divide(x, keras.ops.exp(y))  # removed channels are 0 / 1 = 0 in the masked model
+    se = keras.ops.mean(x, axis=(1, 2), keepdims=True)  # squeeze-and-excite, with ops
+    se = keras.ops.sigmoid(L.Conv2D(6, 1, name="se_expand")(L.Conv2D(3, 1, name="se_reduce")(se)))
+    x = keras.ops.transpose(x * se, (0, 2, 1, 3))  # the channel axis stays last
+    z = L.Conv2D(4, 1, name="c3")(inputs)
+    x = keras.ops.concatenate([x, z], axis=-1)
+    x = keras.ops.reshape(x, (-1, 8 * 8 * 10))
+    model = randomize(keras.Model(inputs, L.Dense(2, name="out")(x)), np.random.default_rng(3))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].producers == ["c1", "c2", "se_expand"] and a.groups["c1"].prunable
+    assert a.groups["c3"].prunable and a.groups["se_reduce"].prunable
+    plan = PruningPlan.from_masks(a, {"c1": [0, 2, 5], "c3": [1, 3], "se_reduce": [0, 2]})
+    result = check_surgery(model, plan, a, tmp_path)
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")
+    masked = surgery.masked_predict(model, plan, x, a)[0]
+    assert np.max(np.abs(masked - keras.ops.convert_to_numpy(model(x)))) > 1e-3  # the plan matters
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(result.model(x)), masked, atol=1e-5)
+    # the per-channel constants were cut to the kept channels (the scalars kept whole)
+    constants = [
+        node.arguments.args[1]
+        for op in result.model.operations
+        if type(op).__name__ in ("Multiply", "Subtract")
+        for node in op._inbound_nodes
+        if not isinstance(node.arguments.args[1], keras.KerasTensor)
+    ]
+    assert sorted(np.size(c) for c in constants) == [1, 3, 3]
+
+
+def test_keras_ops_that_reduce_or_move_channels():
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    total = keras.ops.sum(x, axis=-1, keepdims=True)  # zeros add nothing: c1 stays prunable
+    model = keras.Model(inputs, L.Dense(2)(L.Flatten()(L.Conv2D(2, 1)(x) * total)))
+    a = analysis.analyze(model)
+    [made] = [g for g in a.groups.values() if g.name.startswith("sum")]  # the sum's own channel, pinned
+    assert a.groups["c1"].prunable
+    assert made.pinned == [f"Sum {made.name!r} makes its channels out of the ones it reduces"]
+    mean = keras.ops.mean(x, axis=-1, keepdims=True)  # a mean of fewer channels is another mean
+    a = analysis.analyze(keras.Model(inputs, L.Dense(2)(L.Flatten()(x * mean))))
+    assert a.groups["c1"].pinned == [f"Mean {mean._keras_history.operation.name!r} reduces over the channels"]
+    moved = keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.transpose(x, (0, 3, 1, 2)))))
+    named = r"keras.ops operation 'transpose\w*' \(ops.numpy.Transpose, not a layer\): moves the channel axis"
+    with pytest.raises(UnsupportedModelError, match=named):
+        analysis.analyze(moved)
+    split = keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.reshape(x, (-1, 8, 8, 3, 2)))))
+    with pytest.raises(UnsupportedModelError, match="'reshape\\w*'.*moves the channel axis"):
+        analysis.analyze(split)
+
+
+def test_an_unregistered_op_is_named_as_an_op_and_can_be_registered(tmp_path, monkeypatch):
+    inputs = L.Input((4,))
+    model = randomize(
+        keras.Model(inputs, L.Dense(2, name="out")(keras.ops.arctan(L.Dense(5, name="d")(inputs)))),
+        np.random.default_rng(0),
+    )
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"keras.ops operation 'arctan\w*' \(ops.numpy.Arctan, not a layer\): no channel handler is registered "
+        r"for this operation; register one with tfsubspace.register_layer_handler\(keras.ops",
+    ):
+        analysis.analyze(model)
+    a = analysis.analyze(model, handlers={keras.ops.arctan: channels.Elementwise()})  # the function names its op
+    check_surgery(model, PruningPlan.from_masks(a, {"d": [0, 3]}), a, tmp_path)
+    monkeypatch.setattr(channels, "_REGISTRY", dict(channels._REGISTRY))  # the global registry, restored after
+    tfsubspace.register_layer_handler(keras.ops.arctan, channels.Elementwise())
+    assert analysis.analyze(model).groups["d"].prunable
+    assert channels.op_class(keras.ops.arctan) is type(model.get_layer("out").input._keras_history.operation)
+    with pytest.raises(TypeError, match="layer_class must be a keras Layer class, a keras.ops Operation class"):
+        channels.register("arctan", channels.Elementwise())
+    with pytest.raises(TypeError, match="Cannot tell which operation"):
+        channels.register(lambda: None, channels.Elementwise())
+
+
+def test_broadcast_over_channels_cbam_style(tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(6, 3, padding="same", name="c1")(inputs)))
+    attention = L.Conv2D(1, 7, padding="same", activation="sigmoid", name="spatial")(x)  # (H, W, 1)
+    x = L.Multiply()([x, attention])  # broadcast over the channels: c1 stays prunable
+    x = keras.ops.maximum(x, attention * 0.5)
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), np.random.default_rng(4))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].prunable and a.groups["c1"].size == 6 and a.groups["spatial"].size == 1
+    check_surgery(model, PruningPlan.from_masks(a, {"c1": [1, 2, 4]}), a, tmp_path)
+    # CBAM's own attention map pools over the channels: a mean of fewer channels differs, so they are pinned
+    pooled = keras.ops.concatenate(
+        [keras.ops.mean(x, axis=-1, keepdims=True), keras.ops.max(x, axis=-1, keepdims=True)], axis=-1
+    )
+    cbam = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x * L.Conv2D(1, 7, padding="same")(pooled))))
+    assert not analysis.analyze(cbam).groups["c1"].prunable
+
+
+@pytest.mark.parametrize("groups, filters", [(6, 6), (6, 12), (2, 4), (3, 9)])
+def test_grouped_convolution_prunes_whole_groups(groups, filters, tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(6, 3, padding="same", name="c1")(inputs)))
+    x = L.Conv2D(filters, 3, padding="same", groups=groups, name="grouped")(x)
+    x = L.BatchNormalization()(x)
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), np.random.default_rng(5))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].size == groups  # one channel per group of the grouped convolution
+    assert a.groups["c1"].producers == ["c1"]  # the grouped convolution makes no group of its own
+    keep = [0, groups - 1] if groups > 2 else [1]
+    result = check_surgery(model, PruningPlan.from_masks(a, {"c1": keep}), a, tmp_path)
+    slim = result.model.get_layer("grouped")
+    assert slim.groups == len(keep) and slim.filters == len(keep) * filters // groups
+
+
+def test_grouped_convolution_by_position(tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.ReLU()(L.Conv2D(6, 3, padding="same", name="c1")(inputs))
+    x = L.ReLU()(L.Conv2D(8, 3, padding="same", groups=2, name="grouped")(x))
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), np.random.default_rng(6))
+    conv = channels.Convolution(grouped=channels.GroupedConvByPosition())
+    a = analysis.analyze(model, handlers={L.Conv2D: conv})
+    assert a.groups["c1"].size == 3 and a.groups["grouped"].size == 4  # positions within a group
+    plan = PruningPlan.from_masks(a, {"c1": [0, 2], "grouped": [1, 2, 3]})
+    result = check_surgery(model, plan, a, tmp_path)
+    slim = result.model.get_layer("grouped")
+    assert slim.groups == 2 and slim.filters == 6 and slim.kernel.shape[-2] == 2
+
+
+def test_grouped_convolution_by_position_folds_constants():
+    inputs = L.Input((7, 7, 2))
+    x = L.ReLU()(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, use_bias=False, name="c1")(inputs)))
+    x = L.Conv2D(6, 1, groups=2, name="grouped")(x)  # 1x1: the fold is exact
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(L.ReLU()(x))))
+    model = randomize(model, np.random.default_rng(7))
+    kernel = model.get_layer("c1").kernel.numpy()
+    kernel[..., [1, 3]] = 0.0  # position 1 of both groups: zero filters, BN beta 2
+    model.get_layer("c1").kernel.assign(kernel)
+    gamma, beta, mean, var = model.get_layer("bn").get_weights()
+    beta[[1, 3]] = 2.0
+    model.get_layer("bn").set_weights([gamma, beta, mean, var])
+    a = analysis.analyze(model, handlers={L.Conv2D: channels.Convolution(grouped=channels.GroupedConvByPosition())})
+    plan = PruningPlan.from_masks(a, {"c1": [0]})
+    x = np.random.default_rng(1).normal(size=(4, 7, 7, 2)).astype("float32")
+    result = surgery.apply_plan(model, plan, analysis=a, check_batch=x, fold_constants=True)
+    assert [(f["layer"], f["exact"]) for f in result.folds] == [("grouped", True)]
+    np.testing.assert_allclose(result.model(x), model(x), atol=1e-4)
+
+
+def test_group_normalization_keeps_whole_groups(tmp_path):
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, padding="same", name="c1")(inputs)
+    x = L.GroupNormalization(groups=4, name="gn")(x)
+    x = L.Conv2D(6, 3, padding="same", name="c2")(L.ReLU()(x))
+    x = L.GroupNormalization(groups=-1, name="instance")(x)  # one channel per group
+    x = L.Conv2D(4, 1, name="c3")(x)
+    x = L.GroupNormalization(groups=1, name="all")(x)  # every channel in one group
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), np.random.default_rng(8))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].size == 4 and a.groups["c2"].size == 6
+    assert a.groups["c3"].pinned == ["GroupNormalization 'all' normalizes over all channels together (groups=1)"]
+    result = check_surgery(model, PruningPlan.from_masks(a, {"c1": [1, 3], "c2": [0, 4, 5]}), a, tmp_path)
+    assert result.model.get_layer("gn").groups == 2 and result.model.get_layer("instance").groups == 3
+
+
+def test_layer_norm_pins_and_layer_scale_follows(tmp_path):
+    layer_scale = keras_private.application_layer("convnext", "LayerScale")
+    inputs = L.Input((8, 8, 3))
+    x = L.Conv2D(6, 3, padding="same", name="c1")(inputs)
+    x = L.Conv2D(6, 7, padding="same", groups=6, name="depthwise")(x)  # ConvNeXt's block, in short
+    x = L.LayerNormalization(name="ln")(x)
+    y = L.Dense(12, activation="gelu", name="expand")(x)
+    y = layer_scale(0.5, 6, name="scale")(L.Dense(6, name="project")(y))
+    x = x + y  # a keras.ops Add, as in ConvNeXt
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x))), np.random.default_rng(9))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].pinned == ["LayerNormalization 'ln' mixes channels"]
+    assert a.groups["expand"].prunable
+    check_surgery(model, PruningPlan.from_masks(a, {"expand": [0, 5, 7]}), a, tmp_path)
+    # a LayerScale on prunable channels is cut with them
+    inputs = L.Input((4,))
+    h = layer_scale(0.5, 5, name="scale")(L.Dense(5, name="d")(inputs))
+    model = randomize(keras.Model(inputs, L.Dense(2)(h)), np.random.default_rng(10))
+    a = analysis.analyze(model)
+    result = check_surgery(model, PruningPlan.from_masks(a, {"d": [1, 2]}), a, tmp_path)
+    assert result.model.get_layer("scale").projection_dim == 2
+
+
+@keras.saving.register_keras_serializable(package="tfsubspace_tests")
+class Scale(L.Layer):
+    """A custom layer with one weight per channel, made from the input's last axis."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.scale
+
+
+def test_the_documented_custom_handlers(tmp_path, monkeypatch):
+    """docs/pipeline.md's example: a custom per-channel layer and a keras.ops function."""
+    monkeypatch.setattr(channels, "_REGISTRY", dict(channels._REGISTRY))
+    tfsubspace.register_layer_handler(Scale, channels.Follower())
+    tfsubspace.register_layer_handler(keras.ops.arctan, channels.Elementwise())
+    inputs = L.Input((6, 6, 3))
+    x = keras.ops.arctan(Scale(name="scale")(L.Conv2D(5, 3, name="c1")(inputs)))
+    model = randomize(keras.Model(inputs, L.Dense(2)(L.Flatten()(x))), np.random.default_rng(11))
+    a = tfsubspace.analyze(model)
+    result = check_surgery(model, PruningPlan.from_masks(a, {"c1": [0, 3]}), a, tmp_path)
+    assert result.model.get_layer("scale").scale.shape == (2,)
+
+
+def test_axis_moves_that_keep_the_channels_last(tmp_path):
+    inputs = L.Input((6, 6, 3))
+    x = L.Conv2D(5, 3, padding="same", name="c1")(inputs)
+    se = keras.ops.expand_dims(keras.ops.expand_dims(L.GlobalAveragePooling2D()(x), 1), 1)  # (B, 1, 1, C)
+    x = L.Permute((2, 1, 3))(x * keras.ops.sigmoid(se))
+    x = keras.ops.softmax(x, axis=1)  # over a spatial axis: channel-wise
+    x = keras.ops.squeeze(keras.ops.max(x, axis=1, keepdims=True), axis=1)  # (B, 6, C)
+    model = randomize(keras.Model(inputs, L.Dense(2, name="out")(L.Flatten()(x))), np.random.default_rng(12))
+    a = analysis.analyze(model)
+    assert a.groups["c1"].prunable
+    check_surgery(model, PruningPlan.from_masks(a, {"c1": [1, 4]}), a, tmp_path)
+    mixed = keras.Model(inputs, L.Dense(2)(L.Flatten()(keras.ops.softmax(L.Conv2D(5, 1, name="c")(inputs)))))
+    assert analysis.analyze(mixed).groups["c"].pinned[0].startswith("Softmax ")
+
+
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")  # deprecated, but a LayerNormalization may have it
+@pytest.mark.parametrize("rms_scaling", [False, True])
+def test_layer_norm_pruned_by_opt_in_reports_its_deviation(rms_scaling, tmp_path):
+    inputs = L.Input((6, 6, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(inputs)
+    x = L.LayerNormalization(rms_scaling=rms_scaling, name="ln")(x)
+    y = L.Dense(16, activation="gelu", name="expand")(x)
+    x = x + L.Dense(8, name="project")(y)
+    model = randomize(
+        keras.Model(inputs, L.Dense(2, name="out")(L.GlobalAveragePooling2D()(x))), np.random.default_rng(13)
+    )
+    assert not analysis.analyze(model).groups["stem"].prunable  # pinned by default
+    a = analysis.analyze(model, handlers={L.LayerNormalization: channels.PrunableLayerNorm()})
+    assert a.groups["stem"].prunable and a.groups["stem"].producers == ["stem", "project"]
+    plan = PruningPlan.from_masks(a, {"stem": [0, 2, 3, 6], "expand": np.arange(16) % 3 > 0})
+    x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype("float32")
+    result = surgery.apply_plan(model, plan, analysis=a, check_batch=x)
+    # every other layer is exact: the slim model is the masked original with the slim LayerNormalization
+    assert result.check_diff <= 1e-5
+    [approximation] = result.approximations
+    assert approximation["layer"] == "ln" and approximation["max_abs_diff"] > 1e-2  # statistics of 4 channels, not 8
+    assert result.max_abs_diff > 1e-3  # ... which the masked original is not
+    assert result.model.count_params() == surgery.plan_params(a, plan) < model.count_params()
+    result.model.save(tmp_path / "slim.keras")
+    np.testing.assert_allclose(keras.models.load_model(tmp_path / "slim.keras")(x), result.model(x), atol=1e-6)

@@ -86,6 +86,11 @@ class ChannelAnalysis:
 
     # ------------------------------------------------------------ the ChannelContext protocol
 
+    @property
+    def node(self) -> graph.Node:
+        """The call whose channels are being mapped."""
+        return self._node
+
     def new_group(self, layer, size: int) -> np.ndarray:
         first = self._first_call.get(id(layer))
         if first is not None and first[1] is not None:  # a shared layer: one group for all calls
@@ -230,8 +235,8 @@ class ChannelAnalysis:
 
         From the group's first producer, follow the single reader of each output through
         per-channel layers (BatchNormalization, activations, pooling) and merges, stopping
-        before noise layers (Dropout and the like), at a fork, or at a model output. Groups
-        produced inside nested models have no tap.
+        before noise layers (Dropout and the like) and keras.ops operations (which are no
+        layers), at a fork, or at a model output. Groups produced inside nested models have no tap.
         """
         consumers = self.consumers()
         outputs = {ref.key for ref in self.graph.outputs}
@@ -243,7 +248,12 @@ class ChannelAnalysis:
                 continue
             while node.outputs[0].key not in outputs:
                 readers = consumers.get(node.outputs[0].key, [])
-                if len(readers) != 1 or "/" in readers[0].path or isinstance(readers[0].layer, _NOISE_LAYERS):
+                if (
+                    len(readers) != 1
+                    or "/" in readers[0].path
+                    or not channels.is_layer(readers[0].layer)  # a tap is a layer's output, found by name
+                    or isinstance(readers[0].layer, _NOISE_LAYERS)
+                ):
                     break
                 handler = self.handler_for(readers[0].layer)
                 if not isinstance(handler, (channels.PassThrough, channels.Follower, channels.Merge)):
@@ -286,6 +296,7 @@ def analyze(model: keras.Model, handlers: dict | None = None) -> ChannelAnalysis
     Args:
         model: the model to analyse.
         handlers: {layer class: channels.Handler} for this call only, ahead of the global
-            registry (e.g. `{MyLayer: channels.PassThrough()}`).
+            registry (e.g. `{MyLayer: channels.PassThrough()}`); a key may also be an
+            Operation class or the keras.ops function that makes one.
     """
     return ChannelAnalysis(model, handlers)

@@ -14,6 +14,9 @@ the original model itself; the fold is exact for Dense layers and for 'valid' or
 convolutions, and off at the borders of 'same'-padded ones. Verification then compares the
 slim model with the masked original that has the same folds, so an approximate fold hides no
 other error, and each fold reports how far it moves its layer's output on the check batch.
+Channels pruned across a LayerNormalization by opt-in (channels.PrunableLayerNorm) are checked
+the same way: that layer computes as its slim counterpart does in the reference, and
+`result.approximations` reports how far it moved.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class SurgeryResult:
     folds: list[dict]
     # slim vs the masked original with the same folds: float rounding, or surgery fails
     check_diff: float = math.nan
+    # layers whose handler is inexact (channels pruned across a LayerNormalization, by opt-in):
+    # layer, max_abs_diff (how far pruning moved its output on the check batch), scale (its output's max abs)
+    approximations: list[dict] = dataclasses.field(default_factory=list)
 
 
 # ---------------------------------------------------------------- masked reference
@@ -88,11 +94,17 @@ def masked_predict(
 
     def mask(node, out):
         m = passes[analysis.ids[node.outputs[0].key]]
-        return out if m.all() else out * keras.ops.convert_to_tensor(m.astype(np.float32))
+        return out if m.all() else _zero_removed(out, m)
 
     values = _run_inputs(analysis, x)
     graph.run(analysis.graph, values, mask)
     return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs]
+
+
+def _zero_removed(out, passes: np.ndarray):
+    """`out` with zeros in the channels that do not pass, whatever they held (NaN or inf included,
+    as a division by a removed channel leaves)."""
+    return keras.ops.where(keras.ops.convert_to_tensor(passes), out, keras.ops.zeros_like(out))
 
 
 def _run_inputs(analysis: ChannelAnalysis, x) -> dict:
@@ -206,12 +218,13 @@ def apply_plan(
     built, weights = {}, []
     slim = _rebuild(analysis.graph, analysis, kept, deltas, built, weights)
     for layer, values, handler in weights:
-        layer.set_weights(values)
+        if channels.is_layer(layer):  # a keras.ops operation has no weights
+            layer.set_weights(values)
         handler.weights_set(layer)
     if not verify:
         return SurgeryResult(slim, plan, float("nan"), [], folds)
 
-    reference, deviations = _folded_reference(analysis, kept, check_batch, carried, deltas)
+    reference, deviations, approximations = _folded_reference(analysis, kept, check_batch, carried, deltas)
     produced = slim(check_batch, training=False)
     produced = [
         keras.ops.convert_to_numpy(p) for p in (produced if isinstance(produced, (list, tuple)) else [produced])
@@ -232,14 +245,14 @@ def apply_plan(
                 f"check batch."
             )
     diff = check_diff
-    if folds:
+    if folds or approximations:
         diff = _max_abs_diff(masked_predict(model, plan, check_batch, analysis, keep_constant), produced)
-        if not diff <= tolerance and all(f["exact"] for f in folds):
+        if not diff <= tolerance and all(f["exact"] for f in folds) and not approximations:
             raise VerificationError(
                 f"The slim model differs from the masked model by {diff:.3g} (max abs) on the check "
                 f"batch, above the tolerance {tolerance:g}, though every constant fold is exact."
             )
-    return SurgeryResult(slim, plan, diff, layer_report(model, slim), folds, check_diff)
+    return SurgeryResult(slim, plan, diff, layer_report(model, slim), folds, check_diff, approximations)
 
 
 def _max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -255,15 +268,30 @@ def _folded_reference(analysis: ChannelAnalysis, kept: np.ndarray, x, carried: d
     folded, as its slim counterpart does. That is exact whether or not a fold is, so one
     inexact fold leaves the rest of the model checked. The folded layers are copies made from
     the original weights, not by the handlers' slicing, so that the slim model's slices are
-    checked too. Returns (outputs, {layer path: (max abs deviation of the folded output from
-    the output with the constants, max abs of the latter)}).
+    checked too. A layer whose handler is inexact runs as its slim counterpart computes
+    (handler.slim_output) wherever some of its input channels are removed. Returns (outputs,
+    {layer path: (max abs deviation of the folded output from the output with the constants,
+    max abs of the latter)}, [{layer, max_abs_diff, scale}: how far each inexact layer's output
+    moved from the masked original's]).
     """
-    deviations = {}
+    deviations, approximations = {}, []
     values = _run_inputs(analysis, x)
 
     def step(node, out):
         passes = kept[analysis.ids[node.outputs[0].key]]
         mask = keras.ops.convert_to_tensor(passes.astype(np.float32))
+        handler = analysis.handler_for(node.layer)
+        passes_in = kept[analysis.ids[node.inputs[0].key]] if node.inputs else passes
+        if not handler.exact and not passes_in.all():
+            masked = keras.ops.convert_to_numpy(_zero_removed(out, passes))
+            out = handler.slim_output(node.layer, values[node.inputs[0].key], passes_in)
+            approximations.append(
+                {
+                    "layer": node.path,
+                    "max_abs_diff": float(np.max(np.abs(keras.ops.convert_to_numpy(out) - masked))),
+                    "scale": float(np.max(np.abs(masked))),
+                }
+            )
         if node.path in carried:
             inp = values[node.inputs[0].key]
             if node.path in deltas:
@@ -274,10 +302,11 @@ def _folded_reference(analysis: ChannelAnalysis, kept: np.ndarray, x, carried: d
                 float(np.max(np.abs(want - keras.ops.convert_to_numpy(out * mask)))),
                 float(np.max(np.abs(want))),
             )
-        return out if passes.all() else out * mask
+        return out if passes.all() else _zero_removed(out, passes)
 
     graph.run(analysis.graph, values, step)
-    return [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs], deviations
+    outputs = [keras.ops.convert_to_numpy(values[ref.key]) for ref in analysis.graph.outputs]
+    return outputs, deviations, approximations
 
 
 def _folded_copy(layer, delta: np.ndarray, input_shape):
@@ -308,7 +337,11 @@ def _rebuild(g: Graph, analysis, kept, deltas, built, weights) -> keras.Model:
             else:
                 layer = _slim_layer(node, analysis, kept, deltas.get(node.path), weights)
             built[id(node.layer)] = layer
-        out = layer(*substitute(node.args, tensors), **substitute(node.kwargs, tensors))
+        args, kwargs = node.args, node.kwargs
+        if node.sub is None:  # the slim call's own constants (an operation's per-channel ones, cut)
+            keep_out = analysis.kept_positions(node.outputs[0], kept)
+            args, kwargs = analysis.handler_for(node.layer).arguments(node.layer, args, kwargs, keep_out)
+        out = layer(*substitute(args, tensors), **substitute(kwargs, tensors))
         for ref, t in zip(node.outputs, out if isinstance(out, (list, tuple)) else [out]):
             tensors[ref.key] = t
     outputs = [tensors[ref.key] for ref in g.outputs]
