@@ -104,3 +104,30 @@ def test_channel_lasso_targets_limit_the_proximal_step():
     lasso.set_targets(None)
     lasso.proximal(10.0)
     assert np.count_nonzero(model.get_layer("bn").gamma.numpy()) == 1  # the strongest always survives
+
+
+def test_lasso_sgd_steps_are_bounded_per_layer():
+    """A LASSO'd layer without a BatchNormalization (its filters are the members) moves by at
+    most lasso_max_step of its norm per SGD step, whatever its gradient; small steps pass
+    unchanged."""
+    from tfsubspace.distill.trainer import StudentTrainer
+
+    inputs = keras.Input((4, 4, 2))
+    x = keras.layers.Conv2D(8, 1, name="squeeze")(inputs)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(x))
+    trainer = StudentTrainer(
+        model, model, lasso=ChannelLasso(analysis.analyze(model)), lasso_weight=0.1, lasso_learning_rate=0.01
+    )
+    conv = model.get_layer("squeeze")
+    assert {id(v) for v, _ in trainer.lasso.members} == {id(conv.kernel), id(conv.bias)}
+    weight_norm = np.sqrt(sum(np.sum(keras.ops.convert_to_numpy(v) ** 2) for v in (conv.kernel, conv.bias)))
+    huge = [(keras.ops.ones(v.shape) * 1e6, v) for v in (conv.kernel, conv.bias)]
+    bounded = trainer._bounded(huge)
+    step = 0.01 * np.sqrt(sum(np.sum(keras.ops.convert_to_numpy(g) ** 2) for g, _ in bounded))
+    assert step == pytest.approx(0.02 * weight_norm, rel=1e-4)
+    small = [(keras.ops.ones(v.shape) * 1e-3, v) for v in (conv.kernel, conv.bias)]
+    for (g, _), (h, _) in zip(trainer._bounded(small), small):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(h))
+    trainer.lasso_max_step = None
+    assert trainer._bounded(huge) is huge

@@ -121,6 +121,9 @@ class CompressionConfig:
     temperature: float = _option(4.0, "Distillation temperature.")
     lasso: float = _option(0.25, "Channel LASSO factor (0 disables).")
     lasso_learning_rate: float = _option(0.01, "SGD learning rate of the variables LASSO measures.")
+    lasso_max_step: float = _option(
+        0.02, "Most one SGD step may move a LASSO'd layer, relative to the norm of its weights."
+    )
     zero_tolerance: float = _option(1e-6, "Channel norm under which LASSO counts a channel as zeroed.")
     target_params: float | int | None = _option(
         None, "Parameter budget: a ratio of the teacher's (float in (0, 1]) or a count (integer > 1)."
@@ -171,6 +174,7 @@ class CompressionConfig:
             "temperature",
             "lasso",
             "lasso_learning_rate",
+            "lasso_max_step",
             "zero_tolerance",
         ):
             if not number(getattr(self, name)) or not np.isfinite(getattr(self, name)):
@@ -210,7 +214,7 @@ class CompressionConfig:
             fail("recover_epochs", "a non-negative integer")
         if self.steps_per_epoch is not None and (not integer(self.steps_per_epoch) or self.steps_per_epoch < 1):
             fail("steps_per_epoch", "a positive integer or None")
-        for name in ("learning_rate", "recover_learning_rate", "lasso_learning_rate", "temperature"):
+        for name in ("learning_rate", "recover_learning_rate", "lasso_learning_rate", "lasso_max_step", "temperature"):
             if not getattr(self, name) > 0:
                 fail(name, "positive")
         for name in ("tap_weight", "kd_weight", "lasso", "zero_tolerance"):
@@ -363,6 +367,9 @@ def compress(
         lasso: channel LASSO factor (proximal step after each optimizer step); 0 disables.
         lasso_learning_rate: SGD learning rate of the variables LASSO measures (see
             tfsubspace.distill.trainer): each step soft-thresholds channels by this times `lasso`.
+        lasso_max_step: the most one of those SGD steps may move a layer, relative to the norm
+            of its weights (a trust ratio: it binds only where gradients are large, e.g. on
+            squeeze-and-excitation filters, which plain SGD otherwise sends to infinity).
         zero_tolerance: channel norm under which LASSO counts a channel as zeroed.
         target_params: a parameter budget for the student: a ratio of the teacher's as a
             float in (0, 1], or a count as an integer > 1 (default: 0.2 when no width rule is
@@ -719,6 +726,7 @@ class _Pipeline:
                 lasso=lasso,
                 lasso_weight=lasso_weight,
                 lasso_learning_rate=c.lasso_learning_rate,
+                lasso_max_step=c.lasso_max_step,
                 augment=self._augmenter(name),
             )
         trainer.fit_adapters(self.ds)  # a resumed run then restores the trained ones

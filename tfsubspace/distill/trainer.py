@@ -18,7 +18,10 @@ plain SGD step of their own, then a soft-threshold of lasso_learning_rate * lamb
 sets whole channels to exact zeros. Plain SGD matters: an adaptive optimizer such as Adam
 rescales every coordinate's step to about its learning rate, so a fixed threshold would
 then shrink every channel alike instead of the ones the loss needs least. Every other
-variable trains with the compiled optimizer. With `proximal=False` the LASSO is a loss term.
+variable trains with the compiled optimizer. Each layer's SGD step is bounded to
+`lasso_max_step` of its weights' norm (a trust ratio: filters without a BatchNormalization
+after them, such as squeeze-and-excitation convolutions, can have gradients large enough
+to diverge). With `proximal=False` the LASSO is a loss term.
 """
 
 from __future__ import annotations
@@ -117,6 +120,8 @@ class StudentTrainer(keras.Model):
         lasso, lasso_weight, proximal: the channel LASSO, its factor, and whether it is
             applied as a proximal step (exact zeros) or as a loss term.
         lasso_learning_rate: the SGD learning rate of the LASSO'd variables (proximal only).
+        lasso_max_step: the most one SGD step may move a LASSO'd layer, relative to its
+            weights' norm (None: unbounded).
         augment: a Keras layer that draws a random view of a batch of images
             (tfsubspace.distill.augment); teacher and student both see that view, drawn
             afresh at every step. Teacher-only training: labels would not follow a mixup.
@@ -138,6 +143,7 @@ class StudentTrainer(keras.Model):
         lasso_weight: float = 0.0,
         proximal: bool = True,
         lasso_learning_rate: float = 0.01,
+        lasso_max_step: float | None = 0.02,
         augment: keras.layers.Layer | None = None,
         **kwargs,
     ):
@@ -162,6 +168,7 @@ class StudentTrainer(keras.Model):
         self.lasso_weight = float(lasso_weight)
         self.proximal = proximal and lasso is not None and lasso_weight > 0
         self.lasso_learning_rate = float(lasso_learning_rate)
+        self.lasso_max_step = None if lasso_max_step is None else float(lasso_max_step)
         self.lasso_optimizer = None
         if lasso is not None and hasattr(lasso, "targets"):
             self.lasso_targets = lasso.targets  # tracked: saved and restored with the checkpoints
@@ -270,6 +277,27 @@ class StudentTrainer(keras.Model):
             variables = [v for v in variables if id(v) not in lassoed]
         self.optimizer.build(variables)
 
+    def _bounded(self, pairs):
+        """The LASSO'd variables' gradients, each layer's scaled down where needed so that its
+        SGD step moves it by at most `lasso_max_step` of its norm (a trust ratio, as LARS
+        bounds steps). Plain SGD on raw filters (layers without a BatchNormalization after
+        them, such as squeeze-and-excitation convolutions) otherwise diverges where their
+        gradients are large; where they are not, this changes nothing."""
+        if self.lasso_max_step is None:
+            return pairs
+        layers: dict[str, list[int]] = {}
+        for i, (_, v) in enumerate(pairs):
+            layers.setdefault(v.path.rsplit("/", 1)[0], []).append(i)
+        out = list(pairs)
+        for members in layers.values():
+            weight_norm = ops.sqrt(sum(ops.sum(ops.square(pairs[i][1])) for i in members))
+            grad_norm = ops.sqrt(sum(ops.sum(ops.square(pairs[i][0])) for i in members))
+            step = self.lasso_learning_rate * grad_norm
+            factor = ops.minimum(1.0, self.lasso_max_step * weight_norm / ops.maximum(step, 1e-30))
+            for i in members:
+                out[i] = (pairs[i][0] * factor, pairs[i][1])
+        return out
+
     def call(self, x, training=False):
         return self.student(x, training=training)
 
@@ -329,7 +357,7 @@ class StudentTrainer(keras.Model):
             lassoed = {id(v) for v, _ in self.lasso.members}
             pairs = list(zip(grads, variables))
             self.optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) not in lassoed])
-            self.lasso_optimizer.apply_gradients([(g, v) for g, v in pairs if id(v) in lassoed])
+            self.lasso_optimizer.apply_gradients(self._bounded([(g, v) for g, v in pairs if id(v) in lassoed]))
             self.lasso.proximal(self.lasso_learning_rate * self.lasso_weight)
         else:
             self.optimizer.apply_gradients(zip(grads, variables))
