@@ -241,3 +241,22 @@ def test_batched_files_are_checked_and_benchmarked_per_batch(tmp_path):
     assert "micro_arena_bytes" not in report["rows"][1]
     with pytest.raises(ValueError, match="batch_size"):
         export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(4)), batch_size=0)
+
+
+def test_an_int8_file_xnnpack_refuses_names_its_dead_tensor():
+    """A ReLU that is zero on every calibration image gets an int8 scale near 0, which XNNPACK
+    cannot prepare: the error names the tensor instead of only the node number."""
+    inputs = keras.Input((4, 4, 1), batch_size=1)
+    x = keras.layers.Flatten()(inputs)
+    dead = keras.layers.Dense(
+        1,
+        activation="relu",
+        kernel_initializer="ones",
+        bias_initializer=keras.initializers.Constant(-100.0),
+        name="dead",
+    )(x)
+    model = keras.Model(inputs, keras.layers.Dense(3)(dead))
+    images = np.random.default_rng(0).random((16, 4, 4, 1), "float32")
+    content = convert.convert(model, "int8", calibration=images)
+    with pytest.raises(TfSubspaceError, match=r"XNNPACK.*dead_1/Relu.*scales under 1e-6.*is dead"):
+        runtime.TFLiteRunner(content)

@@ -25,7 +25,9 @@ class TFLiteRunner:
             self.input = self.interpreter.get_input_details()[0]
             self.output = self.interpreter.get_output_details()[0]
         except (ValueError, RuntimeError, IndexError) as e:
-            raise TfSubspaceError(f"Cannot load {self.source}: {e}") from None
+            raise TfSubspaceError(
+                f"Cannot load {self.source}: {str(e).rstrip('.')}{_why_xnnpack_fails(content, e)}"
+            ) from None
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +52,35 @@ class TFLiteRunner:
 
     def invoke(self) -> None:
         self.interpreter.invoke()
+
+
+def _why_xnnpack_fails(content: bytes, error: Exception) -> str:
+    """Where XNNPACK refuses an int8 file: the tensors whose scale is too small to run (a tensor
+    that is zero on every calibration image, e.g. a dead ReLU, gets a scale near 0), if any."""
+    if "XNNPACK" not in str(error):
+        return ""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        plain = Interpreter(
+            model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        )
+    except (ValueError, RuntimeError):
+        return ""
+    tiny = [
+        t["name"]
+        for t in plain.get_tensor_details()
+        if t["dtype"] in (np.int8, np.uint8)
+        and len(t["quantization_parameters"]["scales"]) == 1
+        and 0 < t["quantization_parameters"]["scales"][0] < 1e-6
+    ]
+    if not tiny:
+        return ""
+    return (
+        f". Tensor(s) {tiny} have int8 scales under 1e-6: they were (nearly) zero on every calibration image, "
+        "which XNNPACK cannot run. A layer that outputs only zeros is dead: remove it, or calibrate with images "
+        "that reach it."
+    )
 
 
 def _read_tflite(path) -> bytes:
