@@ -21,6 +21,11 @@ benchmarks/teachers.py, in --teachers_dir) and each budget (share of the teacher
 - tfmot: TFMOT magnitude pruning to the budget's sparsity + fine-tuning with labels, in its
   own process under the tfmot environment (`make tfmot`); unstructured, so its .tflite does
   not shrink: its gzip-compressed size is reported beside the real one.
+With --budget_kind=macs a budget is the share of the teacher's MACs per image removed, and with
+--budget_kind=speedup it is a float32 speed-up asked for (2 = twice as fast): tfsubspace gets
+`target_macs` or `target_speedup` alone (its widths chosen for that budget, priced by MACs or
+by the latency table it measures), l1_filter and slimming cut to the same MACs (for a speed-up
+s, 1/s of the teacher's MACs); results go to --results_dir/SUITE_KIND.
 Every method gets the same number of epochs (--epochs) and seed. Each row is exported to
 float32 and int8 .tflite (checked against its Keras model) and timed with the LiteRT
 interpreter next to its teacher in the same process. Finished rows are skipped and
@@ -55,7 +60,16 @@ METHODS = (
 _SUITE = flags.DEFINE_enum("suite", "cpu", list(SUITES), "Which teachers and data sets.")
 _TEACHERS = flags.DEFINE_list("teachers", None, "Override the suite's teachers (e.g. vgg16_w0.25).")
 _DATASETS = flags.DEFINE_list("datasets", None, "Override the suite's data sets.")
-_BUDGETS = flags.DEFINE_list("budgets", None, "Shares of the teacher's parameters removed (default: the suite's).")
+_BUDGETS = flags.DEFINE_list(
+    "budgets", None, "Shares of the teacher's parameters (or MACs) removed, or speed-ups (default: the suite's)."
+)
+_KIND = flags.DEFINE_enum(
+    "budget_kind",
+    "params",
+    ["params", "macs", "speedup"],
+    "What a budget counts: parameters or MACs removed (a share), or a float32 speed-up (a factor over 1).",
+)
+KIND_METHODS = ("tfsubspace", "l1_filter", "slimming")  # the methods that take a MAC or speed-up budget
 # tfsubspace_macs is asked for by name: the suites compare at equal parameter budgets
 _METHODS = flags.DEFINE_list(
     "methods", [m for m in METHODS if m != "tfsubspace_macs"], f"Methods to run, of {', '.join(METHODS)}."
@@ -94,8 +108,15 @@ def main(argv):
     suite = SUITES[_SUITE.value]
     budgets = _BUDGETS.value or suite.budgets
     for budget in budgets:
-        if not 0 < float(budget) < 1:
+        if _KIND.value == "speedup" and not float(budget) > 1:
+            raise app.UsageError(f"--budgets: each speed-up must be over 1. Received: {budget}")
+        if _KIND.value != "speedup" and not 0 < float(budget) < 1:
             raise app.UsageError(f"--budgets: each must be in (0, 1). Received: {budget}")
+    if _KIND.value != "params" and set(_METHODS.value) - set(KIND_METHODS):
+        raise app.UsageError(
+            f"--budget_kind={_KIND.value} compares {', '.join(KIND_METHODS)}; --methods asked for "
+            f"{sorted(set(_METHODS.value) - set(KIND_METHODS))}."
+        )
     if _RECOVER.value >= _EPOCHS.value:
         raise app.UsageError("--recover_epochs must be smaller than --epochs.")
     unknown = set(_METHODS.value) - set(METHODS)
@@ -103,7 +124,7 @@ def main(argv):
         raise app.UsageError(f"--methods: unknown {sorted(unknown)}; expected some of {METHODS}.")
     global CODE
     CODE = code_version()  # the code this process imported, whatever is committed while it runs
-    out_dir = Path(_RESULTS.value) / _SUITE.value
+    out_dir = Path(_RESULTS.value) / (_SUITE.value if _KIND.value == "params" else f"{_SUITE.value}_{_KIND.value}")
     started = time.time()
     for teacher_name in _TEACHERS.value or [t.name for t in suite.teachers]:
         for dataset in _DATASETS.value or suite.datasets:
@@ -155,12 +176,31 @@ class Pair:
         from tfsubspace.peers import baselines
         from tfsubspace.prune import surgery
 
-        work = self.runs / f"budget{budget:g}"
-        params = int((1 - budget) * self.teacher_params)
+        kind = _KIND.value
+        work = self.runs / (f"budget{budget:g}" if kind == "params" else f"{kind}{budget:g}")
+        params = int((1 - budget) * self.teacher_params) if kind == "params" else None
+        # the peers' MACs: the share left, or for a speed-up s, 1/s of the teacher's
+        macs = None
+        if kind != "params":
+            macs = int((1 - budget) * self.teacher_macs) if kind == "macs" else int(self.teacher_macs / budget)
         total, recover = _EPOCHS.value, _RECOVER.value
 
         def compress(schedule, macs=False):
             keras.utils.set_random_seed(_SEED.value)
+            if kind != "params":  # the budget alone, widths chosen for it
+                return tfsubspace_compress(
+                    self.teacher,
+                    self.unlabeled,
+                    work_dir=work / schedule,
+                    epochs=total - recover,
+                    recover_epochs=recover,
+                    lasso=_LASSO.value,
+                    target_macs=1 - budget if kind == "macs" else None,
+                    target_speedup=budget if kind == "speedup" else None,
+                    schedule=schedule,
+                    seed=_SEED.value,
+                    verbose=2,
+                )
             return tfsubspace_compress(
                 self.teacher,
                 self.unlabeled,
@@ -189,10 +229,22 @@ class Pair:
             "tfsubspace_stagewise": lambda: compress("stage_wise").student,
             "tfsubspace_macs": lambda: compress("end_to_end", macs=True).student,
             "l1_filter": lambda: baselines.l1_filter_pruning(
-                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "l1_filter", verbose=2
+                self.teacher,
+                self.labeled,
+                params=params,
+                macs=macs,
+                epochs=total,
+                work_dir=work / "l1_filter",
+                verbose=2,
             ),
             "slimming": lambda: baselines.network_slimming(
-                self.teacher, self.labeled, params=params, epochs=total, work_dir=work / "slimming", verbose=2
+                self.teacher,
+                self.labeled,
+                params=params,
+                macs=macs,
+                epochs=total,
+                work_dir=work / "slimming",
+                verbose=2,
             ),
             "kd": lambda: baselines.train_kd(
                 student(), self.teacher, self.labeled, epochs=total, alpha=0.9, work_dir=work / "kd", verbose=2
@@ -299,7 +351,8 @@ class Pair:
         return self.row_path(method, budget).exists()
 
     def row_path(self, method, budget):
-        return self.out_dir / f"{self.name}_{self.dataset}_{budget:g}_{method}.json"
+        kind = "" if _KIND.value == "params" or method == "teacher" else _KIND.value
+        return self.out_dir / f"{self.name}_{self.dataset}_{kind}{budget:g}_{method}.json"
 
     def accuracy_bn_reestimated(self, model):
         """Test accuracy of a copy of `model` whose BN statistics are measured again on 50
@@ -321,6 +374,7 @@ class Pair:
             "dataset": self.dataset,
             "method": method,
             "budget": budget,
+            "budget_kind": _KIND.value if method != "teacher" else None,
             "epochs": _EPOCHS.value if method != "teacher" else None,
             "seed": _SEED.value,
             "teacher_params": self.teacher_params,
@@ -383,6 +437,23 @@ def _bn_remeasured(row) -> str:
     return "-" if value is None or row["method"] == "teacher" else f"{100 * value:.2f}%"
 
 
+_KIND_TITLES = {"params": "parameter budgets", "macs": "MAC budgets", "speedup": "speed-ups asked for"}
+_KIND_NOTES = {
+    "params": "",
+    "macs": "Budget: share of the teacher's MACs per image removed; tfsubspace gets `target_macs` alone, "
+    "l1_filter and slimming cut to the same MACs. ",
+    "speedup": "Budget: the float32 speed-up asked for; tfsubspace gets `target_speedup` (priced by the latency "
+    "table it measures on this machine), l1_filter and slimming cut to 1/s of the teacher's MACs; the "
+    "speed-up column is measured. ",
+}
+
+
+def _budget_label(row, kind) -> str:
+    if kind == "speedup":
+        return "1x" if row["method"] == "teacher" else f"{row['budget']:g}x"
+    return f"{100 * row['budget']:.0f}%"
+
+
 def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path | None = None):
     """SUITE.md (one table per teacher and data set), plots, and the README's headline block,
     from every row JSON."""
@@ -403,13 +474,18 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
             }
         )
         fileio.write_json(runs_file, log)
+    kind = next((r["budget_kind"] for r in rows if r.get("budget_kind")), "params")
+    suite = out_dir.name.removesuffix(f"_{kind}")
     order = {m: i for i, m in enumerate(("teacher", *METHODS))}
     rows.sort(key=lambda r: (r["teacher"], r["dataset"], r["budget"], -r["accuracy"], order.get(r["method"], 99)))
     lines = [
-        "# tfsubspace against its peers at equal parameter budgets",
+        f"# tfsubspace against its peers at equal {_KIND_TITLES[kind]}",
         "",
-        f"Generated by `python benchmarks/compare.py --suite={out_dir.name}` from the row files beside this one. "
-        "One seed; accuracy on the full test split (Keras float32 model; the int8 column is the int8 .tflite "
+        f"Generated by `python benchmarks/compare.py --suite={suite}"
+        + (f" --budget_kind={kind}" if kind != "params" else "")
+        + "` from the row files beside this one. "
+        + _KIND_NOTES[kind]
+        + "One seed; accuracy on the full test split (Keras float32 model; the int8 column is the int8 .tflite "
         "file run by LiteRT); drop = teacher - method, in points; latency is the median of one-image LiteRT "
         "invokes on 1 thread (200 after 20 warm-up), each timed right after the teacher's file in the same process "
         "(speed-up = teacher / method). BN re-measured: the same model's accuracy with its BatchNormalization "
@@ -442,7 +518,7 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
             )
             acc = f"{100 * r['accuracy']:.2f}%"
             lines.append(
-                f"| {100 * r['budget']:.0f}% | {r['method']} | {r.get('nonzero_params', r['params']):,} | "
+                f"| {_budget_label(r, kind)} | {r['method']} | {r.get('nonzero_params', r['params']):,} | "
                 f"{100 * r['params_removed']:.1f}% | {r['macs'] / 1e6:.1f}M | {f'**{acc}**' if best else acc} | "
                 f"{100 * r['drop']:+.2f} | {_bn_remeasured(r)} | {100 * t['int8']['accuracy']:.2f}% | "
                 f"{t['float32']['bytes'] / 1024:.0f} KiB"

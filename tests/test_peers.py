@@ -409,3 +409,53 @@ def test_the_suites_name_the_teachers_they_mean():
             model = models.build(t.model, shapes[t.name], 10, **t.options)
             assert stats.count_params(model) == expected[t.name], t.name
     assert SUITES["cpu"].teacher("wrn_16_4").key("mnist") == "wrn_16_4_mnist"
+
+
+@pytest.mark.slow
+def test_comparison_harness_takes_mac_and_speedup_budgets(tmp_path):
+    """--budget_kind=macs and =speedup: tfsubspace gets the budget alone, the pruning peers cut to
+    the same MACs (1/s of the teacher's for a speed-up s); rows and table of their own."""
+    from test_compress import small_teacher
+
+    keras.utils.set_random_seed(0)
+    teacher = small_teacher()
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.fit(data.load("mnist", "train", batch_size=32, limit=512, seed=0), epochs=1, verbose=0)
+    (tmp_path / "teachers").mkdir()
+    teacher.save(tmp_path / "teachers" / "small_mnist.keras")
+    results = tmp_path / "results"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    for kind, budget, left in (("macs", "0.5", 0.5), ("speedup", "2", 0.5)):
+        command = [
+            sys.executable,
+            "benchmarks/compare.py",
+            "--teachers=small",
+            "--datasets=mnist",
+            f"--budget_kind={kind}",
+            f"--budgets={budget}",
+            "--epochs=2",
+            "--recover_epochs=1",
+            "--train_limit=256",
+            "--latency_runs=3",
+            "--methods=tfsubspace,l1_filter,slimming",
+            f"--teachers_dir={tmp_path / 'teachers'}",
+            f"--runs_dir={tmp_path / 'runs'}",
+            f"--results_dir={results}",
+            "--readme=",
+        ]
+        run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+        assert run.returncode == 0, run.stderr[-3000:]
+        rows = {
+            json.loads(p.read_text())["method"]: json.loads(p.read_text())
+            for p in (results / f"cpu_{kind}").glob("small_mnist_*.json")
+        }
+        assert sorted(rows) == ["l1_filter", "slimming", "teacher", "tfsubspace"]
+        for method in ("l1_filter", "slimming"):
+            assert rows[method]["macs"] <= left * rows["teacher"]["macs"], method
+            assert rows[method]["budget_kind"] == kind
+        if kind == "macs":
+            assert rows["tfsubspace"]["macs"] <= left * rows["teacher"]["macs"]
+        table = (results / f"cpu_{kind}.md").read_text()
+        assert f"--budget_kind={kind}" in table and ("| 2x | tfsubspace |" in table if kind == "speedup" else True)
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([*command[:-1], "--methods=kd", "--readme="], cwd=REPO, env=env, check=True, capture_output=True)

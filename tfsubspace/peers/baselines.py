@@ -330,9 +330,10 @@ def network_slimming(
     teacher: keras.Model,
     labeled_ds,
     *,
-    params: int,
+    params: int | None,
     epochs: int,
     work_dir,
+    macs: int | None = None,
     sparsity_epochs: int | None = None,
     l1: float = 1e-4,
     learning_rate: float = 1e-3,
@@ -343,7 +344,8 @@ def network_slimming(
 ) -> keras.Model:
     """Liu et al.: `sparsity_epochs` (default half) of training a copy of `teacher` with labels
     plus l1 * sum |gamma|, removal of the channels of smallest |gamma| under one global
-    threshold until at most `params` parameters remain, then fine-tuning for the rest."""
+    threshold until at most `params` parameters (and `macs` MACs per image) remain, then
+    fine-tuning for the rest."""
     if (done := _finished(work_dir, "slimming")) is not None:
         return done
     sparsity_epochs = max(1, epochs // 2) if sparsity_epochs is None else sparsity_epochs
@@ -364,7 +366,7 @@ def network_slimming(
     )
     analysis = analyze(model)
     plan = ranking.plan_for_budget(
-        analysis, BatchNormL1(analysis).norms(), params=params, compare="raw", multiple=multiple
+        analysis, BatchNormL1(analysis).norms(), params=params, macs=macs, compare="raw", multiple=multiple
     )
     plan.save(Path(work_dir) / "plan.json")
     slim = _pruned(model, plan, labeled_ds, analysis=analysis)
