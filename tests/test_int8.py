@@ -47,6 +47,10 @@ def random_model(draw_ops, seed):
             x = L.BatchNormalization()(L.DepthwiseConv2D(3, padding=padding, activation="relu")(x))
         elif op == "bn_conv":
             x = L.Conv2D(filters, 3, padding=padding, activation="relu")(L.BatchNormalization()(x))
+        elif op == "separable_bn_relu":  # the Xception order
+            x = L.ReLU()(L.BatchNormalization()(L.SeparableConv2D(filters, 3, padding=padding, use_bias=False)(x)))
+        elif op == "separable_relu_bn":
+            x = L.BatchNormalization()(L.SeparableConv2D(filters, 3, padding=padding, activation="relu")(x))
     x = L.Flatten()(x)
     x = L.BatchNormalization()(L.Dense(6, activation="relu")(x))
     model = keras.Model(inputs, L.Dense(4)(x))
@@ -64,6 +68,8 @@ OPS = st.lists(
                 "conv_relu_layer_bn_pool",
                 "depthwise_relu_bn",
                 "bn_conv",
+                "separable_bn_relu",
+                "separable_relu_bn",
             ]
         ),
         st.sampled_from(["same", "valid"]),
@@ -213,3 +219,62 @@ def test_export_accepts_datasets_of_batches(tmp_path):
     ds = tf.data.Dataset.from_tensor_slices(images(64, 0)).batch(16)
     result = export.export(starved_model(), tmp_path, modes=("int8",), calibration_ds=ds, min_agreement=0.0)[0]
     assert result.passed and [s["step"] for s in result.steps] == ["plain"]
+
+
+def separable_model(seed=0):
+    """Xception blocks: SeparableConv2D -> BN -> Add with a 1x1 Conv2D + BN shortcut,
+    then SeparableConv2D -> ReLU -> BN, whose shift goes into the next SeparableConv2D."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 3))
+    a = L.BatchNormalization()(L.SeparableConv2D(4, 3, padding="same", use_bias=False, depth_multiplier=2)(inputs))
+    shortcut = L.BatchNormalization()(L.Conv2D(4, 1, use_bias=False)(inputs))
+    x = L.Add()([a, shortcut])
+    x = L.BatchNormalization()(L.ReLU()(L.SeparableConv2D(5, 3, padding="same")(x)))
+    x = L.SeparableConv2D(3, 3, padding="same", activation="relu")(x)
+    model = keras.Model(inputs, L.Dense(4)(L.Flatten()(x)), name="separable")
+    _randomize_batchnorm(model, np.random.default_rng(seed), spread=3)
+    return model
+
+
+def test_separable_batchnorm_folds_exactly():
+    model = separable_model()
+    x = np.random.default_rng(0).normal(0, 1, (16, 8, 8, 3)).astype("float32")
+    folded, report = fold.fold_batchnorm(model)
+    assert not any(isinstance(layer, L.BatchNormalization) for layer in folded.layers), report
+    assert _relative_diff(model, folded, x) < 1e-5, report
+    sep1, sep2, sep3 = [layer.name for layer in model.layers if isinstance(layer, L.SeparableConv2D)]
+    assert any(line.endswith(f"folded into {sep1} (linear -> BN)") for line in report), report
+    assert any(f"scale into {sep2} (through ReLU), shift into {sep3}" in line for line in report), report
+    # the shift met zero padding in the original: the next separable convolution gets a border map
+    assert any(isinstance(layer, graphedit.BiasMap) for layer in folded.layers)
+    # equalization of the ReLU chain and of each depthwise/pointwise pair keeps the function too
+    equalized, report = equalize.equalize(folded, x)
+    assert _relative_diff(model, equalized, x) < 1e-5, report
+    assert sum("depthwise output range spread" in line for line in report) == 3, report
+    layer = equalized.get_layer(sep1)
+    assert not np.allclose(layer.get_weights()[0], folded.get_layer(sep1).get_weights()[0])
+
+
+def test_bias_correction_finds_separable_convolutions():
+    model, _ = fold.fold_batchnorm(separable_model())
+    calibration = np.random.default_rng(1).normal(0, 1, (32, 8, 8, 3)).astype("float32")
+    plain = autoint8.int8_steps(model, calibration, calibration[:8], fixes=())[0]
+    corrected, report = biascorrect.correct_biases(model, plain.content, calibration)
+    names = [layer.name for layer in model.layers if isinstance(layer, L.SeparableConv2D)]
+    assert all(any(line.startswith(f"{name}: mean int8 shift") for line in report) for name in names), report
+    for name in names:  # only the bias moves
+        old, new = model.get_layer(name).get_weights(), corrected.get_layer(name).get_weights()
+        np.testing.assert_allclose(new[0], old[0], rtol=1e-6)
+        np.testing.assert_allclose(new[1], old[1], rtol=1e-6)
+
+
+def test_diagnosis_names_rounding_spread_over_many_tensors():
+    def tensor(i, rel, added):
+        return diagnose.TensorError(
+            i, f"t{i}", "CONV_2D", [1, 4], 0.1, 0, (-1.0, 1.0), (-0.8, 0.8), 0.0, rel, added, 0.0, 0, 4
+        )
+
+    spread = diagnose.Diagnosis([tensor(i, 0.02 * (i + 1), 0.02) for i in range(4)], [], 10)
+    (line,) = spread.findings()
+    assert "rounding spread over 4 int8 tensors" in line and "8.0%" in line
+    assert diagnose.Diagnosis([tensor(0, 0.01, 0.01)], [], 10).findings() == []

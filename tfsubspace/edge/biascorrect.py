@@ -7,7 +7,9 @@ input of that layer, on the calibration images, so that each layer's own shift i
 apart from what earlier layers did; the mean difference per output channel, over the
 positions where neither side is clipped by its activation or its int8 range, is subtracted
 from the layer's bias. Layers are found in the file by their weights (the float32 file of the
-same model holds them exactly), so the correction needs no tensor names.
+same model holds them exactly), so the correction needs no tensor names. A SeparableConv2D is
+two ops there (DEPTHWISE_CONV_2D, then a 1x1 CONV_2D holding its pointwise kernel): it is found
+by its pointwise kernel and measured from the depthwise op's input, both ops' shift together.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ _OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def _tflite_kernel(layer, kernel: np.ndarray) -> np.ndarray:
-    """A Keras kernel in the layout the converter writes it."""
+    """A Keras kernel in the layout the converter writes it (a SeparableConv2D's pointwise one)."""
+    if ge.is_separable(layer):
+        return kernel.transpose(3, 0, 1, 2)
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw, cin, mult = kernel.shape
         return kernel.reshape(1, kh, kw, cin * mult)
@@ -33,18 +37,27 @@ def _tflite_kernel(layer, kernel: np.ndarray) -> np.ndarray:
 def _match_layers(model: keras.Model, float_interpreter) -> dict:
     """Keras linear layer name -> (float file's op output tensor name, input tensor name)."""
     details = {d["index"]: d for d in float_interpreter.get_tensor_details()}
-    ops = [op for op in float_interpreter._get_ops_details() if op["op_name"] in _OPS]
+    all_ops = float_interpreter._get_ops_details()
+    ops = [op for op in all_ops if op["op_name"] in _OPS]
+    producer = {int(out): op for op in all_ops for out in op["outputs"]}
     found = {}
     for layer in model.layers:
         if not ge.is_linear_layer(layer):
             continue
-        want = _tflite_kernel(layer, np.asarray(keras.ops.convert_to_numpy(layer.kernel)))
+        kernel = layer.pointwise_kernel if ge.is_separable(layer) else layer.kernel
+        want = _tflite_kernel(layer, np.asarray(keras.ops.convert_to_numpy(kernel)))
         for op in ops:
             weights = details[int(op["inputs"][1])]
             if tuple(weights["shape"]) != want.shape:
                 continue
             if np.allclose(float_interpreter.get_tensor(weights["index"]), want, rtol=1e-5, atol=1e-7):
-                found[layer.name] = (details[int(op["outputs"][0])]["name"], details[int(op["inputs"][0])]["name"])
+                source = int(op["inputs"][0])
+                if ge.is_separable(layer):  # the pointwise op reads the depthwise op's output
+                    depthwise = producer.get(source)
+                    if depthwise is None or depthwise["op_name"] != "DEPTHWISE_CONV_2D":
+                        continue
+                    source = int(depthwise["inputs"][0])
+                found[layer.name] = (details[int(op["outputs"][0])]["name"], details[source]["name"])
                 break
     return found
 

@@ -13,7 +13,10 @@ tensor, and reports for each int8 activation tensor:
 and for each constant multiplier of a MUL (the scale of an unfolded BatchNormalization), its
 worst rounding error relative to the value: such a constant gets one int8 scale for all
 channels, so a channel multiplied by 0.04 next to one multiplied by 30 keeps a wrong gain.
-`format_diagnosis` prints it; `Diagnosis.findings` names the tensors that explain a failure.
+`format_diagnosis` prints it; `Diagnosis.findings` names the tensors that explain a failure, or,
+where none does (no saturation, no starved channels, no large jump) but the output is still far
+off, says that the error is rounding spread over many tensors: no range choice or exact rewrite
+removes that, wider activations (16x8) or quantization-aware training do.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class Diagnosis:
 
     def findings(self, *, saturation: float = 1e-3, jump: float = 0.05) -> list[str]:
         """Short lines naming what goes wrong: saturated tensors, constants rounded by over 10%,
-        and the layers that add the most error (over `jump` relative RMS)."""
+        and the layers that add the most error (over `jump` relative RMS); else, when the output's
+        relative error is still over `jump`, a line saying it is rounding spread over the tensors."""
         out = []
         for t in self.tensors:
             if t.saturated > saturation:
@@ -98,6 +102,16 @@ class Diagnosis:
                     f"{t.op} -> {_short(t.name)} adds {t.added_error:.1%} relative error (now {t.relative_error:.1%}"
                     f"{starved if t.starved_channels else ''})"
                 )
+        last = self.tensors[-1] if self.tensors else None
+        if not out and last is not None and last.relative_error > jump:
+            worst = max(t.added_error for t in self.tensors)
+            starved = sum(t.starved_channels for t in self.tensors)
+            out.append(
+                f"no saturation, {starved} starved channels, no op adds over {jump:.0%}: the output's "
+                f"{last.relative_error:.1%} relative error is rounding spread over {len(self.tensors)} int8 tensors "
+                f"(the most one op adds: {worst:.1%}); int8 activations lack the resolution, not the range: "
+                "int16 activations (16x8) or quantization-aware training, or a dynamic-range file"
+            )
         return out
 
     def to_json(self) -> dict:

@@ -9,7 +9,12 @@ the two: with a[c] the channel's largest activation (on calibration images) and 
 second kernel's largest weight on that input channel, k[c] = sqrt(a[c] / r[c]) gives both
 the same relative range (the balance of Nagel et al.'s data-free quantization, with measured
 activation ranges in place of the first layer's weights). A depthwise second layer has one
-scale per channel anyway, so there k[c] makes every activation channel the same range.
+scale per channel anyway, so there k[c] makes every activation channel the same range (a
+SeparableConv2D second layer too: its input meets the depthwise kernel first).
+A SeparableConv2D is itself such a chain with no activation: int8 writes its depthwise output
+to a tensor of one scale before the pointwise kernel reads it, so each SeparableConv2D's
+depthwise output channels are equalized against its pointwise kernel the same way (depthwise
+kernel channel c divided by k[c], pointwise input channel c multiplied by it).
 ReLU6 clips at 6, and 6 / k is not 6: chains through ReLU6 are left alone (and reported).
 Chains into a merge (Add, Concatenate) or read twice are left alone.
 """
@@ -96,16 +101,46 @@ def _activation_ranges(model: keras.Model, chains: list[_Chain], images: np.ndar
     return ranges
 
 
+def _depthwise_ranges(model: keras.Model, nodes: list, images: np.ndarray) -> list[np.ndarray]:
+    """The largest |value| of each depthwise output channel of each SeparableConv2D node."""
+    probe = keras.Model(model.inputs, [n.layer.input for n in nodes])
+    ranges = [np.zeros(n.layer.input.shape[-1] * n.layer.depth_multiplier) for n in nodes]
+    for start in range(0, len(images), 128):
+        outs = probe(images[start : start + 128], training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for i, (node, x) in enumerate(zip(nodes, outs)):
+            layer = node.layer
+            y = keras.ops.depthwise_conv(
+                x, layer.depthwise_kernel, layer.strides, layer.padding, layer.data_format, layer.dilation_rate
+            )
+            values = np.abs(keras.ops.convert_to_numpy(y))
+            ranges[i] = np.maximum(ranges[i], values.reshape(-1, values.shape[-1]).max(0))
+    return ranges
+
+
+def _balance(a: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(k, live): k[c] = sqrt(a[c] / r[c]) on live channels (a, r > 0), geometric mean 1, clipped."""
+    k = np.ones(len(a))
+    live = (a > 0) & (r > 0)
+    if np.any(live):
+        k[live] = np.sqrt(a[live] / r[live])
+        k[live] /= np.exp(np.mean(np.log(k[live])))
+    return np.clip(k, 1 / _MAX_FACTOR, _MAX_FACTOR), live
+
+
 def equalize(model: keras.Model, images: np.ndarray) -> tuple[keras.Model, list[str]]:
-    """(the model with each ReLU/linear chain of two linear layers equalized, a line per chain).
+    """(the model with each ReLU/linear chain of two linear layers, and each SeparableConv2D's
+    depthwise/pointwise pair, equalized; a line per chain).
 
     `images` (in the range the model takes) give the activation ranges; see the module doc.
     """
     g = ge.Graph(model)
     chains, report = _chains(g)
-    if not chains:
+    separable = [n for n in g.nodes if n.sub is None and g.editable(n) and ge.is_separable(n.layer)]
+    separable = [n for n in separable if ge.is_linear_layer(n.layer)]
+    if not chains and not separable:
         return model, report
-    ranges = _activation_ranges(model, chains, images)
+    ranges = _activation_ranges(model, chains, images) if chains else []
     kernels = {}
 
     def state(layer):
@@ -119,8 +154,7 @@ def equalize(model: keras.Model, images: np.ndarray) -> tuple[keras.Model, list[
         w2 = state(second)[0]
         flatten = next((n for n in chain.path if isinstance(n.layer, keras.layers.Flatten)), None)
         channels = len(a)
-        if isinstance(second, keras.layers.DepthwiseConv2D):
-            r = np.abs(w2).max(axis=(0, 1, 3))
+        if isinstance(second, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
             k = np.ones(channels)
             live = a > 0
             k[live] = a[live]
@@ -153,6 +187,19 @@ def equalize(model: keras.Model, images: np.ndarray) -> tuple[keras.Model, list[
         after = (a / k)[live]
         report.append(
             f"{chain.first.layer.name} -> {second.name}: activation range spread {spread:.3g}x -> "
+            f"{after.max() / max(after.min(), 1e-12):.3g}x"
+        )
+    for node, a in zip(separable, _depthwise_ranges(model, separable, images) if separable else []):
+        layer = node.layer
+        depthwise, pointwise = state(layer)[0]
+        k, live = _balance(a, np.abs(pointwise).max(axis=(0, 1, 3)))
+        if not np.any(live):
+            report.append(f"{layer.name}: depthwise output not equalized (no live channel)")
+            continue
+        state(layer)[0] = (depthwise / k.reshape(1, 1, *depthwise.shape[2:]), pointwise * k.reshape(1, 1, -1, 1))
+        after = (a / k)[live]
+        report.append(
+            f"{layer.name}: depthwise output range spread {a[live].max() / max(a[live].min(), 1e-12):.3g}x -> "
             f"{after.max() / max(after.min(), 1e-12):.3g}x"
         )
     edits = {}

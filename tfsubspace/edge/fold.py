@@ -2,7 +2,9 @@
 
 A BatchNormalization computes y = s * x + t per channel (s = gamma / sqrt(var + eps),
 t = beta - mean * s). Where it can go:
-- after a linear layer with no activation (Conv -> BN): into that layer's kernel and bias;
+- after a linear layer with no activation (Conv -> BN): into that layer's kernel and bias
+  (a SeparableConv2D's pointwise kernel and bias). This holds wherever the BN's output goes
+  (an Add, a Concatenate, a model output) as long as the BN is the linear layer's only reader;
 - after a ReLU that ends a linear layer (Conv -> ReLU -> BN, the layer order of many Keras
   tutorials): s * relu(z) = relu(s * z) for s >= 0, so |s| goes back into the linear layer's
   output channels, and the sign and the shift t go forward into the next Conv/Dense/Depthwise
@@ -137,8 +139,7 @@ class _Folder:
         interior = _interior_shift(layer, original, t)
         st.bias = st.bias + interior
         padding = layer.padding
-        kernel_size = original.shape[:2]
-        if padding == "valid" or tuple(kernel_size) == (1, 1):
+        if padding == "valid" or tuple(layer.kernel_size) == (1, 1):
             return None
         in_shape = target.inputs[0].shape
         if any(d is None for d in in_shape[1:]):
@@ -213,21 +214,25 @@ def _affine_batchnorm(layer, s: np.ndarray, t: np.ndarray) -> ge.LayerEdit:
     return ge.LayerEdit(weights=[w.astype(dtype) for w in weights], config={"scale": True, "center": True})
 
 
-def _interior_shift(layer, kernel: np.ndarray, t: np.ndarray) -> np.ndarray:
+def _interior_shift(layer, kernel, t: np.ndarray) -> np.ndarray:
     """What a per-channel input shift t adds to each output channel away from the borders."""
+    if ge.is_separable(layer):
+        depthwise, pointwise = kernel
+        kh, kw, cin, mult = depthwise.shape
+        return (depthwise.sum(axis=(0, 1)) * t.reshape(cin, 1)).reshape(-1) @ pointwise[0, 0]
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw, cin, mult = kernel.shape
         return (kernel.sum(axis=(0, 1)) * t.reshape(cin, 1)).reshape(-1)
     return np.einsum("hwio,i->o", kernel, t)
 
 
-def _shift_map(layer, kernel: np.ndarray, t: np.ndarray, in_shape) -> np.ndarray:
+def _shift_map(layer, kernel, t: np.ndarray, in_shape) -> np.ndarray:
     """What a per-channel input shift t adds at each output position (borders included)."""
     config = {**layer.get_config(), "use_bias": False, "activation": "linear", "name": None}
     probe = type(layer).from_config(config)
     x = np.broadcast_to(t.astype(np.float32), (1, *in_shape[1:])).copy()
     probe.build((1, *in_shape[1:]))
-    probe.set_weights([kernel.astype(np.float32)])
+    probe.set_weights([k.astype(np.float32) for k in (kernel if ge.is_separable(layer) else (kernel,))])
     return np.asarray(keras.ops.convert_to_numpy(probe(x)), np.float64)[0]
 
 

@@ -5,7 +5,9 @@ new weights and config for some layers, layers to drop (folded into others) and 
 insert after others, and `rebuild(model, edits)` makes the new model from fresh copies of the
 layers; the original is never changed. `max_abs_diff` measures a rewrite against the model it
 came from. The helpers here name the layers rewrites understand: the linear layers whose
-output channels can be scaled (Conv2D, DepthwiseConv2D, Dense) and the activations.
+output channels can be scaled (Conv2D, DepthwiseConv2D, SeparableConv2D, Dense) and the
+activations. A SeparableConv2D's "kernel" is the pair (depthwise kernel, pointwise kernel):
+its inputs scale the depthwise kernel, its outputs the pointwise one.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from tfsubspace.prune import graph as graph_lib
 
-LINEAR = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+LINEAR = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Dense)
 # Layers that commute with a per-channel affine map y = s * x + t (s > 0): they move values
 # (or average them) without mixing channels. Padding would add zeros, so it is not here.
 CHANNEL_PRESERVING = (
@@ -112,8 +114,12 @@ def activation_kind(layer) -> str | None:
     return None
 
 
+def is_separable(layer) -> bool:
+    return isinstance(layer, keras.layers.SeparableConv2D)
+
+
 def is_linear_layer(layer) -> bool:
-    """Conv2D (one group, channels last), DepthwiseConv2D or Dense on the last axis."""
+    """Conv2D (one group, channels last), DepthwiseConv2D, SeparableConv2D or Dense on the last axis."""
     if not isinstance(layer, LINEAR):
         return False
     if getattr(layer, "data_format", "channels_last") != "channels_last":
@@ -123,30 +129,44 @@ def is_linear_layer(layer) -> bool:
     return True
 
 
-def kernel_and_bias(layer) -> tuple[np.ndarray, np.ndarray]:
-    """(kernel, bias) of a linear layer as float64, a zero bias where it has none."""
-    kernel = np.asarray(keras.ops.convert_to_numpy(layer.kernel), np.float64)
+def _numpy64(variable) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+
+
+def kernel_and_bias(layer) -> tuple:
+    """(kernel, bias) of a linear layer as float64, a zero bias where it has none; a
+    SeparableConv2D's kernel is the pair (depthwise, pointwise)."""
+    if is_separable(layer):
+        kernel = (_numpy64(layer.depthwise_kernel), _numpy64(layer.pointwise_kernel))
+    else:
+        kernel = _numpy64(layer.kernel)
     out = out_channels(layer, kernel)
     bias = np.asarray(keras.ops.convert_to_numpy(layer.bias), np.float64) if layer.use_bias else np.zeros(out)
     return kernel, bias
 
 
-def out_channels(layer, kernel: np.ndarray) -> int:
+def out_channels(layer, kernel) -> int:
+    if is_separable(layer):
+        return kernel[1].shape[-1]
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return kernel.shape[2] * kernel.shape[3]
     return kernel.shape[-1]
 
 
-def scale_outputs(layer, kernel: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def scale_outputs(layer, kernel, factor: np.ndarray):
     """`kernel` with output channel c multiplied by factor[c]."""
+    if is_separable(layer):
+        return kernel[0], kernel[1] * factor
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         kh, kw, cin, mult = kernel.shape
         return kernel * factor.reshape(1, 1, cin, mult)
     return kernel * factor
 
 
-def scale_inputs(layer, kernel: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def scale_inputs(layer, kernel, factor: np.ndarray):
     """`kernel` with input channel (or Dense input feature) c multiplied by factor[c]."""
+    if is_separable(layer):
+        return kernel[0] * factor.reshape(1, 1, -1, 1), kernel[1]
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return kernel * factor.reshape(1, 1, -1, 1)
     if isinstance(layer, keras.layers.Dense):
@@ -154,10 +174,14 @@ def scale_inputs(layer, kernel: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return kernel * factor.reshape(1, 1, -1, 1)
 
 
-def linear_weights(layer, kernel: np.ndarray, bias: np.ndarray) -> tuple[list, dict]:
+def linear_weights(layer, kernel, bias: np.ndarray) -> tuple[list, dict]:
     """(weights, config overrides) that give `layer` this kernel and bias (adding a bias)."""
+    config = {} if layer.use_bias else {"use_bias": True}
+    if is_separable(layer):
+        dtype = keras.ops.convert_to_numpy(layer.pointwise_kernel).dtype
+        return [kernel[0].astype(dtype), kernel[1].astype(dtype), bias.astype(dtype)], config
     dtype = keras.ops.convert_to_numpy(layer.kernel).dtype
-    return [kernel.astype(dtype), bias.astype(dtype)], ({} if layer.use_bias else {"use_bias": True})
+    return [kernel.astype(dtype), bias.astype(dtype)], config
 
 
 def rebuild(model: keras.Model, edits: dict, name: str | None = None) -> keras.Model:
