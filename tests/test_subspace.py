@@ -64,6 +64,33 @@ def test_streamed_statistics_equal_the_full_batch_ones():
         subspace.latent_statistics(model, ds.take(0), analysis.analyze(model), progress=False)
 
 
+def test_statistics_and_sensitivity_are_those_of_the_augmented_views():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(5, 3, name="c")(inputs)
+    hidden = keras.layers.Dense(8, activation="relu")(keras.layers.Flatten()(x))  # gradients depend on the image
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    images = np.random.default_rng(0).normal(size=(40, 6, 6, 2)).astype("float32")
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(8)
+    an = analysis.analyze(model)
+
+    class Views(keras.layers.Layer):  # a "view": the image flipped left-right, seen only in training
+        def call(self, x, training=False):
+            return keras.ops.flip(x, axis=2) if training else x
+
+    views = Views()
+    st = subspace.latent_statistics(model, ds, an, progress=False, augment=views)["c"]
+    flipped = keras.ops.convert_to_numpy(keras.Model(inputs, x)(images[:, :, ::-1])).reshape(-1, 5)
+    np.testing.assert_allclose(st.covariance, np.cov(flipped.astype(np.float64), rowvar=False, bias=True), rtol=1e-4)
+    plain = subspace.latent_statistics(model, ds, an, progress=False)["c"]
+    assert not np.allclose(plain.covariance, st.covariance, rtol=1e-3)
+    flipped_ds = tf.data.Dataset.from_tensor_slices(images[:, :, ::-1].copy()).batch(8)
+    got = subspace.output_sensitivity(model, ds, an, ["c"], augment=views)["c"]
+    want = subspace.output_sensitivity(model, flipped_ds, an, ["c"])["c"]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert not np.allclose(got, subspace.output_sensitivity(model, ds, an, ["c"])["c"], rtol=1e-3)
+
+
 def test_plot_is_written(tmp_path):
     st = {"a": stats_from(np.random.default_rng(3).normal(size=(100, 4)))}
     subspace.plot_spectra(st, {"a": 2}, tmp_path / "s.png", energy=0.9)

@@ -618,6 +618,10 @@ class _Pipeline:
 
     def _subspace(self, path):
         c = self.config
+        views = self._augmenter("subspace", log=False)  # the views the student will be trained on
+        if views is not None:
+            shape = tuple(self.teacher.inputs[0].shape[1:])
+            self.log(f"subspace: latent statistics of augmented views ({', '.join(parse(c.augment, shape))})")
         latents = subspace.latent_statistics(
             self.teacher,
             self.ds,
@@ -625,6 +629,7 @@ class _Pipeline:
             max_batches=c.stats_batches,
             progress=bool(c.verbose),
             on_first_batch=lambda images: _warn_on_batchnorm_mismatch(self.teacher, images),
+            augment=views,
         )
         values = None
         if c.width_rule == "budget":
@@ -636,6 +641,7 @@ class _Pipeline:
                 max_batches=SENSITIVITY_BATCHES,
                 seed=c.seed,
                 log_output=ends_in_softmax(self.teacher),
+                augment=views,
             )
             values = {g: subspace.direction_values(st, sensitivity[g]) for g, st in latents.items()}
             budgets = self._budgets()
@@ -769,11 +775,12 @@ class _Pipeline:
             student.set_weights(trained.get_weights())
         return student
 
-    def _augmenter(self, name):
+    def _augmenter(self, name, log=True):
         shape = tuple(self.teacher.inputs[0].shape[1:])
         layer = augmenter(self.config.augment, shape, seed=self.config.seed + self._stages_seen)
         if layer is not None:
             layer.build((None, *shape))
+        if layer is not None and log:
             self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
         return layer
 

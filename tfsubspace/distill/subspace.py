@@ -69,10 +69,13 @@ def latent_statistics(
     max_batches: int | None = None,
     progress: bool = True,
     on_first_batch=None,
+    augment=None,
 ) -> dict[str, LatentStatistics]:
     """Runs `ds` (images, or (images, labels) whose labels are ignored) through `teacher`
     and accumulates each prunable group's latent statistics at its tap; `on_first_batch`,
-    when given, is called with the first batch of images (to check them)."""
+    when given, is called with the first batch of images (to check them). `augment`: a Keras
+    layer drawing a random view of each batch (tfsubspace.distill.augment), so that the
+    statistics are those of the views the student will be trained on."""
     taps = analysis.taps()
     if not taps:
         raise TfSubspaceError(f"Model {teacher.name!r} has no prunable channel group with a tap.")
@@ -89,6 +92,8 @@ def latent_statistics(
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         if seen == 0 and on_first_batch is not None:
             on_first_batch(x)
+        if augment is not None:
+            x = augment(x, training=True)
         outs = probe(x, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for st, out in zip(stats.values(), outs):
@@ -167,22 +172,24 @@ def output_sensitivity(
     max_batches: int = 8,
     seed: int = 0,
     log_output: bool = False,
+    augment=None,
 ) -> dict[str, np.ndarray]:
     """Per group (of `groups`, which have taps), the (n, n) matrix G = E[sum over positions of
     g g^T], g the gradient at the group's latent of r . y, y the teacher's output and r a
     standard normal vector drawn per image: for a change d of the latent at every position,
     E||change of y||^2 is about sum over positions of d^T G d, so a principal direction v of
     variance lambda is worth lambda v^T G v. `log_output`: y is the log of the output (a
-    softmax's probabilities: their log is the logits up to a shift)."""
+    softmax's probabilities: their log is the logits up to a shift). `augment`: as in
+    latent_statistics."""
     import tensorflow as tf
 
     from tfsubspace.train import onednn
 
     with onednn.strided_pointwise_workaround([teacher]):  # the gradients meet the fit loop's oneDNN bug
-        return _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output)
+        return _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output, augment)
 
 
-def _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output):
+def _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output, augment):
     taps = analysis.taps()
     by_path = {taps[g]: g for g in groups}
     rng = np.random.default_rng(seed)
@@ -192,6 +199,8 @@ def _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output)
         if seen >= max_batches:
             break
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if augment is not None:
+            x = augment(x, training=True)
         watched = {}
         with tf.GradientTape() as tape:
 
