@@ -22,7 +22,7 @@ import sys
 from absl import app, flags
 from flagdefs import define_dataset
 
-from tfsubspace.edge.convert import MODES
+from tfsubspace.edge.convert import DEFAULT_MODES, MODES
 
 _MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", required=True)
 _UNSAFE = flags.DEFINE_boolean("unsafe_deserialization", False, "Allow code (Lambda layers) in --model.")
@@ -35,7 +35,9 @@ _INPUT_RANGE = flags.DEFINE_enum(
     "Pixel range of the calibration and check images; auto: 0-255 if the model "
     "starts with Rescaling(1/255) (or 1/127.5), else 0-1.",
 )
-_MODES = flags.DEFINE_multi_enum("modes", list(MODES), list(MODES), "Export modes.")
+_MODES = flags.DEFINE_multi_enum(
+    "modes", list(DEFAULT_MODES), list(MODES), "Export modes (int16x8: 16-bit activations, int8 weights)."
+)
 _OUT = flags.DEFINE_string("out_dir", None, "Where the .tflite files go.", required=True)
 _NAME = flags.DEFINE_string("name", None, "File name prefix (default: the model's name).")
 _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Input/output type of the int8 model.")

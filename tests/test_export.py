@@ -44,7 +44,7 @@ def exported(tmp_path_factory):
 
 def test_every_mode_is_written_and_checked(exported):
     model, results = exported
-    assert [r.mode for r in results] == list(convert.MODES)
+    assert [r.mode for r in results] == list(convert.DEFAULT_MODES)
     by_mode = {r.mode: r for r in results}
     assert by_mode["float32"].max_abs_error < 1e-4 and by_mode["float32"].agreement == 1.0
     assert by_mode["int8"].passed and by_mode["int8"].agreement >= 0.98
@@ -192,7 +192,7 @@ def test_scripts_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
     assert "input range: 0-1 (auto: model 'm' does not start with a Rescaling" in result.stdout
-    assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in convert.MODES}
+    assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in convert.DEFAULT_MODES}
     result = subprocess.run(
         [
             sys.executable,
@@ -260,3 +260,34 @@ def test_an_int8_file_xnnpack_refuses_names_its_dead_tensor():
     content = convert.convert(model, "int8", calibration=images)
     with pytest.raises(TfSubspaceError, match=r"XNNPACK.*dead_1/Relu.*scales under 1e-6.*is dead"):
         runtime.TFLiteRunner(content)
+
+
+def test_int16x8_is_exported_on_request_and_checked(tmp_path):
+    """16-bit activations, int8 weights: float inputs and outputs, int16 tensors inside, checked
+    against the Keras model like every file; not among the default modes."""
+    model = tiny_model()
+    assert "int16x8" in convert.MODES and "int16x8" not in convert.DEFAULT_MODES
+    (result,) = export.export(
+        model, tmp_path, modes=("int16x8",), calibration_ds=as_ds(images(100)), check_ds=as_ds(images(64, 1))
+    )
+    assert result.mode == "int16x8" and result.path.name.endswith("_int16x8.tflite")
+    assert result.passed and result.agreement >= 0.98
+    interpreter = tf.lite.Interpreter(model_content=result.path.read_bytes())
+    dtypes = {t["dtype"] for t in interpreter.get_tensor_details()}
+    assert np.int16 in dtypes and interpreter.get_input_details()[0]["dtype"] == np.float32
+    with pytest.raises(ValueError, match="int16x8 export needs calibration images"):
+        convert.convert(model, "int16x8")
+
+
+def test_arrays_of_images_are_images_not_batches(tmp_path):
+    """An array (N, H, W, C) is N images (iterating it would give single images, not batches)."""
+    model = tiny_model()
+    calibration, check = images(100), images(64, 1)
+    from_arrays = export.export(model, tmp_path / "a", modes=("int8",), calibration_ds=calibration, check_ds=check)
+    from_ds = export.export(
+        model, tmp_path / "d", modes=("int8",), calibration_ds=as_ds(calibration), check_ds=as_ds(check)
+    )
+    assert from_arrays[0].examples == from_ds[0].examples == 64
+    assert from_arrays[0].path.read_bytes() == from_ds[0].path.read_bytes()
+    labelled = export.export(model, tmp_path / "l", modes=("float32",), check_ds=(check, np.zeros(64)))
+    assert labelled[0].examples == 64 and labelled[0].agreement == 1.0

@@ -6,7 +6,10 @@ import keras
 
 from tfsubspace.errors import TfSubspaceError
 
-MODES = ("float32", "float16", "dynamic", "int8")
+MODES = ("float32", "float16", "dynamic", "int8", "int16x8")
+# exported unless asked otherwise: int16x8 (16-bit activations, int8 weights) is for a model that
+# full int8 cannot hold; LiteRT's CPU delegate (XNNPACK) does not run it, TFLite Micro does
+DEFAULT_MODES = ("float32", "float16", "dynamic", "int8")
 
 
 class ExportError(TfSubspaceError):
@@ -26,8 +29,9 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
     """Converts `model` (fixed shapes) to TFLite bytes in one of MODES.
 
     Args:
-        calibration: float32 images (N, H, W, C) for full int8 (a few hundred is plenty).
-        io_dtype: "int8", "uint8" or "float32": the input/output type of a full-int8 model.
+        calibration: float32 images (N, H, W, C) for int8 and int16x8 (a few hundred is plenty).
+        io_dtype: "int8", "uint8" or "float32": the input/output type of a full-int8 model
+            (int16x8 files keep float32 inputs and outputs).
     """
     import tensorflow as tf
 
@@ -40,9 +44,9 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
-    if mode == "int8":
+    if mode in ("int8", "int16x8"):
         if calibration is None or not len(calibration):
-            raise ValueError("Full int8 export needs calibration images (a representative data set).")
+            raise ValueError(f"{mode} export needs calibration images (a representative data set).")
 
         batch = model.inputs[0].shape[0] or 1  # the model's fixed batch: calibrate in batches of it
 
@@ -51,6 +55,11 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
                 yield [calibration[start : start + batch]]
 
         converter.representative_dataset = representative
+    if mode == "int16x8":
+        converter.target_spec.supported_ops = [
+            tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        ]
+    if mode == "int8":
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if io_dtype != "float32":
             converter.inference_input_type = getattr(tf, io_dtype)

@@ -29,7 +29,7 @@ import numpy as np
 
 from tfsubspace import fileio
 from tfsubspace.edge import autoint8
-from tfsubspace.edge.convert import MODES, convert, with_batch_size
+from tfsubspace.edge.convert import DEFAULT_MODES, MODES, convert, with_batch_size
 from tfsubspace.edge.input_range import check_input_range
 from tfsubspace.edge.runtime import TFLiteRunner
 from tfsubspace.errors import TfSubspaceError
@@ -57,7 +57,15 @@ class ExportedModel:
 
 
 def _images(ds, limit: int | None):
-    """Numpy images (float32) from a dataset of images or (images, labels)."""
+    """Numpy images (float32) from a dataset of images or (images, labels), or from an array of
+    images (N, H, W, C) or an (images, labels) pair of arrays."""
+    if isinstance(ds, (tuple, list)) and len(ds) == 2 and hasattr(ds[0], "ndim"):
+        ds = ds[0]
+    if hasattr(ds, "ndim"):  # one array of images: iterating it would yield single images
+        images = np.asarray(ds, np.float32)
+        if not len(images):
+            raise TfSubspaceError("The images for calibration/checks are empty.")
+        return images[:limit] if limit is not None else images
     out, n = [], 0
     for batch in ds:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -83,7 +91,7 @@ def export(
     model: keras.Model,
     out_dir: str | os.PathLike,
     *,
-    modes=MODES,
+    modes=DEFAULT_MODES,
     calibration_ds=None,
     check_ds=None,
     calibration_examples: int = 300,
@@ -99,8 +107,9 @@ def export(
     """Exports `model` to `out_dir`/NAME_MODE.tflite for each mode and checks each file.
 
     Args:
-        calibration_ds: images (or (images, labels)) for int8 calibration, in the range the
-            model takes (0-255 for a model that starts with Rescaling(1/255)).
+        calibration_ds: batches of images (or (images, labels)), or an array of images
+            (N, H, W, C), for int8 calibration, in the range the model takes (0-255 for a
+            model that starts with Rescaling(1/255)).
         check_ds: images for the checks (defaults to calibration_ds), in the same range.
         min_agreement: top-1 agreement with the Keras model below which a quantized file fails.
         batch_size: the files' fixed input batch (1 for microcontrollers and the Edge TPU;
@@ -165,7 +174,8 @@ def export(
 def _failure_message(agreement: float, min_agreement: float, tried: str = "") -> str:
     return (
         f"top-1 agreement with the Keras model is {agreement:.2%}, under {min_agreement:.0%}{tried}: "
-        "calibrate on more (and more varied) images, or use quantization-aware training "
+        "calibrate on more (and more varied) images, export int16x8 (16-bit activations, int8 weights: "
+        "TFLite Micro runs it, LiteRT's XNNPACK does not), or use quantization-aware training "
         "(scripts/export_tflite.py --qat needs the tfmot extra)."
     )
 
