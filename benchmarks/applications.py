@@ -274,6 +274,7 @@ def main(argv=None) -> int:
     if args.resume and results.exists():
         rows = json.loads(results.read_text())["rows"]
     done = {(r["model"], r["include_top"]) for r in rows}
+    kept = len(rows)
     started = time.perf_counter()
     for name in names:
         for include_top in (False, True):
@@ -317,6 +318,8 @@ def main(argv=None) -> int:
         f"analysed and were pruned; {exact} exact within 1e-4 relative, every one with plan_params equal to the "
         "slim model's parameter count."
     )
+    if kept:
+        header += f" {kept} rows (and their times) come from an earlier run of this command that was stopped."
     results.write_text(json.dumps({"rows": rows, "failures": failures}, indent=1) + "\n")
     (out / f"{args.name}.md").write_text(markdown(rows, failures, command, header))
     print(header)
