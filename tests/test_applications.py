@@ -14,7 +14,7 @@ from conftest import REPO
 import tfsubspace
 from tfsubspace import fileio
 from tfsubspace.edge import convert, runtime
-from tfsubspace.prune import analysis, surgery
+from tfsubspace.prune import analysis, channels, surgery
 from tfsubspace.prune.plan import PruningPlan
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -154,3 +154,46 @@ def test_compress_end_to_end(name, tmp_path):
     assert student.count_params() == report["student"]["params"]
     plan = PruningPlan.load(result.paths["plan"])
     assert surgery.plan_params(analysis.analyze(teacher), plan) <= report["student"]["params"]  # + folded biases
+
+
+@pytest.mark.slow
+def test_compress_prunes_across_layer_normalization_by_opt_in(tmp_path, monkeypatch):
+    """A ConvNeXt-style residual stream through LayerNormalization: pinned by default; with the
+    opt-in handler compress() prunes it, reports how far the slim normalization moved, and
+    recovers by distillation."""
+    L = keras.layers
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((12, 12, 1))
+    x = L.Conv2D(32, 3, padding="same", name="stem")(inputs)
+    for i in range(2):
+        y = L.LayerNormalization(name=f"ln{i}")(x)
+        y = L.Dense(64, activation="gelu", name=f"expand{i}")(y)
+        x = x + L.Dense(32, name=f"project{i}")(y)
+    x = L.GlobalAveragePooling2D()(L.LayerNormalization(name="ln_out")(x))
+    teacher = keras.Model(inputs, L.Dense(4, name="logits")(x))
+    images = np.random.default_rng(0).random((256, 12, 12, 1), "float32")
+    assert not analysis.analyze(teacher).groups["stem"].prunable
+    monkeypatch.setattr(channels, "_REGISTRY", dict(channels._REGISTRY))  # the global registry, restored after
+    tfsubspace.register_layer_handler(L.LayerNormalization, channels.PrunableLayerNorm())
+    result = tfsubspace.compress(
+        teacher,
+        images,
+        work_dir=tmp_path,
+        epochs=2,
+        recover_epochs=1,
+        width_ratio=1.0,  # the student starts at full width: the budget's cut goes through the stream
+        target_params=0.3,
+        multiple=1,
+        verbose=0,
+        stats_batches=2,
+        bn_batches=2,
+    )
+    report = result.report
+    assert report["student"]["params"] <= 0.3 * report["teacher"]["params"]
+    slim = analysis.analyze(result.student)
+    assert slim.groups["stem"].size < 32  # the residual stream itself is narrower
+    # the final cut (LASSO's zeros and the budget) reports the normalizations it moved, when it cut the stream
+    stream_cut = not PruningPlan.load(tmp_path / "plan_lasso.json").masks()["stem"].all()
+    moved = {a["layer"] for a in report["surgery"]["approximations"]}
+    assert stream_cut and moved and moved <= {"ln0", "ln1", "ln_out"}
+    assert all(a["max_abs_diff"] > 0 for a in report["surgery"]["approximations"])

@@ -835,7 +835,12 @@ class _Pipeline:
         batch = next(iter(self.ds))
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         result = surgery.apply_plan(student, plan1, check_batch=x, fold_constants=True)
-        self.surgery = {"max_abs_diff": result.max_abs_diff, "check_diff": result.check_diff, "folds": result.folds}
+        self.surgery = {
+            "max_abs_diff": result.max_abs_diff,
+            "check_diff": result.check_diff,
+            "folds": result.folds,
+            "approximations": result.approximations,
+        }
         fileio.write_json(self.dir / "surgery.json", self.surgery)
         self.log(
             f"prune: slim model matches its masked reference within {result.check_diff:.2e}; "
@@ -848,6 +853,12 @@ class _Pipeline:
                 f"('same' padding borders); the pruned student's outputs differ from the trained one's by "
                 f"up to {result.max_abs_diff:.3g} before recovery.",
                 stacklevel=2,
+            )
+        if result.approximations:  # channels pruned across a LayerNormalization (opt-in)
+            moved = ", ".join(f"{a['layer']} (up to {a['max_abs_diff']:.3g})" for a in result.approximations)
+            self.log(
+                f"prune: normalization over the kept channels only moves {moved}; the pruned student's outputs "
+                f"differ from the trained one's by up to {result.max_abs_diff:.3g} before recovery"
             )
         return self._save(self._reestimate_batchnorm(result.model), path)
 
