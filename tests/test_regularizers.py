@@ -131,3 +131,25 @@ def test_lasso_sgd_steps_are_bounded_per_layer():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(g), keras.ops.convert_to_numpy(h))
     trainer.lasso_max_step = None
     assert trainer._bounded(huge) is huge
+
+
+def test_transposed_convolution_filters_are_measured_on_their_output_axis():
+    """A transposed convolution's kernel is (..., out, in): the LASSO and the L1 score measure
+    (and zero) its output filters there, whatever the input and output widths."""
+    from tfsubspace.prune import ranking
+
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.ReLU()(keras.layers.Conv2DTranspose(6, 3, strides=2, padding="same", name="up")(inputs))
+    model = keras.Model(inputs, keras.layers.Conv2D(3, 1, name="out")(x))
+    kernel = np.random.default_rng(0).normal(size=(3, 3, 6, 4)).astype("float32")
+    kernel[:, :, 2, :] *= 0.01  # output channel 2: a weak filter
+    bias = np.zeros(6, "float32")
+    model.get_layer("up").set_weights([kernel, bias])
+    a = analysis.analyze(model)
+    np.testing.assert_allclose(ranking.filter_l1_norms(a)["up"], np.abs(kernel).sum(axis=(0, 1, 3)), rtol=1e-5)
+    lasso = ChannelLasso(a)
+    np.testing.assert_allclose(lasso.norms()["up"], np.sqrt((kernel**2).sum(axis=(0, 1, 3))), rtol=1e-5)
+    lasso.proximal(0.5)
+    after = keras.ops.convert_to_numpy(model.get_layer("up").kernel)
+    assert np.all(after[:, :, 2, :] == 0) and np.all(after[:, :, [0, 1, 3, 4, 5], :] != 0)
+    assert lasso.norms()["up"][2] == 0.0

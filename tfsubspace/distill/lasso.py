@@ -56,22 +56,29 @@ class ChannelLasso:
         self.num_channels = index.num_channels
         self._group_of_channel = index.group_of_channel
         self._group_sizes = np.array(list(self.group_sizes.values()), dtype=np.float32)
-        # members: (variable, channel index of each slice along its last axis)
+        # members: (variable, channel index of each slice along its channel axis); _axes: that axis
+        # (the last, but a transposed convolution's kernel is (..., out, in))
         self.members: list[tuple[keras.Variable, np.ndarray]] = []
+        self._axes: list[int] = []
         scale_free = np.ones(len(self._group_sizes), dtype=bool)  # per group: measured by BNs only
         for node, bn, channel_index in index.producers():
             if bn is not None and bn.scale:
-                self.members.append((bn.gamma, channel_index))
+                self._add(bn.gamma, channel_index)
                 if bn.center:
-                    self.members.append((bn.beta, channel_index))
+                    self._add(bn.beta, channel_index)
             else:
-                self.members.append((channels.kernel_of(node.layer), channel_index))
+                axis = analysis.handler_for(node.layer).output_axis
+                self._add(channels.kernel_of(node.layer), channel_index, axis)
                 if node.layer.use_bias:
-                    self.members.append((node.layer.bias, channel_index))
+                    self._add(node.layer.bias, channel_index)
                 scale_free[self._group_of_channel[channel_index]] = False
         self._scale_free = scale_free[self._group_of_channel]  # per channel
         # per channel: 1 where the proximal step applies, 0 where it does not (see set_targets)
         self.targets = keras.Variable(np.ones(self.num_channels, "float32"), trainable=False, name="lasso_targets")
+
+    def _add(self, variable, channel_index, axis=-1):
+        self.members.append((variable, channel_index))
+        self._axes.append(axis)
 
     def set_targets(self, masks: dict[str, np.ndarray] | None) -> None:
         """Restricts the proximal step to the channels marked True per prunable group (None:
@@ -89,9 +96,8 @@ class ChannelLasso:
 
     def _norms(self):
         parts, segments = [], []
-        for var, index in self.members:
-            flat = ops.reshape(var, (-1, ops.shape(var)[-1]))
-            parts.append(ops.sum(ops.square(flat), axis=0))
+        for (var, index), axis in zip(self.members, self._axes):
+            parts.append(ops.sum(ops.square(channels.filters(var, axis)), axis=0))
             segments.append(index)
         squared = ops.segment_sum(
             ops.concatenate(parts), ops.convert_to_tensor(np.concatenate(segments)), num_segments=self.num_channels
@@ -123,8 +129,9 @@ class ChannelLasso:
         shrink = ops.where(norms >= self._group_max(norms), 1.0, shrink)  # the strongest survives
         restore = mean / ops.maximum(self._group_mean(norms * shrink), 1e-30)
         factor = shrink * ops.where(ops.convert_to_tensor(self._scale_free), restore, 1.0)
-        for var, index in self.members:
-            var.assign(var * ops.take(factor, ops.convert_to_tensor(index)))
+        for (var, index), axis in zip(self.members, self._axes):
+            scale = ops.take(factor, ops.convert_to_tensor(index))
+            var.assign(var * (scale if axis == -1 else ops.expand_dims(scale, -1)))  # -2: (..., out, in)
 
     def norms(self) -> dict[str, np.ndarray]:
         """The current channel norms, per prunable group (exact zeros included)."""

@@ -332,6 +332,7 @@ class Producer(Handler):
     """Conv1D/2D/3D and Dense: a new group of `filters`/`units` output channels."""
 
     size_attr = "filters"
+    output_axis = -1  # the axis of kernel_of(layer) that holds the output channels
 
     def map_channels(self, layer, in_ids, in_shapes, ctx):
         _check_channels_last(layer)
@@ -464,6 +465,8 @@ class Convolution(Producer):
 
 class TransposeProducer(Producer):
     """Conv2DTranspose and friends: the kernel is (..., out, in)."""
+
+    output_axis = -2
 
     def slice_weights(self, layer, keep_in, keep_out):
         return _with_bias(layer, [layer.kernel.numpy()[..., keep_in[0]][..., keep_out, :]], keep_out)
@@ -708,9 +711,19 @@ class Unsupported(Handler):
 
 def kernel_of(layer):
     """The kernel that holds `layer`'s output channels: a separable convolution's pointwise
-    kernel, any other layer's `kernel`. Its output channels lie on the last axis, except for a
-    transposed convolution (TransposeProducer), whose kernel is (..., out, in)."""
+    kernel, any other layer's `kernel`. Its output channels lie on the axis its handler's
+    `output_axis` names: the last, except for a transposed convolution's (..., out, in)."""
     return layer.pointwise_kernel if hasattr(layer, "pointwise_kernel") else layer.kernel
+
+
+def filters(kernel, output_axis: int = -1):
+    """A kernel (numpy or Keras tensor) as (everything else, output channels): one column per
+    output channel's filter."""
+    from keras import ops
+
+    if output_axis != -1:
+        kernel = ops.moveaxis(kernel, output_axis, -1)
+    return ops.reshape(kernel, (-1, ops.shape(kernel)[-1]))
 
 
 _REGISTRY: dict[type, Handler] = {}

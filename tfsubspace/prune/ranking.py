@@ -33,8 +33,9 @@ def filter_l1_norms(analysis: ChannelAnalysis) -> dict[str, np.ndarray]:
     index = ChannelIndex(analysis)
     total = np.zeros(index.num_channels)
     for node, _, channel_index in index.producers():
-        kernel = keras.ops.convert_to_numpy(channels.kernel_of(node.layer))
-        np.add.at(total, channel_index, np.abs(kernel.reshape(-1, kernel.shape[-1])).sum(axis=0))
+        axis = analysis.handler_for(node.layer).output_axis
+        kernel = keras.ops.convert_to_numpy(channels.filters(channels.kernel_of(node.layer), axis))
+        np.add.at(total, channel_index, np.abs(kernel).sum(axis=0))
     return index.split(total)
 
 

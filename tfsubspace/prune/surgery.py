@@ -126,10 +126,8 @@ def _constant_channels(analysis: ChannelAnalysis, kept: np.ndarray, x):
     for node in analysis.graph.walk():
         if isinstance(analysis.handler_for(node.layer), channels.Producer):
             layer = node.layer
-            kernel = keras.ops.convert_to_numpy(channels.kernel_of(layer))
-            live = np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0)
-            if isinstance(analysis.handler_for(layer), channels.TransposeProducer):
-                live = np.any(np.moveaxis(kernel, -2, -1).reshape(-1, kernel.shape[-2]) != 0, axis=0)
+            kernel = channels.filters(channels.kernel_of(layer), analysis.handler_for(layer).output_axis)
+            live = np.any(keras.ops.convert_to_numpy(kernel) != 0, axis=0)
             constant[analysis.ids[node.outputs[0].key][live]] = False
     values = _run_inputs(analysis, x)
     graph.run(analysis.graph, values)
