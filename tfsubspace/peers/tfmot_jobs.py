@@ -3,7 +3,7 @@
 These run in their own process, in an environment with the `tfmot` extra (`make tfmot`):
 importing TFMOT switches tf.keras to tf_keras for the whole process. The models arrive as
 layer specs (tfsubspace.peers.bridge.save_spec); the main process calls them through
-scripts/qat.py (tfsubspace.edge.qat.export_qat) and benchmarks/tfmot_prune.py.
+tfsubspace.edge.qat.export_qat (scripts/export_tflite.py --qat) and benchmarks/tfmot_prune.py.
 """
 
 from __future__ import annotations
