@@ -29,7 +29,7 @@ import numpy as np
 
 from tfsubspace.errors import TfSubspaceError
 from tfsubspace.models import stats
-from tfsubspace.prune import channels, graph
+from tfsubspace.prune import channels, cost, graph
 from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.prune.graph import Graph, substitute
 from tfsubspace.prune.plan import PlanError, PruningPlan
@@ -372,18 +372,9 @@ def _slim_layer(node, analysis, kept, delta, weights):
 
 
 def plan_params(analysis: ChannelAnalysis, plan: PruningPlan) -> int:
-    """The parameter count of the slim model of `plan`, computed from the plan alone."""
-    plan.validate(analysis)
-    kept = analysis.keep_vector(plan.masks())
-    total, seen = 0, set()
-    for node in analysis.graph.walk():
-        if id(node.layer) in seen:
-            continue
-        seen.add(id(node.layer))
-        n_in = len(analysis.kept_positions(node.inputs[0], kept)) if node.inputs else 0
-        n_out = len(analysis.kept_positions(node.outputs[0], kept))
-        total += analysis.handler_for(node.layer).count_params(node.layer, n_in, n_out)
-    return total
+    """The parameter count of the slim model of `plan`, computed from the plan alone (see
+    tfsubspace.prune.cost, which prices MACs and latency too)."""
+    return cost.plan_cost(analysis, plan).params
 
 
 def layer_report(original: keras.Model, slim: keras.Model) -> list[dict]:
