@@ -197,11 +197,15 @@ def synthetic_table(model, multiple_out=16):
         calls[key] = CallLatency(
             key, type(node.layer).__name__, n_in, n_out, work, 0.001, 1e-9, 1, multiple_out, 32, 8e-10
         )
-    return LatencyTable(model.name, latency.fingerprint(model), "test", "synthetic", calls, 0.01)
+    elements = latency.element_count(model)
+    return LatencyTable(
+        model.name, latency.fingerprint(model), "test", "synthetic", calls, 0.01, None, {}, 2e-7, elements
+    )
 
 
-def test_plan_cost_prices_latency_like_the_slim_model():
-    model = models.build("vgg16", (28, 28, 1), 10, width=0.25)
+@pytest.mark.parametrize("name", ["vgg16", "wrn"])
+def test_plan_cost_prices_latency_like_the_slim_model(name):
+    model = models.build(name, (28, 28, 1), 10, **({"width": 0.25} if name == "vgg16" else {"widen_factor": 1}))
     an = analysis.analyze(model)
     table = synthetic_table(model)
     pricer = cost.PlanCost(an, latency=table)
@@ -220,7 +224,7 @@ def test_plan_cost_prices_latency_like_the_slim_model():
         assert priced.latency_ms == pytest.approx(table.estimate_model(slim))
         assert (priced.params, priced.macs) == (stats.count_params(slim), stats.count_macs(slim))
         assert cost.plan_cost(an, plan).latency_ms == 0.0
-        group = "conv5"
+        group = sorted(masks)[len(masks) // 2]
         wider = {**masks, group: np.ones_like(masks[group])}
         before, after = an.keep_vector(masks), an.keep_vector(wider)
         change = pricer.change(before, after, group)
@@ -302,7 +306,9 @@ def test_op_profile_maps_ops_to_layers(tmp_path):
     assert list(table.calls) == ["conv", "dw", "sep", "fc"]
     full = {k: c.ms(c.width_in, c.width_out) for k, c in table.calls.items()}
     assert full == pytest.approx({"conv": 0.120, "dw": 0.015, "sep": 0.044, "fc": 0.002})
-    assert table.overhead_ms == pytest.approx(0.010 + 2 * 0.004)
+    # the other ops (pooling, mean) go with the elements of the calls without MACs
+    assert table.overhead_ms == 0.0 and table.elements == latency.element_count(model) > 0
+    assert table.element_ms * table.elements == pytest.approx(0.010 + 2 * 0.004)
     assert (
         table.estimate()
         == pytest.approx(table.model_ms)
@@ -328,7 +334,7 @@ def test_op_profile_reads_xnnpack_op_names(tmp_path):
     path.write_text(profile_csv(rows))
     table = LatencyTable.from_op_profile(path, profiled_model())
     assert table.calls["sep"].ms(32, 24) == pytest.approx(0.02 + 0.03)
-    assert table.overhead_ms == pytest.approx(0.01 + 0.003)
+    assert table.element_ms * table.elements == pytest.approx(0.01 + 0.003)
 
 
 def test_op_profile_of_another_model_names_the_layer(tmp_path):

@@ -17,9 +17,13 @@ measurements.
 call's spatial size and a few (n_in, n_out) widths, converts each to a float32 .tflite (batch
 1), times it with the LiteRT interpreter on this machine (the minimum over interleaved rounds,
 which load on the machine can only raise) and fits intercept, slopes and multiples. The whole
-model's .tflite is timed too: its latency minus the sum of its calls' at full width is kept as
-a fixed overhead (pooling, element-wise ops, the interpreter's own cost; it can be negative,
-since every single-layer timing holds one invoke's fixed cost). Tables are cached as JSON,
+model's .tflite is timed too, and so is a slim version of it (every prunable group at half its
+width): what each takes beyond the sum of its calls is the rest of the model (pooling,
+element-wise ops such as BatchNormalization, activations and residual Adds, the interpreter's
+own cost), priced as a fixed overhead plus a cost per element of those other calls' outputs,
+fitted from the two (the fixed part can be negative, since every single-layer timing holds one
+invoke's fixed cost). A residual network spends much of its time in element-wise ops on wide
+tensors, which shrink with the channels kept. Tables are cached as JSON,
 keyed by a fingerprint of the model's layer calls and shapes and by a machine string, so that
 asking again is instant.
 
@@ -27,7 +31,7 @@ asking again is instant.
 writes with --enable_op_profiling=true --op_profiling_output_mode=csv on a device: one time per
 op at the model's full widths, mapped to the model's calls by order and op type; widths are
 then priced in proportion to work at given multiples (a single profile shows no width
-dependence).
+dependence), and the other ops' time in proportion to the elements of their outputs.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ import numpy as np
 from tfsubspace import fileio
 from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
 
-TABLE_FORMAT = "tfsubspace.latency/1"
+TABLE_FORMAT = "tfsubspace.latency/2"
 MULTIPLES = (1, 2, 4, 8, 16, 32)
 PROBES = (8, 9, 16, 17, 32)
 # A larger multiple must fit the measurements better than a smaller one by this factor, and by
@@ -208,6 +212,40 @@ def call_keys(nodes: Iterable) -> list[tuple[object, str]]:
         seen[node.path] = k + 1
         out.append((node, node.path if k == 0 else f"{node.path}#{k}"))
     return out
+
+
+def _element_calls(nodes: Iterable) -> list:
+    """The calls among `nodes` that `call_keys` does not price (no MACs): their cost goes with
+    the elements of their outputs."""
+    return [n for n in nodes if n.inputs and n.outputs and not _priced(n.layer)]
+
+
+def _spatial(node) -> int:
+    """Elements per output channel of a call (the product of its output's inner dimensions)."""
+    return int(np.prod([int(d) for d in node.outputs[0].shape[1:-1]], dtype=np.int64))
+
+
+def element_count(model) -> int:
+    """The output elements (batch 1) of `model`'s calls that do no MACs."""
+    from tfsubspace.prune.graph import trace
+
+    return sum(_spatial(n) * int(n.outputs[0].shape[-1]) for n in _element_calls(trace(model).walk()))
+
+
+def _half_width(model):
+    """`model` with every prunable channel group at half its width (None where it cannot be
+    analysed): a second point for the element-wise cost."""
+    from tfsubspace.prune import analysis, surgery
+    from tfsubspace.prune.plan import PruningPlan
+
+    try:
+        an = analysis.analyze(model)
+        masks = {g: np.arange(grp.size) < max(1, grp.size // 2) for g, grp in an.groups.items() if grp.prunable}
+        if not masks:
+            return None
+        return surgery.apply_plan(model, PruningPlan.from_masks(an, masks), analysis=an, verify=False).model
+    except TfSubspaceError:
+        return None
 
 
 def _work_coefficients(layer, in_shape, out_shape) -> tuple[float, float, float]:
@@ -380,8 +418,10 @@ def _time_files(contents: list[bytes], *, threads: int, warmup: int, rounds: int
 
 @dataclasses.dataclass
 class LatencyTable:
-    """Per-call latency models of one model on one machine (or device profile), plus the
-    model's fixed overhead. `calls` are in call order, keyed as `call_keys` keys them."""
+    """Per-call latency models of one model on one machine (or device profile), plus the rest
+    of the model: a fixed `overhead_ms` and `element_ms` per output element of the calls without
+    MACs (`elements` of them at full width). `calls` are in call order, keyed as `call_keys`
+    keys them."""
 
     model: str
     fingerprint: str
@@ -391,6 +431,8 @@ class LatencyTable:
     overhead_ms: float
     model_ms: float | None = None
     settings: dict = dataclasses.field(default_factory=dict)
+    element_ms: float = 0.0
+    elements: int = 0
 
     # -- pricing
 
@@ -404,9 +446,11 @@ class LatencyTable:
             raise LatencyTableError(f"The latency table of {self.model!r} has no layer call {key!r}.")
         return self.calls[key].ms(n_in, n_out)
 
-    def estimate(self, widths: dict[str, tuple[int, int]] | None = None) -> float:
+    def estimate(self, widths: dict[str, tuple[int, int]] | None = None, elements: int | None = None) -> float:
         """Predicted latency (ms) of the model with the given (n_in, n_out) per call key (calls
-        not named keep their full widths): the fixed overhead plus every call's latency."""
+        not named keep their full widths) and `elements` output elements of its calls without
+        MACs (None: as at full width): the fixed overhead, the element-wise cost and every
+        call's latency."""
         widths = dict(widths or {})
         unknown = set(widths) - set(self.calls)
         if unknown:
@@ -414,7 +458,7 @@ class LatencyTable:
                 f"The latency table of {self.model!r} has no layer call(s) {sorted(unknown)}; "
                 f"its calls are {list(self.calls)}."
             )
-        total = self.overhead_ms
+        total = self.overhead_ms + self.element_ms * (self.elements if elements is None else elements)
         for key, call in self.calls.items():
             total += call.ms(*widths.get(key, (call.width_in, call.width_out)))
         return total
@@ -441,18 +485,20 @@ class LatencyTable:
 
     def estimate_model(self, model) -> float:
         """Predicted latency (ms) of `model`, a slim version of the table's model."""
-        return self.estimate(self.widths_of(model))
+        return self.estimate(self.widths_of(model), element_count(model))
 
     def call_pricers(self, nodes: Sequence) -> list[Callable[[int, int], float] | None]:
         """For each of `nodes` (layer calls of the table's model, as prune.graph traces them),
-        the function (n_in, n_out) -> ms of its call, or None for a call without MACs (priced in
-        the fixed overhead)."""
+        the function (n_in, n_out) -> ms of its call (for a call without MACs: element_ms per
+        element of its output), or None for a node that is not a call."""
         keyed = {id(node): key for node, key in call_keys(nodes)}
+        element_calls = {id(n) for n in _element_calls(nodes)}
         out = []
         for node in nodes:
             key = keyed.get(id(node))
             if key is None:
-                out.append(None)
+                per_channel = self.element_ms * _spatial(node) if id(node) in element_calls else 0.0
+                out.append((lambda n_in, n_out, c=per_channel: c * n_out) if per_channel else None)
                 continue
             if key not in self.calls:
                 raise LatencyTableError(
@@ -472,6 +518,8 @@ class LatencyTable:
             "machine": self.machine,
             "source": self.source,
             "overhead_ms": self.overhead_ms,
+            "element_ms": self.element_ms,
+            "elements": self.elements,
             "model_ms": self.model_ms,
             "settings": self.settings,
             "calls": [c.to_json() for c in self.calls.values()],
@@ -492,6 +540,8 @@ class LatencyTable:
                 overhead_ms=float(obj["overhead_ms"]),
                 model_ms=None if obj.get("model_ms") is None else float(obj["model_ms"]),
                 settings=dict(obj.get("settings") or {}),
+                element_ms=float(obj["element_ms"]),
+                elements=int(obj["elements"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise LatencyTableError(f"Latency table{where} is damaged: {type(e).__name__}: {e}") from None
@@ -559,7 +609,7 @@ class LatencyTable:
     @staticmethod
     def cache_path(model, fp: str, where: str, settings: dict, cache_dir=None) -> Path:
         """Where the table of `model` (fingerprint `fp`) measured on `where` with `settings` is cached."""
-        key = hashlib.sha256(json.dumps([fp, where, settings], sort_keys=True).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([TABLE_FORMAT, fp, where, settings], sort_keys=True).encode()).hexdigest()[:16]
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.name)
         return Path(cache_dir or default_cache_dir()) / f"{name}-{key}.json"
 
@@ -585,8 +635,10 @@ class LatencyTable:
                 for n_in, n_out in widths:
                     contents.append(convert(_single_layer(node.layer, in_shape, n_in, n_out), "float32"))
             plans.append((node, key, widths))
+        half = _half_width(model)
+        wholes = [model] + ([half] if half is not None else [])
         with contextlib.redirect_stdout(io.StringIO()):
-            contents.append(convert(with_batch_size(model, 1), "float32"))
+            contents += [convert(with_batch_size(m, 1), "float32") for m in wholes]
         print_(f"latency: timing {len(contents)} files", flush=True)
         times = _time_files(
             contents,
@@ -615,9 +667,19 @@ class LatencyTable:
                 fit.fast_slope_ms,
                 points,
             )
-        model_ms = times[-1]
-        overhead = model_ms - sum(c.ms(c.width_in, c.width_out) for c in fitted.values())
-        return cls(model.name, fp, where, "measured", fitted, overhead, model_ms, settings)
+        table = cls(model.name, fp, where, "measured", fitted, 0.0, times[i], settings, 0.0, element_count(model))
+        # the rest of each whole model, its time beyond its calls': fixed + element_ms * elements,
+        # through the full model's point. The fixed part is at least what the single-layer
+        # timings counted too often: every one but one holds an invoke's fixed cost (its intercept).
+        rest = [t - table.estimate(table.widths_of(m), 0) for t, m in zip(times[i:], wholes)]
+        intercepts = [c.intercept_ms for c in fitted.values()]
+        lowest = min(intercepts) - sum(intercepts)
+        if half is not None and table.elements > element_count(half):
+            table.element_ms = max(0.0, (rest[0] - rest[1]) / (table.elements - element_count(half)))
+        if rest[0] - table.element_ms * table.elements < lowest:
+            table.element_ms = (rest[0] - lowest) / table.elements
+        table.overhead_ms = rest[0] - table.element_ms * table.elements
+        return table
 
     @classmethod
     def from_op_profile(
@@ -688,10 +750,20 @@ class LatencyTable:
                 points=((n_in, n_out, ms[key]),),
             )
         total = sum(r["ms"] for r in rows)
-        overhead = total - sum(ms.values())
+        rest = total - sum(ms.values())  # the other ops: in proportion to their output elements
+        elements = element_count(model)
         settings = {"profile": path.name, "multiple_in": multiple_in, "multiple_out": multiple_out}
         return cls(
-            model.name, fingerprint(model), f"op profile {path.name}", "op_profile", fitted, overhead, total, settings
+            model.name,
+            fingerprint(model),
+            f"op profile {path.name}",
+            "op_profile",
+            fitted,
+            0.0 if elements else rest,
+            total,
+            settings,
+            rest / elements if elements else 0.0,
+            elements,
         )
 
 

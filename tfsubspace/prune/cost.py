@@ -36,8 +36,9 @@ class PlanCost:
 
     `kept` is a boolean vector over the analysis's global channels (ChannelAnalysis.keep_vector).
     `latency`: a LatencyTable of `analysis.model` (tfsubspace.edge.latency); each layer call is
-    then priced in milliseconds at its kept widths, and a whole plan's `latency_ms` adds the
-    table's fixed overhead. Without it, `latency_ms` is 0.0.
+    then priced in milliseconds at its kept widths (a call without MACs by its output's
+    elements), and a whole plan's `latency_ms` adds the table's fixed overhead. Without it,
+    `latency_ms` is 0.0.
     """
 
     def __init__(self, analysis: ChannelAnalysis, latency=None):
