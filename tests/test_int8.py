@@ -160,7 +160,7 @@ def test_automatic_int8_fixes_a_failing_model(tmp_path):
     assert folded.rewrite_seconds > 0 and "scale into" in folded.notes[0]
     # export() keeps the first file that passes, and says where plain int8 lost
     result = export.export(
-        model, tmp_path, modes=("int8",), calibration_ds=calibration[None], check_ds=check[None], min_agreement=0.97
+        model, tmp_path, modes=("int8",), calibration_ds=calibration, check_ds=check, min_agreement=0.97
     )[0]
     assert result.passed and [s["step"] for s in result.steps] == ["plain", "fold"]
     assert result.agreement == pytest.approx(result.steps[1]["agreement"])
@@ -172,8 +172,8 @@ def test_automatic_int8_fixes_a_failing_model(tmp_path):
         model,
         tmp_path,
         modes=("int8",),
-        calibration_ds=calibration[None],
-        check_ds=check[None],
+        calibration_ds=calibration,
+        check_ds=check,
         min_agreement=0.97,
         int8_fixes=(),
         diagnose_failures=False,

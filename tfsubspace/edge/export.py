@@ -57,9 +57,9 @@ class ExportedModel:
 
 
 def _images(ds, limit: int | None):
-    """Numpy images (float32) from a dataset of images or (images, labels), or from an array of
-    images (N, H, W, C) or an (images, labels) pair of arrays."""
-    if isinstance(ds, (tuple, list)) and len(ds) == 2 and hasattr(ds[0], "ndim"):
+    """Numpy images (float32) from a dataset (or list) of batches of images or of (images,
+    labels), or from an array of images (N, H, W, C) or an (images, labels) tuple of arrays."""
+    if isinstance(ds, tuple) and len(ds) == 2 and hasattr(ds[0], "ndim"):  # a list is a list of batches
         ds = ds[0]
     if hasattr(ds, "ndim"):  # one array of images: iterating it would yield single images
         images = np.asarray(ds, np.float32)
