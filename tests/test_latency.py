@@ -361,3 +361,14 @@ def test_op_profile_without_the_regular_runs_is_named(tmp_path):
         LatencyTable.from_op_profile(path, profiled_model())
     with pytest.raises(FileNotFoundError, match="missing.csv"):
         LatencyTable.from_op_profile(tmp_path / "missing.csv", profiled_model())
+
+
+def test_a_model_without_element_wise_calls_keeps_a_fixed_overhead(tmp_path, monkeypatch):
+    """Only MAC calls (nothing to price per element, no prunable group for a half-width model):
+    the whole model's time beyond its call is all fixed overhead, even when it is negative."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, name="fc")(inputs), name="dense_only")
+    monkeypatch.setattr(latency, "_time_files", lambda contents, **kwargs: [0.010] * (len(contents) - 1) + [0.005])
+    table = LatencyTable.measure(model, cache=False)
+    assert table.elements == 0 and table.element_ms == 0.0
+    assert table.overhead_ms == pytest.approx(-0.005) and table.estimate() == pytest.approx(0.005)

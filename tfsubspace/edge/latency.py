@@ -674,9 +674,10 @@ class LatencyTable:
         rest = [t - table.estimate(table.widths_of(m), 0) for t, m in zip(times[i:], wholes)]
         intercepts = [c.intercept_ms for c in fitted.values()]
         lowest = min(intercepts) - sum(intercepts)
-        if half is not None and table.elements > element_count(half):
-            table.element_ms = max(0.0, (rest[0] - rest[1]) / (table.elements - element_count(half)))
-        if rest[0] - table.element_ms * table.elements < lowest:
+        half_elements = element_count(half) if half is not None else table.elements
+        if table.elements > half_elements:
+            table.element_ms = max(0.0, (rest[0] - rest[1]) / (table.elements - half_elements))
+        if table.elements and rest[0] - table.element_ms * table.elements < lowest:
             table.element_ms = (rest[0] - lowest) / table.elements
         table.overhead_ms = rest[0] - table.element_ms * table.elements
         return table

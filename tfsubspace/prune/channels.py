@@ -719,11 +719,9 @@ def kernel_of(layer):
 def filters(kernel, output_axis: int = -1):
     """A kernel (numpy or Keras tensor) as (everything else, output channels): one column per
     output channel's filter."""
-    from keras import ops
-
     if output_axis != -1:
-        kernel = ops.moveaxis(kernel, output_axis, -1)
-    return ops.reshape(kernel, (-1, ops.shape(kernel)[-1]))
+        kernel = keras.ops.moveaxis(kernel, output_axis, -1)
+    return keras.ops.reshape(kernel, (-1, keras.ops.shape(kernel)[-1]))
 
 
 _REGISTRY: dict[type, Handler] = {}
