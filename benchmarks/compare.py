@@ -216,6 +216,8 @@ class Pair:
                 verbose=2,
             )
 
+        # the pruning peers: the teacher cut to the same budget, fine-tuned with labels
+        pruning = dict(teacher=self.teacher, labeled_ds=self.labeled, params=params, macs=macs, epochs=total, verbose=2)
         arch = None  # tfsubspace's student architecture, for the methods that train a given one
 
         def student():
@@ -228,24 +230,8 @@ class Pair:
             "tfsubspace": lambda: compress("end_to_end").student,
             "tfsubspace_stagewise": lambda: compress("stage_wise").student,
             "tfsubspace_macs": lambda: compress("end_to_end", macs=True).student,
-            "l1_filter": lambda: baselines.l1_filter_pruning(
-                self.teacher,
-                self.labeled,
-                params=params,
-                macs=macs,
-                epochs=total,
-                work_dir=work / "l1_filter",
-                verbose=2,
-            ),
-            "slimming": lambda: baselines.network_slimming(
-                self.teacher,
-                self.labeled,
-                params=params,
-                macs=macs,
-                epochs=total,
-                work_dir=work / "slimming",
-                verbose=2,
-            ),
+            "l1_filter": lambda: baselines.l1_filter_pruning(**pruning, work_dir=work / "l1_filter"),
+            "slimming": lambda: baselines.network_slimming(**pruning, work_dir=work / "slimming"),
             "kd": lambda: baselines.train_kd(
                 student(), self.teacher, self.labeled, epochs=total, alpha=0.9, work_dir=work / "kd", verbose=2
             ),
