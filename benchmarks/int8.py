@@ -7,6 +7,13 @@ missing; `--retrain` trains them again):
 - relu_bn: Conv -> ReLU -> BatchNormalization blocks (the layer order of many Keras
   tutorials), raw 0-255 pixels in, no Rescaling; relu_bn_l2: the same with L2 weight decay
   (5e-4) on the kernels, as tutorials train it;
+- relu_bn_spread: relu_bn, not trained again but rescaled exactly (`spread_channel_ranges`):
+  each Conv2D/Dense ReLU output channel that a BatchNormalization normalizes is multiplied by a
+  factor drawn log-uniform over [0.04, 31.5] and the BatchNormalization undoes it, so the float
+  function is relu_bn's (the script checks it on the test images) while the channels' ranges
+  are spread as in the issue's third-party CIFAR-10 model (BatchNormalization multipliers 0.04
+  to 31.5), which plain full int8, one scale per activation tensor, cannot hold (saved as
+  runs/int8/relu_bn_spread.keras, made again when relu_bn is trained again);
 - mbv2_like: a MobileNetV2-like network (inverted residuals, depthwise, ReLU6);
 - mobilenetv2: keras.applications.MobileNetV2(alpha=0.35, weights=None) on the images padded
   to 32x32 and repeated over 3 channels;
@@ -32,7 +39,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-_NAMES = ("relu_bn", "relu_bn_l2", "mbv2_like", "mobilenetv2")
+_NAMES = ("relu_bn", "relu_bn_spread", "relu_bn_l2", "mbv2_like", "mobilenetv2")
 _THIRDPARTY = "fer_mini_xception"
 
 _OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where the models and .tflite files go.")
@@ -123,6 +130,80 @@ def mobilenetv2(keras):
 BUILDERS = {"relu_bn": relu_bn, "relu_bn_l2": relu_bn_l2, "mbv2_like": mbv2_like, "mobilenetv2": mobilenetv2}
 
 
+def relu_into_batchnorm(model, keras) -> list:
+    """(layer, BatchNormalization) pairs: a Conv2D/Dense with a bias and a ReLU activation whose output
+    only that BatchNormalization (with gamma and beta) reads."""
+    readers = {}
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.InputLayer):
+            for tensor in keras.tree.flatten(layer.input):
+                readers.setdefault(id(tensor), []).append(layer)
+    pairs = []
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and layer.use_bias:
+            read_by = readers.get(id(layer.output), [])
+            if layer.get_config()["activation"] == "relu" and len(read_by) == 1:
+                bn = read_by[0]
+                if isinstance(bn, keras.layers.BatchNormalization) and bn.scale and bn.center:
+                    pairs.append((layer, bn))
+    return pairs
+
+
+def spread_channel_ranges(model, keras, low=0.04, high=31.5, seed=0, name=None):
+    """A copy of `model` computing the same function, its ReLU channels' ranges spread `high / low` apart.
+
+    It models the issue's third-party CIFAR-10 model (Conv -> ReLU -> BatchNormalization, raw
+    0-255 inputs, its BatchNormalization multipliers from 0.04 to 31.5): the ReLU output channels
+    that one BatchNormalization normalizes have ranges ~800x apart, and a full-int8 tensor has one
+    scale for all its channels. Each Conv2D/Dense with a ReLU activation whose output only a
+    BatchNormalization reads (relu_into_batchnorm) has its output channel c (kernel[..., c], bias[c])
+    multiplied by s[c] > 0, drawn log-uniform over [low, high] (np.random.default_rng(seed)). ReLU
+    commutes with a positive scale, and the BatchNormalization undoes it exactly: moving_mean *= s,
+    moving_variance *= s**2 and gamma *= sqrt(s**2 var + eps) / (s sqrt(var + eps)) (original var,
+    the layer's epsilon), since gamma' (s x - s mean) / sqrt(s**2 var + eps) = gamma (x - mean) /
+    sqrt(var + eps). The float function is the model's, up to float32 rounding.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    for layer, bn in relu_into_batchnorm(copy, keras):
+        kernel, bias = layer.get_weights()
+        s = np.exp(rng.uniform(np.log(low), np.log(high), kernel.shape[-1])).astype(np.float32)
+        layer.set_weights([kernel * s, bias * s])
+        s = s.astype(np.float64)
+        gamma, beta, mean, var = (w.astype(np.float64) for w in bn.get_weights())
+        gamma = gamma * np.sqrt(s**2 * var + bn.epsilon) / (s * np.sqrt(var + bn.epsilon))
+        bn.set_weights([w.astype(np.float32) for w in (gamma, beta, mean * s, var * s**2)])
+    return keras.Model(copy.inputs, copy.outputs, name=name or f"{model.name}_spread")
+
+
+def channel_range_spread(model, keras, np, images) -> dict:
+    """What spread_channel_ranges changes: over the ReLU outputs that a BatchNormalization reads, the
+    range of the ratio (largest channel maximum) / (10th percentile of the channel maxima) on `images`
+    (channels never above 0 left out), and the range of the BatchNormalization multipliers
+    |gamma / sqrt(moving_variance + epsilon)|."""
+    pairs = relu_into_batchnorm(model, keras)
+    outputs = keras.Model(model.inputs, [layer.output for layer, _ in pairs]).predict(images, verbose=0)
+    ratios = []
+    for out in keras.tree.flatten(outputs):
+        maxima = np.max(keras.ops.convert_to_numpy(out).reshape(-1, out.shape[-1]), axis=0)
+        maxima = maxima[maxima > 0]
+        ratios.append(float(maxima.max() / np.percentile(maxima, 10)))
+    multipliers = np.concatenate(
+        [np.abs(bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)) for _, bn in pairs]
+    )
+    return {
+        "channel_max_over_p10": [min(ratios), max(ratios)],
+        "batchnorm_multipliers": [float(multipliers.min()), float(multipliers.max())],
+    }
+
+
+# name -> (model it is derived from, the exact rewrite that derives it); not trained.
+DERIVED = {"relu_bn_spread": ("relu_bn", spread_channel_ranges)}
+
+
 def train(name, keras, train_x, train_y):
     epochs, examples, learning_rate = TRAINING[name]
     keras.utils.set_random_seed(0)
@@ -174,15 +255,49 @@ def main(argv):
         held = _CHECK.value
         fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
         test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
+    loaded, derived = {}, {}
+
+    def get(name):
+        """The saved model, else trained (or derived from its base model, itself got first) and saved."""
+        if name not in loaded:
+            path = out / f"{name}.keras"
+            base = DERIVED[name][0] if name in DERIVED else None
+            if base is not None:
+                get(base)
+            if path.exists() and not _RETRAIN.value and base not in train_seconds:
+                loaded[name] = load_model(path)
+            elif base is not None:
+                start = time.perf_counter()
+                loaded[name] = DERIVED[name][1](loaded[base], keras)
+                train_seconds[name] = time.perf_counter() - start
+                fileio.save_model(loaded[name], path)
+                print(f"{name}: derived from {base} in {train_seconds[name]:.1f} s, saved {path}", flush=True)
+            else:
+                loaded[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
+                fileio.save_model(loaded[name], path)
+                print(f"{name}: trained in {train_seconds[name]:.0f} s, saved {path}", flush=True)
+        return loaded[name]
+
     for name in names:
-        path = out / f"{name}.keras"
-        if path.exists() and not _RETRAIN.value:
-            models[name] = load_model(path)
-        else:
-            models[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
-            fileio.save_model(models[name], path)
-            print(f"{name}: trained in {train_seconds[name]:.0f} s, saved {path}", flush=True)
+        models[name] = get(name)
         inputs[name] = (fit_x[: _CALIB.value], check_x, test, labels)
+        if name in DERIVED:  # an exact rewrite: the same function as its base model
+            base = DERIVED[name][0]
+            got, expected = (
+                keras.ops.convert_to_numpy(m.predict(test, batch_size=256, verbose=0))
+                for m in (models[name], loaded[base])
+            )
+            diff = float(np.max(np.abs(got - expected)))
+            derived[name] = {
+                "from": base,
+                "max_abs_diff": diff,
+                "relative_diff": diff / float(np.max(np.abs(expected))),
+                "agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1))),
+                "ranges": channel_range_spread(models[name], keras, np, fit_x[: _CALIB.value]),
+                "base_ranges": channel_range_spread(loaded[base], keras, np, fit_x[: _CALIB.value]),
+            }
+            print(f"{name}: {json.dumps(derived[name])}", flush=True)
+            assert derived[name]["relative_diff"] <= 1e-4, f"{name} is not {base}'s function: {derived[name]}"
     if _THIRDPARTY in _MODELS.value and not _TRAIN_ONLY.value:
         found = thirdparty(np, load_model)
         if found is not None:
@@ -212,6 +327,8 @@ def main(argv):
             ),
             "steps": [],
         }
+        if name in derived:
+            row["derived"] = derived[name]
         for step in steps:
             path = fileio.write_bytes(out / "tflite" / f"{name}_int8_{step.name}.tflite", step.content)
             pred = TFLiteRunner(path)(test).argmax(-1)
@@ -246,6 +363,9 @@ def main(argv):
 
 
 def format_markdown(report) -> str:
+    def spread(pair, sep="-", digits=3):
+        return f"{pair[0]:.{digits}g}{sep}{pair[1]:.{digits}g}"
+
     s = report["settings"]
     lines = [
         f"`{report['command']}` ({report['machine']}): full int8 of each test model, plain post-training "
@@ -263,6 +383,19 @@ def format_markdown(report) -> str:
         labeled = row.get("float_accuracy") is not None
         if not labeled:
             notes.append(f"{row['model']}: {row.get('data', 'no labels')}; its test columns are the check images.")
+        if "derived" in row:
+            d = row["derived"]
+            notes.append(
+                f"{row['model']}: {d['from']} rescaled exactly (not trained); its outputs differ from {d['from']}'s by "
+                f"at most {d['max_abs_diff']:.2g} ({d['relative_diff']:.1e} of the largest) on the test images, top-1 "
+                f"agreement {100 * d['agreement']:.2f}%. On the calibration images, the largest channel maximum of "
+                f"each ReLU output that a BatchNormalization reads is "
+                f"{spread(d['ranges']['channel_max_over_p10'], digits=4)} times the 10th percentile of its channel "
+                f"maxima ({d['from']}: "
+                f"{spread(d['base_ranges']['channel_max_over_p10'], digits=4)}); the BatchNormalization multipliers "
+                f"|gamma / sqrt(var + eps)| span {spread(d['ranges']['batchnorm_multipliers'], ' to ')} "
+                f"({d['from']}: {spread(d['base_ranges']['batchnorm_multipliers'], ' to ')})."
+            )
         for i, st in enumerate(row["steps"]):
             chosen = " (kept)" if st["step"] == row["chosen"] else ""
             accuracy = (

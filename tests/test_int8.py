@@ -278,3 +278,29 @@ def test_diagnosis_names_rounding_spread_over_many_tensors():
     (line,) = spread.findings()
     assert "rounding spread over 4 int8 tensors" in line and "8.0%" in line
     assert diagnose.Diagnosis([tensor(0, 0.01, 0.01)], [], 10).findings() == []
+
+
+def test_benchmark_spread_of_channel_ranges_keeps_the_function():
+    # benchmarks/int8.py's relu_bn_spread: relu_bn with its ReLU channels rescaled, BN compensating
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from int8 import relu_into_batchnorm, spread_channel_ranges
+
+    model = random_model([("conv_relu_bn", "same", 5), ("conv_bn_relu", "same", 4), ("conv_relu_bn", "valid", 3)], 7)
+    spread = spread_channel_ranges(model, keras, name="spread")
+    pairs = relu_into_batchnorm(model, keras)
+    assert [layer.name for layer, _ in pairs] == [model.layers[i].name for i in (1, 6, 9)]
+    x = np.random.default_rng(0).normal(0, 1, (16, 10, 10, 2)).astype("float32")
+    assert _relative_diff(model, spread, x) < 1e-5
+    factors = []  # each rescaled channel's factor, from its kernel
+    for layer, _ in pairs:
+        before, after = (np.abs(m.get_layer(layer.name).get_weights()[0]) for m in (model, spread))
+        factors.append(after.reshape(-1, after.shape[-1]).sum(0) / before.reshape(-1, before.shape[-1]).sum(0))
+    s = np.concatenate(factors)
+    assert np.all((s >= 0.04 * 0.999) & (s <= 31.5 * 1.001)) and s.max() / s.min() > 100, s
+    # the Conv -> BN -> ReLU block is not rescaled
+    for a, b in zip(model.layers[3].get_weights(), spread.layers[3].get_weights()):
+        np.testing.assert_array_equal(a, b)
