@@ -27,6 +27,12 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images, 
 - tfsubspace_crop / tfsubspace_mixup / tfsubspace_noaug / tfsubspace_crop_mixup2: the
   defaults with crops alone / mixup alone / no augmentation / crops and mixup, to tell the
   parts of the views apart;
+- tfsubspace_adapt: the defaults with adapt="always" (compress() adapts by itself when the
+  images are from another domain, adapt="auto"; rows named tfsubspace predate adaptation):
+  adapted copies of the images, moved toward the teacher's BatchNormalization statistics
+  (tfsubspace.distill.adapt), are added to them;
+- kd_fresh_adapt / l1_kd_adapt: kd_fresh (of the tfsubspace_adapt student) and l1_kd on the
+  same images and adapted copies, to tell adaptation from the rest of the method;
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   with the same views for as many steps as tfsubspace;
 - kd_plain: the same without augmentation (kd_fresh_energy: kd_fresh of the tfsubspace_energy
@@ -68,6 +74,7 @@ _TFSUBSPACE = {  # method -> compress() options besides the budget
     "tfsubspace_mixup": {"augment": "mixup"},
     "tfsubspace_noaug": {"augment": "none"},
     "tfsubspace_crop_mixup2": {"augment": "crop,mixup"},
+    "tfsubspace_adapt": {"adapt": "always"},
     "tfsubspace_plain": {"energy": 0.99, "augment": "none", "holdout": 0.0, "epochs": 5},
 }
 
@@ -96,7 +103,7 @@ def main(argv):
     import keras
 
     from tfsubspace import compress, data, evaluate, fileio
-    from tfsubspace.distill import augment
+    from tfsubspace.distill import adapt, augment
     from tfsubspace.models import stats
     from tfsubspace.peers import baselines
 
@@ -139,9 +146,6 @@ def main(argv):
             limit = None if regime == "all" else _FEW.value
             ds = data.load(source, "train", batch_size=32, labels=False, limit=limit, seed=_SEED.value)
             n = int(ds.cardinality()) * 32 if limit is None else limit
-        # as many steps as compress()'s default distillation plus its recovery (2 epochs)
-        steps = math.ceil(n / 32)
-        epochs = max(5, math.ceil(2000 / steps)) + 2
         for method in _METHODS.value:
             row = {"teacher": teacher_key, "regime": regime, "images": f"{n} {source}", "method": method}
             if _key({**row, "target": _TARGET.value}) in done:
@@ -153,27 +157,34 @@ def main(argv):
             report = {}
             view = augment.augmenter("auto", tuple(teacher.inputs[0].shape[1:]), seed=_SEED.value)
             keras.utils.set_random_seed(_SEED.value)
+            train_ds = ds
+            if method.endswith("_adapt") and method not in _TFSUBSPACE:  # the peers on the same images
+                train_ds = adapt.adapt_dataset(teacher, ds, mode="always", seed=_SEED.value)[0]
+            # as many steps as compress()'s default distillation plus its recovery (2 epochs)
+            steps = math.ceil(n / 32) * (1 if train_ds is ds else 2)  # adapted copies double the images
+            epochs = max(5, math.ceil(2000 / steps)) + 2
             if method in _TFSUBSPACE:
                 options = dict(target_params=_TARGET.value, seed=_SEED.value, verbose=2, **_TFSUBSPACE[method])
                 result = compress(teacher, ds, work_dir=work, **options)
                 student, report = result.student, result.report
-            elif method in ("kd_fresh", "kd_plain"):
-                reference = work.parent / "tfsubspace" / "student.keras"
+            elif method in ("kd_fresh", "kd_plain", "kd_fresh_adapt"):
+                source_method = "tfsubspace_adapt" if method == "kd_fresh_adapt" else "tfsubspace"
+                reference = work.parent / source_method / "student.keras"
                 if not reference.exists():
-                    raise app.UsageError(f"{method} takes the tfsubspace student's architecture: run tfsubspace first.")
+                    raise app.UsageError(f"{method} takes the {source_method} student's architecture: run it first.")
                 student = baselines.train_kd_only(
                     baselines.fresh_copy(fileio.load_model(reference)),
                     teacher,
-                    ds,
+                    train_ds,
                     epochs=epochs,
                     work_dir=work,
-                    augment=view if method == "kd_fresh" else None,
+                    augment=None if method == "kd_plain" else view,
                     verbose=2,
                 )
-            elif method == "l1_kd":
+            elif method in ("l1_kd", "l1_kd_adapt"):
                 student = baselines.l1_filter_kd(
                     teacher,
-                    ds,
+                    train_ds,
                     params=int(_TARGET.value * stats.count_params(teacher)),
                     epochs=epochs,
                     work_dir=work,

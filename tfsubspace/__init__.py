@@ -59,6 +59,8 @@ _LAZY = {
     "build_student": ("tfsubspace.distill.student", "build_student"),
     "reestimate_batchnorm": ("tfsubspace.distill.batchnorm", "reestimate_batchnorm"),
     "batchnorm_mismatch": ("tfsubspace.distill.batchnorm", "batchnorm_mismatch"),
+    "adapt_images": ("tfsubspace.distill.adapt", "adapt_images"),
+    "batchnorm_distance": ("tfsubspace.distill.adapt", "batchnorm_distance"),
     "latent_statistics": ("tfsubspace.distill.subspace", "latent_statistics"),
     "choose_dimensions": ("tfsubspace.distill.subspace", "choose_dimensions"),
     "export_tflite": ("tfsubspace.edge.export", "export"),

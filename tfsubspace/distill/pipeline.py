@@ -38,7 +38,8 @@ import numpy as np
 
 from tfsubspace import fileio
 from tfsubspace.data import inputs
-from tfsubspace.distill import subspace
+from tfsubspace.distill import adapt, subspace
+from tfsubspace.distill.adapt import ADAPT_MODES
 from tfsubspace.distill.augment import AUGMENTATIONS, augmenter, parse
 from tfsubspace.distill.batchnorm import (
     batchnorm_layers,
@@ -107,6 +108,12 @@ class CompressionConfig:
     augment: str = _option(
         "auto", "Views teacher and student share: 'auto', 'none' or a list of crop, flip, mixup, cutmix."
     )
+    adapt: str = _option(
+        "auto",
+        "Add copies of the images moved toward the teacher's BatchNormalization statistics: 'auto' (when the "
+        "images are from another domain), 'always' or 'none'.",
+    )
+    adapt_steps: int = _option(100, "Adam steps on the pixels of each batch of 200 images when adapting them.")
     holdout: float = _option(0.1, "Share of the images kept aside to measure agreement (at most 2048 images).")
     patience: int | None = _option(
         None, "Stop recovery after this many epochs without better held-out agreement (it keeps the best)."
@@ -210,6 +217,10 @@ class CompressionConfig:
             fail("holdout", "a share of the images in [0, 0.5]")
         if not isinstance(self.augment, str):
             fail("augment", f"'auto', 'none' or a comma-separated list of {AUGMENTATIONS}")
+        if self.adapt not in ADAPT_MODES:
+            fail("adapt", f"one of {ADAPT_MODES}")
+        if not integer(self.adapt_steps) or self.adapt_steps < 1:
+            fail("adapt_steps", "a positive integer")
         if self.recover_epochs < 0:
             fail("recover_epochs", "a non-negative integer")
         if self.steps_per_epoch is not None and (not integer(self.steps_per_epoch) or self.steps_per_epoch < 1):
@@ -291,7 +302,9 @@ class CompressionResult:
 
 
 # every file and folder compress() writes into work_dir (what overwrite=True removes)
+_ADAPTED = "adapted_images.npy"
 _PRODUCED = (
+    _ADAPTED,
     "plan_subspace.json",
     "spectra.json",
     "spectra.png",
@@ -418,10 +431,6 @@ def compress(
         # the workers' shards of a filtered data set fall out of step; every worker trains on all
         log("holdout: nothing is held out under MultiWorkerMirroredStrategy")
         holdout = 0.0
-    ds, heldout = inputs.split_holdout(ds, holdout, examples=scanned.examples)
-    if heldout is not None:
-        ds, steps = fitloop.epoch_steps(ds, "ds", log=lambda message: None)
-        log(f"{len(heldout)} images held out to measure agreement with the teacher; {steps} batches train")
     keras.utils.set_random_seed(config.seed)
     manifest = {
         "tfsubspace": _version(),
@@ -444,7 +453,21 @@ def compress(
         work_dir = Path(stack.enter_context(distribute.private_work_dir(work_dir, strategy)))
         claimed = stack.enter_context(workdir.WorkDir(work_dir, produced=_PRODUCED))
         resumed = claimed.claim(manifest, overwrite=overwrite)
-        pipeline = _Pipeline(model, teacher_analysis, ds, eval_ds, work_dir, config, strategy, heldout)
+        ds, heldout = inputs.split_holdout(ds, holdout, examples=scanned.examples)
+        ds, heldout, adaptation = adapt.adapt_dataset(
+            model,
+            ds,
+            heldout,
+            mode=config.adapt,
+            steps=config.adapt_steps,
+            seed=config.seed,
+            cache=work_dir / _ADAPTED,
+            log=log,
+        )
+        if heldout is not None:
+            ds, steps = fitloop.epoch_steps(ds, "ds", log=lambda message: None)
+            log(f"{len(heldout)} images held out to measure agreement with the teacher; {steps} batches train")
+        pipeline = _Pipeline(model, teacher_analysis, ds, eval_ds, work_dir, config, strategy, heldout, adaptation)
         if resumed:
             pipeline.log(f"resuming the run in {work_dir}")
         result = pipeline.run()
@@ -502,6 +525,7 @@ class _Pipeline:
         config: CompressionConfig,
         strategy=None,
         heldout=None,
+        adaptation=None,
     ):
         self.strategy = strategy
         self._teacher_in_scope = None
@@ -516,6 +540,7 @@ class _Pipeline:
         self._latency_table = self._latency_budget = None
         # images kept aside (never trained on) and the teacher's top-1 on them
         self.heldout = heldout
+        self.adaptation = adaptation  # what adapt.adapt_dataset did, or None
         self.heldout_teacher = heldout_top1(teacher, heldout) if heldout is not None else None
         self.epochs = distill_epochs(config, int(ds.cardinality()))
 
@@ -945,6 +970,7 @@ class _Pipeline:
                 name: log for name in ("distill", "recover") if (log := _agreement_log(self.dir / f"{name}.csv"))
             },
             "heldout_images": 0 if self.heldout is None else len(self.heldout),
+            "adaptation": self.adaptation,
             "epochs": self.epochs,
             "surgery": surgery_info,
             "config": dataclasses.asdict(self.config),
