@@ -171,7 +171,8 @@ def adapt_images(
 
 ADAPT_MODES = ("auto", "always", "none")
 AUTO_DISTANCE = 0.15  # in-domain images measure 0.04-0.05 on our teachers, other domains 0.39-0.47
-_PROBE_IMAGES = 1000  # images auto measures the distance on
+_PROBE_IMAGES, _PROBE_BATCH = 1000, 200  # images auto measures the distance on, and in batches of
+AUTO_MAX_SECONDS = 1800  # auto leaves images whose adaptation it estimates to take longer here
 
 
 def _images(batch):
@@ -187,7 +188,8 @@ def adapt_dataset(
     gets the adapted copies of its own images, so no image trains while its copy is held out.
     mode "none" returns (ds, heldout, None). "auto" measures batchnorm_distance on the first images of
     `ds` and adapts only when it is over AUTO_DISTANCE (images from another domain; a teacher
-    without BatchNormalization is left alone); "always" adapts (and needs BatchNormalization).
+    without BatchNormalization is left alone) and the adaptation, estimated from that pass,
+    takes under AUTO_MAX_SECONDS (30 minutes) on this machine; "always" adapts (and needs BatchNormalization).
     Adapting reads `ds` once (its labels, if any, are dropped), adds the adapted copy of every
     image to the originals, and returns a data set of both in one fixed order shuffled by
     `seed`, in batches of `ds`'s size, with a dict describing what was done. The originals
@@ -203,14 +205,33 @@ def adapt_dataset(
         if not any(bn in teacher.layers for bn in batchnorm_layers(teacher)):
             say("adapt: the teacher has no BatchNormalization statistics to adapt the images to")
             return ds, heldout, None
-        probe = np.concatenate([_images(b) for b in ds.unbatch().take(_PROBE_IMAGES).batch(200)])
-        distance = batchnorm_distance(teacher, probe)
+        stats = _Statistics(teacher)
+        distances, seconds = [], []
+        for batch in ds.unbatch().take(_PROBE_IMAGES).batch(_PROBE_BATCH):
+            start = time.perf_counter()
+            batch = _images(batch)
+            distances.append(float(stats.distance(batch)))
+            seconds.append((time.perf_counter() - start) / len(batch))
+        distance = float(np.mean(distances))
         if distance <= AUTO_DISTANCE:
             say(f"adapt: the images fit the teacher's BatchNormalization statistics (distance {distance:.3f})")
             return ds, heldout, None
+        # an Adam step costs about a forward and a backward pass: 3 forward passes
+        images = int(ds.cardinality()) * int(np.shape(_images(next(iter(ds))))[0]) + (
+            0 if heldout is None else len(heldout)
+        )
+        estimate = 3 * steps * images * float(np.median(seconds))
+        if estimate > AUTO_MAX_SECONDS and not (cache is not None and os.path.exists(cache)):
+            say(
+                f"adapt: the images are far from the teacher's BatchNormalization statistics (distance {distance:.3f} "
+                f"> {AUTO_DISTANCE}), but adapting {images} of them would take about {estimate / 60:.0f} minutes "
+                f"here: left as they are (adapt='always' adapts them, adapt_steps sets the steps)"
+            )
+            return ds, heldout, None
         say(
             f"adapt: the images are far from the teacher's BatchNormalization statistics (distance {distance:.3f} > "
-            f"{AUTO_DISTANCE}): from another domain; adapted copies are added to them"
+            f"{AUTO_DISTANCE}): from another domain; adapted copies are added to them (about "
+            f"{max(estimate / 60, 1):.0f} minutes)"
         )
     first = next(iter(ds))
     batch_size = int(np.shape(_images(first))[0])
