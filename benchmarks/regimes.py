@@ -159,7 +159,8 @@ def main(argv):
             keras.utils.set_random_seed(_SEED.value)
             train_ds = ds
             if method.endswith("_adapt") and method not in _TFSUBSPACE:  # the peers on the same images
-                train_ds = adapt.adapt_dataset(teacher, ds, mode="always", seed=_SEED.value)[0]
+                cache = work.parent / "adapted_images_peers.npy"  # adapted once for both peers
+                train_ds = adapt.adapt_dataset(teacher, ds, mode="always", seed=_SEED.value, cache=cache, log=print)[0]
             # as many steps as compress()'s default distillation plus its recovery (2 epochs)
             steps = math.ceil(n / 32) * (1 if train_ds is ds else 2)  # adapted copies double the images
             epochs = max(5, math.ceil(2000 / steps)) + 2
