@@ -52,6 +52,14 @@ class Adaptation:
         )
 
 
+class TooSlow(Exception):
+    """adapt_images would take longer than its max_seconds (estimated from its first batch)."""
+
+    def __init__(self, estimate: float, first: float):
+        super().__init__(f"adapting would take about {estimate:.0f} s")
+        self.estimate, self.first = estimate, first
+
+
 class _Statistics:
     """The teacher's BatchNormalization inputs as outputs of one model, and their moving statistics."""
 
@@ -108,6 +116,7 @@ def adapt_images(
     learning_rate: float = 0.05,
     batch_size: int = 200,
     log=None,
+    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, Adaptation]:
     """`images` moved toward the teacher's BatchNormalization statistics (module docstring).
 
@@ -119,6 +128,8 @@ def adapt_images(
         batch_size: images whose statistics are matched together; a batch too small to have
             the statistics of a data set (under about 64) makes every image alike.
         log: a callable taking one progress line per batch, or None.
+        max_seconds: raise TooSlow after the first batch when it took long enough that all the
+            batches would take longer than this.
 
     Returns:
         (adapted images, Adaptation). Deterministic for given inputs.
@@ -132,6 +143,7 @@ def adapt_images(
             f"steps={steps}, batch_size={batch_size}, learning_rate={learning_rate}."
         )
     stats = _Statistics(teacher)
+    batches = -(-len(images) // batch_size)
     lo, hi = float(images.min()), float(images.max())
     step_size = learning_rate * max(hi - lo, 1e-6)
 
@@ -160,6 +172,10 @@ def adapt_images(
         out = descend(batch) if steps else batch
         after.append(float(stats.distance(out)))
         adapted.append(out.numpy())
+        if i == 0 and max_seconds is not None and batches > 1:
+            first = time.perf_counter() - start
+            if first * batches > max_seconds:
+                raise TooSlow(first * batches, first)
         if log is not None:
             log(
                 f"adapt: images {i + 1}-{i + len(batch)} of {len(images)}: BatchNormalization distance "
@@ -188,8 +204,9 @@ def adapt_dataset(
     gets the adapted copies of its own images, so no image trains while its copy is held out.
     mode "none" returns (ds, heldout, None). "auto" measures batchnorm_distance on the first images of
     `ds` and adapts only when it is over AUTO_DISTANCE (images from another domain; a teacher
-    without BatchNormalization is left alone) and the adaptation, estimated from that pass,
-    takes under AUTO_MAX_SECONDS (30 minutes) on this machine; "always" adapts (and needs BatchNormalization).
+    without BatchNormalization is left alone) and adapting all of them, estimated from the time
+    of the first batch, takes under AUTO_MAX_SECONDS (30 minutes) on this machine; "always"
+    adapts (and needs BatchNormalization).
     Adapting reads `ds` once (its labels, if any, are dropped), adds the adapted copy of every
     image to the originals, and returns a data set of both in one fixed order shuffled by
     `seed`, in batches of `ds`'s size, with a dict describing what was done. The originals
@@ -206,32 +223,14 @@ def adapt_dataset(
             say("adapt: the teacher has no BatchNormalization statistics to adapt the images to")
             return ds, heldout, None
         stats = _Statistics(teacher)
-        distances, seconds = [], []
-        for batch in ds.unbatch().take(_PROBE_IMAGES).batch(_PROBE_BATCH):
-            start = time.perf_counter()
-            batch = _images(batch)
-            distances.append(float(stats.distance(batch)))
-            seconds.append((time.perf_counter() - start) / len(batch))
-        distance = float(np.mean(distances))
+        probe = ds.unbatch().take(_PROBE_IMAGES).batch(_PROBE_BATCH)
+        distance = float(np.mean([float(stats.distance(_images(batch))) for batch in probe]))
         if distance <= AUTO_DISTANCE:
             say(f"adapt: the images fit the teacher's BatchNormalization statistics (distance {distance:.3f})")
             return ds, heldout, None
-        # an Adam step costs about a forward and a backward pass: 3 forward passes
-        images = int(ds.cardinality()) * int(np.shape(_images(next(iter(ds))))[0]) + (
-            0 if heldout is None else len(heldout)
-        )
-        estimate = 3 * steps * images * float(np.median(seconds))
-        if estimate > AUTO_MAX_SECONDS and not (cache is not None and os.path.exists(cache)):
-            say(
-                f"adapt: the images are far from the teacher's BatchNormalization statistics (distance {distance:.3f} "
-                f"> {AUTO_DISTANCE}), but adapting {images} of them would take about {estimate / 60:.0f} minutes "
-                f"here: left as they are (adapt='always' adapts them, adapt_steps sets the steps)"
-            )
-            return ds, heldout, None
         say(
             f"adapt: the images are far from the teacher's BatchNormalization statistics (distance {distance:.3f} > "
-            f"{AUTO_DISTANCE}): from another domain; adapted copies are added to them (about "
-            f"{max(estimate / 60, 1):.0f} minutes)"
+            f"{AUTO_DISTANCE}): from another domain; adapted copies are added to them"
         )
     first = next(iter(ds))
     batch_size = int(np.shape(_images(first))[0])
@@ -246,7 +245,17 @@ def adapt_dataset(
             say(f"adapt: {len(adapted)} adapted images read back from {cache}")
     info = None
     if adapted is None:
-        adapted, result = adapt_images(teacher, originals, steps=steps, log=log)
+        try:
+            adapted, result = adapt_images(
+                teacher, originals, steps=steps, log=log, max_seconds=AUTO_MAX_SECONDS if mode == "auto" else None
+            )
+        except TooSlow as e:
+            say(
+                f"adapt: adapting {len(originals)} images would take about {e.estimate / 60:.0f} minutes here (the "
+                f"first batch took {e.first:.0f} s): left as they are (adapt='always' adapts them, adapt_steps sets "
+                "the steps)"
+            )
+            return ds, heldout, None
         info = dataclasses.asdict(result)
         say(f"adapt: {result.describe()}")
         if cache is not None:
