@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfsubspace import fileio
-from tfsubspace.distill.batchnorm import batchnorm_layers
+from tfsubspace.distill.batchnorm import batchnorm_inputs, channel_axis
 from tfsubspace.errors import UnsupportedModelError
 
 
@@ -64,27 +64,18 @@ class _Statistics:
     """The teacher's BatchNormalization inputs as outputs of one model, and their moving statistics."""
 
     def __init__(self, teacher: keras.Model):
-        layers = []
-        for bn in batchnorm_layers(teacher):
-            try:
-                bn.input  # noqa: B018 -- a shared or nested layer has no single input in the graph
-            except (AttributeError, ValueError):
-                continue
-            if bn in teacher.layers:
-                layers.append(bn)
+        layers, self.probe = batchnorm_inputs(teacher)
         if not layers:
             raise UnsupportedModelError(
                 f"Adapting images needs the teacher's BatchNormalization statistics, and {teacher.name!r} has no "
                 "BatchNormalization layer in its top-level graph; pass adapt='none'."
             )
-        self.layers = layers
-        self.probe = keras.Model(teacher.inputs, [bn.input for bn in layers])
         self.means = [tf.constant(keras.ops.convert_to_numpy(bn.moving_mean), tf.float32) for bn in layers]
         self.stds = [
             tf.constant(np.sqrt(keras.ops.convert_to_numpy(bn.moving_variance) + bn.epsilon), tf.float32)
             for bn in layers
         ]
-        self.axes = [(bn.axis if isinstance(bn.axis, int) else bn.axis[0]) for bn in layers]
+        self.axes = [channel_axis(bn) for bn in layers]
 
     def distance(self, x):
         outputs = self.probe([x], training=False)
@@ -219,12 +210,11 @@ def adapt_dataset(
     if mode == "none":
         return ds, heldout, None
     if mode == "auto":
-        if not any(bn in teacher.layers for bn in batchnorm_layers(teacher)):
+        if not batchnorm_inputs(teacher)[0]:
             say("adapt: the teacher has no BatchNormalization statistics to adapt the images to")
             return ds, heldout, None
-        stats = _Statistics(teacher)
-        probe = ds.unbatch().take(_PROBE_IMAGES).batch(_PROBE_BATCH)
-        distance = float(np.mean([float(stats.distance(_images(batch))) for batch in probe]))
+        probe = np.concatenate([_images(b) for b in ds.unbatch().take(_PROBE_IMAGES).batch(_PROBE_BATCH)])
+        distance = batchnorm_distance(teacher, probe, batch_size=_PROBE_BATCH)
         if distance <= AUTO_DISTANCE:
             say(f"adapt: the images fit the teacher's BatchNormalization statistics (distance {distance:.3f})")
             return ds, heldout, None
@@ -232,10 +222,9 @@ def adapt_dataset(
             f"adapt: the images are far from the teacher's BatchNormalization statistics (distance {distance:.3f} > "
             f"{AUTO_DISTANCE}): from another domain; adapted copies are added to them"
         )
-    first = next(iter(ds))
-    batch_size = int(np.shape(_images(first))[0])
-    originals = [_images(b) for b in ds] + ([] if heldout is None else [np.asarray(heldout, np.float32)])
-    originals = np.concatenate(originals)
+    batches = [_images(b) for b in ds]
+    batch_size = len(batches[0])
+    originals = np.concatenate(batches + ([] if heldout is None else [np.asarray(heldout, np.float32)]))
     adapted = None
     if cache is not None and os.path.exists(cache):
         adapted = np.load(cache)

@@ -29,6 +29,28 @@ def batchnorm_layers(model) -> list:
     return found
 
 
+def batchnorm_inputs(model: keras.Model) -> tuple[list, keras.Model | None]:
+    """The BatchNormalizations of `model`'s top-level graph that have one input (a shared layer
+    has none), and a model from `model`'s inputs to those inputs; ([], None) when there are none."""
+    layers = []
+    for bn in model.layers:
+        if not isinstance(bn, _batchnorm_types()):
+            continue
+        try:
+            bn.input  # noqa: B018 -- raises for a layer called more than once
+        except (AttributeError, ValueError):
+            continue
+        layers.append(bn)
+    if not layers:
+        return [], None
+    return layers, keras.Model(model.inputs, [bn.input for bn in layers])
+
+
+def channel_axis(bn) -> int:
+    """The channel axis of a BatchNormalization (its first, where it has several)."""
+    return bn.axis if isinstance(bn.axis, int) else bn.axis[0]
+
+
 def reestimate_batchnorm(model: keras.Model, ds, batches: int = 50) -> int:
     """Replaces every BatchNormalization's moving statistics by their average over `batches`
     batches of `ds` (images, or (images, labels)), and returns how many batches it used.
@@ -84,23 +106,14 @@ def batchnorm_mismatch(model: keras.Model, images, factor: float = 100.0) -> lis
     give ratios far from it. Returns (layer name, ratio) for each layer whose ratio is over
     `factor` or under 1/`factor`, shallowest first.
     """
-    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    inputs = []
-    for bn in layers:
-        try:
-            inputs.append(bn.input)
-        except (AttributeError, ValueError):  # shared layers have no single input
-            inputs.append(None)
-    layers = [bn for bn, x in zip(layers, inputs) if x is not None]
+    layers, probe = batchnorm_inputs(model)
     if not layers:
         return []
-    probe = keras.Model(model.inputs, [bn.input for bn in layers])
     outputs = probe(images, training=False)
     found = []
     for bn, x in zip(layers, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
         x = keras.ops.convert_to_numpy(x)
-        axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
-        axis = axis % x.ndim
+        axis = channel_axis(bn) % x.ndim
         moving = keras.ops.convert_to_numpy(bn.moving_variance)
         with np.errstate(all="ignore"):  # non-finite images give a NaN ratio, skipped below
             variance = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(np.float64).var(axis=0)
