@@ -218,6 +218,13 @@ def channel_range_spread(model, keras, np, images) -> dict:
 DERIVED = {"relu_bn_spread": ("relu_bn", spread_channel_ranges)}
 
 
+def base_of(name):
+    """The model `name` is derived from or compressed from, or None for a model trained here."""
+    if name in DERIVED:
+        return DERIVED[name][0]
+    return name.removesuffix("_student") if name in _STUDENTS else None
+
+
 def train(name, keras, train_x, train_y):
     epochs, examples, learning_rate = TRAINING[name]
     keras.utils.set_random_seed(0)
@@ -284,7 +291,7 @@ def main(argv):
         saved."""
         if name not in loaded:
             path = out / f"{name}.keras"
-            base = DERIVED[name][0] if name in DERIVED else name.removesuffix("_student") if name in _STUDENTS else None
+            base = base_of(name)
             if base is not None:
                 get(base)
             if path.exists() and not _RETRAIN.value and base not in train_seconds:
@@ -309,7 +316,7 @@ def main(argv):
         models[name] = get(name)
         inputs[name] = (fit_x[: _CALIB.value], check_x, test, labels)
         if name in DERIVED:  # an exact rewrite: the same function as its base model
-            base = DERIVED[name][0]
+            base = base_of(name)
             got, expected = (
                 keras.ops.convert_to_numpy(m.predict(test, batch_size=256, verbose=0))
                 for m in (models[name], loaded[base])
@@ -326,7 +333,7 @@ def main(argv):
             print(f"{name}: {json.dumps(derived[name])}", flush=True)
             assert derived[name]["relative_diff"] <= 1e-4, f"{name} is not {base}'s function: {derived[name]}"
         if name in _STUDENTS:  # how close the float student is to its teacher
-            base = name.removesuffix("_student")
+            base = base_of(name)
             got, expected = (
                 m.predict(test, batch_size=256, verbose=0).argmax(-1) for m in (models[name], loaded[base])
             )
