@@ -31,8 +31,9 @@ Budget: --target of the teacher's parameters kept. Methods, on the same images, 
   images are from another domain, adapt="auto"; rows named tfsubspace predate adaptation):
   adapted copies of the images, moved toward the teacher's BatchNormalization statistics
   (tfsubspace.distill.adapt), are added to them;
-- kd_fresh_adapt / l1_kd_adapt: kd_fresh (of the tfsubspace_adapt student) and l1_kd on the
-  same images and adapted copies, to tell adaptation from the rest of the method;
+- kd_fresh_adapt / l1_kd_adapt: kd_fresh (of the tfsubspace_adapt student, or of the tfsubspace
+  one where only that ran) and l1_kd on the same images and adapted copies, to tell adaptation
+  from the rest of the method;
 - kd_fresh: the tfsubspace student's architecture, freshly initialised, output distillation
   with the same views for as many steps as tfsubspace;
 - kd_plain: the same without augmentation (kd_fresh_energy: kd_fresh of the tfsubspace_energy
@@ -171,6 +172,8 @@ def main(argv):
             elif method in ("kd_fresh", "kd_plain", "kd_fresh_adapt"):
                 source_method = "tfsubspace_adapt" if method == "kd_fresh_adapt" else "tfsubspace"
                 reference = work.parent / source_method / "student.keras"
+                if not reference.exists() and method == "kd_fresh_adapt":  # the default adapts by itself
+                    source_method, reference = "tfsubspace", work.parent / "tfsubspace" / "student.keras"
                 if not reference.exists():
                     raise app.UsageError(f"{method} takes the {source_method} student's architecture: run it first.")
                 student = baselines.train_kd_only(

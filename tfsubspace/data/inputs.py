@@ -27,6 +27,11 @@ from tfsubspace.prune.graph import functional_view
 DEFAULT_BATCH_SIZE = 32
 
 
+def images_of(batch):
+    """The images of a batch that may be images alone or (images, labels[, weights])."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def check_model(model) -> None:
     """Refuses what compress() does not support, before anything runs: one image input and
     one output, float32 variables."""
@@ -146,7 +151,7 @@ def scan(ds, name: str, *, steps_per_epoch: int | None = None):
     total, examples, low, high = 0, 0, np.inf, -np.inf
     steps = 0
     for steps, batch in enumerate(ds, start=1):
-        x = np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        x = np.asarray(images_of(batch))
         if not np.isfinite(x).all():
             bad = int(np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))[0])
             raise DataError(
@@ -220,7 +225,7 @@ def split_holdout(ds, share: float, *, max_images: int = 2048, examples: int | N
     if share <= 0:
         return ds, None
     first = next(iter(ds))
-    batch_size = int(np.shape(first[0] if isinstance(first, (tuple, list)) else first)[0])
+    batch_size = int(np.shape(images_of(first))[0])
     buckets = 1000
     cut = max(1, int(round(share * buckets)))
 
@@ -228,10 +233,7 @@ def split_holdout(ds, share: float, *, max_images: int = 2048, examples: int | N
         return tf.strings.to_hash_bucket_fast(tf.io.serialize_tensor(x), buckets)
 
     images = ds.unbatch()
-    held = [
-        np.asarray(x[0] if isinstance(x, tuple) else x)
-        for x in images.filter(lambda x, *r: bucket(x) < cut).take(max_images)
-    ]
+    held = [np.asarray(images_of(x)) for x in images.filter(lambda x, *r: bucket(x) < cut).take(max_images)]
     if not held:
         return ds, None
     train = images.filter(lambda x, *r: bucket(x) >= cut).batch(batch_size)

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfsubspace import fileio
+from tfsubspace.data.inputs import images_of
 from tfsubspace.distill.batchnorm import batchnorm_inputs, channel_axis
 from tfsubspace.errors import UnsupportedModelError
 
@@ -183,7 +184,7 @@ AUTO_MAX_SECONDS = 1800  # auto leaves images whose adaptation it estimates to t
 
 
 def _images(batch):
-    return np.asarray(batch[0] if isinstance(batch, (tuple, list)) else batch, np.float32)
+    return np.asarray(images_of(batch), np.float32)
 
 
 def adapt_dataset(

@@ -9,6 +9,7 @@ import sys
 import keras
 import numpy as np
 
+from tfsubspace.data.inputs import images_of
 from tfsubspace.errors import DataError
 
 
@@ -65,7 +66,7 @@ def reestimate_batchnorm(model: keras.Model, ds, batches: int = 50) -> int:
     used = 0
     try:
         for batch in ds.take(batches):
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            x = images_of(batch)
             if not np.isfinite(keras.ops.convert_to_numpy(x)).all():
                 raise DataError(
                     f"BatchNormalization re-estimation: batch {used + 1} of the data set holds NaN or "

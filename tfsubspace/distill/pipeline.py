@@ -858,7 +858,7 @@ class _Pipeline:
 
     def _prune(self, student, plan1, path):
         batch = next(iter(self.ds))
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = inputs.images_of(batch)
         result = surgery.apply_plan(student, plan1, check_batch=x, fold_constants=True)
         self.surgery = {
             "max_abs_diff": result.max_abs_diff,

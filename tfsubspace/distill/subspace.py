@@ -26,6 +26,7 @@ import os
 import keras
 import numpy as np
 
+from tfsubspace.data.inputs import images_of
 from tfsubspace.errors import TfSubspaceError
 from tfsubspace.prune import cost, graph
 from tfsubspace.prune.analysis import ChannelAnalysis
@@ -89,7 +90,7 @@ def latent_statistics(
     bar = keras.utils.Progbar(target, unit_name="batch") if progress else None
     seen = 0
     for batch in ds:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = images_of(batch)
         if seen == 0 and on_first_batch is not None:
             on_first_batch(x)
         if augment is not None:
@@ -198,7 +199,7 @@ def _output_sensitivity(tf, ds, analysis, groups, max_batches, seed, log_output,
     for seen, batch in enumerate(ds):
         if seen >= max_batches:
             break
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = images_of(batch)
         if augment is not None:
             x = augment(x, training=True)
         watched = {}

@@ -28,6 +28,7 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
+from tfsubspace.data.inputs import images_of
 from tfsubspace.edge import autoint8
 from tfsubspace.edge.convert import DEFAULT_MODES, MODES, convert, with_batch_size
 from tfsubspace.edge.input_range import check_input_range
@@ -68,7 +69,7 @@ def _images(ds, limit: int | None):
         return images[:limit] if limit is not None else images
     out, n = [], 0
     for batch in ds:
-        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        x = images_of(batch)
         x = keras.ops.convert_to_numpy(x).astype(np.float32)
         out.append(x)
         n += len(x)

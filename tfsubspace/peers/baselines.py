@@ -34,6 +34,7 @@ from pathlib import Path
 import keras
 
 from tfsubspace import fileio
+from tfsubspace.data.inputs import images_of
 from tfsubspace.distill.batchnorm import reestimate_batchnorm, too_short_for_batchnorm
 from tfsubspace.distill.lasso import BatchNormL1, ChannelLasso, lasso_plan
 from tfsubspace.distill.trainer import StudentTrainer, train_student
@@ -74,7 +75,7 @@ def _finished(work_dir, name):
 
 def _first_images(ds):
     batch = next(iter(ds))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+    return images_of(batch)
 
 
 def _pruned(model, plan, labeled_ds, **options):
