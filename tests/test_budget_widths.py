@@ -53,6 +53,7 @@ def test_plan_cost_is_the_slim_models_count(build):
 def _two_branch_teacher():
     """Two parallel convolutions: the output reads only the first (the second's Dense weights
     are zero), though the second's latent has far more energy."""
+    keras.utils.set_random_seed(0)  # the first convolution's initial weights
     inputs = keras.Input((8, 8, 1))
     a = keras.layers.Conv2D(16, 3, padding="same", name="seen")(inputs)
     b = keras.layers.Conv2D(16, 3, padding="same", name="ignored")(inputs)
@@ -125,6 +126,8 @@ def test_the_default_is_the_papers_compression():
         CompressionConfig(energy=0.9, width_ratio=0.5).validate()
     with pytest.raises(ValueError, match="headroom must be at least 1"):
         CompressionConfig(headroom=0.5).validate()
+    with pytest.raises(ValueError, match="measure_latency must be one of"):
+        CompressionConfig(measure_latency="yes").validate()
 
 
 @pytest.mark.slow
@@ -159,4 +162,9 @@ def test_a_speedup_budget_is_planned_and_reported(tmp_path):
     assert report["budgets"]["latency_ms"]["met"]
     assert report["budgets"]["latency_ms"]["target"] == pytest.approx(latency["teacher_ms"] / 2, rel=1e-4)
     assert "target_params" not in report["budgets"] and "params" not in report["budgets"]
-    assert "float32 .tflite latency" in result.summary()
+    # under a latency budget the files are also timed side by side (measure_latency="auto")
+    measured = latency["measured"]
+    assert measured["speedup"] == pytest.approx(measured["teacher_ms"] / measured["student_ms"])
+    assert measured["speedup"] > 1, measured  # a student of half the table's latency runs faster
+    assert report["budgets"]["latency_ms"]["measured"] == pytest.approx(measured["student_ms"], rel=1e-5)
+    assert "latency (estimated here)" in result.summary() and "latency (measured here)" in result.summary()

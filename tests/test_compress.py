@@ -143,10 +143,18 @@ def test_mac_budget(teacher_and_data, tmp_path):
         recover_epochs=0,
         lasso=0.0,
         target_macs=0.4,
+        measure_latency="always",
         verbose=0,
     )
     assert result.report["student"]["macs"] <= 0.4 * result.report["teacher"]["macs"]
     assert result.report["macs_removed"] >= 0.6
+    # no latency budget, so no table to estimate with: the files are timed, nothing estimated
+    latency = result.report["latency"]
+    assert "teacher_ms" not in latency and latency["measured"]["teacher_ms"] > 0
+    assert latency["measured"]["speedup"] == pytest.approx(
+        latency["measured"]["teacher_ms"] / latency["measured"]["student_ms"]
+    )
+    assert "latency (measured here)" in result.summary() and "estimated here" not in result.summary()
 
 
 def test_bad_input_is_refused_clearly(teacher_and_data):

@@ -153,6 +153,15 @@ def test_measured_table_is_cached_by_model_and_machine(tmp_path, monkeypatch):
         LatencyTable.measure(model, cache_dir=tmp_path, probes=(16, 17), rounds=2, runs=3, warmup=0)
 
 
+def test_models_are_timed_side_by_side():
+    def conv(width):
+        inputs = keras.Input((32, 32, 8))
+        return keras.Model(inputs, keras.layers.Conv2D(width, 3, padding="same")(inputs))
+
+    small, large = latency.measure_models([conv(8), conv(256)], rounds=2, runs=20)
+    assert 0 < small < large  # 32 times the MACs
+
+
 def test_fingerprint_follows_layer_shapes_and_settings():
     assert latency.fingerprint(tiny_cnn()) == latency.fingerprint(tiny_cnn())
     wider = keras.Model(*_conv_model(32))

@@ -70,7 +70,9 @@ SENSITIVITY_BATCHES = 8  # batches of the output-sensitivity pass that weighs th
 
 
 # the options whose values do not change the student (left out of the work_dir manifest)
-_PRESENTATION = ("verbose", "tensorboard_dir")
+_PRESENTATION = ("verbose", "tensorboard_dir", "measure_latency")
+MEASURE_LATENCY = ("auto", "always", "none")
+SPEEDUP_SLACK = 0.9  # a measured speed-up under this share of the one asked for is warned about
 
 
 def _option(default, help_text: str):
@@ -143,6 +145,11 @@ class CompressionConfig:
     )
     target_latency_ms: float | None = _option(
         None, "Latency budget in milliseconds of the student's float32 .tflite (batch 1) on this machine."
+    )
+    measure_latency: str = _option(
+        "auto",
+        "Time the teacher's and the student's float32 .tflite files here for the report: 'auto' (under a "
+        "latency budget), 'always' or 'none'.",
     )
     stats_batches: int = _option(100, "Batches for the latent statistics.")
     bn_batches: int = _option(50, "Batches for each BatchNormalization re-estimation.")
@@ -219,6 +226,8 @@ class CompressionConfig:
             fail("augment", f"'auto', 'none' or a comma-separated list of {AUGMENTATIONS}")
         if self.adapt not in ADAPT_MODES:
             fail("adapt", f"one of {ADAPT_MODES}")
+        if self.measure_latency not in MEASURE_LATENCY:
+            fail("measure_latency", f"one of {MEASURE_LATENCY}")
         if not integer(self.adapt_steps) or self.adapt_steps < 1:
             fail("adapt_steps", "a positive integer")
         if self.recover_epochs < 0:
@@ -399,6 +408,10 @@ def compress(
             milliseconds. Latency is priced by a table measured once per model and machine
             (tfsubspace.edge.latency.LatencyTable, cached; it finds the width multiples this
             machine's kernels step at) and planned for like the other budgets.
+        measure_latency: "auto" (under a latency budget), "always" or "none": time the
+            teacher's and the student's float32 .tflite files side by side here (LiteRT, batch
+            1, one thread), so the report gives the measured speed-up beside the table's
+            estimate; a measured speed-up more than 10% short of target_speedup is warned about.
         stats_batches / bn_batches: batches for the latent statistics / each BN re-estimation
             (of the sliced student, of the pruned one and after a short recovery).
         seed: random seed.
@@ -809,6 +822,26 @@ class _Pipeline:
             self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
         return layer
 
+    def _measured_latency(self, student) -> dict:
+        """{"machine", "measured": teacher's and student's float32 .tflite latency and speed-up},
+        timed side by side here; warns when the speed-up is short of target_speedup."""
+        from tfsubspace.edge.latency import machine, measure_models
+
+        self.log("latency: timing the teacher's and the student's float32 .tflite files here")
+        t_ms, s_ms = measure_models([self.teacher, student])
+        measured = {"teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms}
+        self.log(f"latency: measured {t_ms:.4f} ms -> {s_ms:.4f} ms per image ({t_ms / s_ms:.2f}x faster)")
+        asked = self.config.target_speedup
+        if asked is not None and measured["speedup"] < SPEEDUP_SLACK * asked:
+            warnings.warn(
+                f"target_speedup={asked!r}: the student's float32 .tflite measured {measured['speedup']:.2f}x faster "
+                f"than the teacher's here, more than {1 - SPEEDUP_SLACK:.0%} short (the latency table estimated "
+                "otherwise; load on the machine while timing moves the measurement too). Ask for more, or give "
+                "target_latency_ms.",
+                stacklevel=2,
+            )
+        return {"machine": machine(), "measured": measured}
+
     def _budgets(self) -> dict:
         """The budgets as plan_for_budget / dimensions_for_budget take them: absolute counts of
         parameters and MACs, milliseconds and the latency table (None where not set)."""
@@ -923,6 +956,8 @@ class _Pipeline:
         if table is not None:
             t_ms, s_ms = table.estimate(), table.estimate_model(student)
             latency = {"teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms, "machine": table.machine}
+        if self.config.measure_latency == "always" or (self.config.measure_latency == "auto" and table is not None):
+            latency = {**(latency or {}), **self._measured_latency(student)}
         budgets = {}
         for name, option, teacher_value, reached in (
             ("params", "target_params", t_params, s_params),
@@ -930,7 +965,7 @@ class _Pipeline:
             ("latency_ms", "target_speedup" if self.config.target_speedup else "target_latency_ms", None, None),
         ):
             if name == "latency_ms":
-                if latency is None:
+                if latency is None or "student_ms" not in latency:
                     continue
                 target, reached = latency_budget, latency["student_ms"]
             else:
@@ -941,6 +976,8 @@ class _Pipeline:
             met = reached <= target * 1.01
             rounded = (lambda v: float(f"{v:.6g}")) if name == "latency_ms" else (lambda v: int(round(v)))
             budgets[name] = {"target": rounded(target), "reached": rounded(reached), "met": met}
+            if name == "latency_ms" and "measured" in latency:  # the table's estimate, and the timing
+                budgets[name]["measured"] = rounded(latency["measured"]["student_ms"])
             if not met:
                 warnings.warn(
                     f"{option}={getattr(self.config, option)!r}: the student has {rounded(reached):,} {name}, over "
@@ -964,7 +1001,8 @@ class _Pipeline:
                 if g in plan1.groups
             },
             "budgets": budgets,
-            # float32 .tflite latency per image as the teacher's latency table prices it
+            # float32 .tflite latency per image as the teacher's latency table prices it, and as
+            # measured ("measured")
             **({"latency": latency} if latency is not None else {}),
             "agreement_in_training": {
                 name: log for name in ("distill", "recover") if (log := _agreement_log(self.dir / f"{name}.csv"))

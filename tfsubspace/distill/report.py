@@ -54,12 +54,13 @@ def format_report(report: dict) -> str:
         f"| params | {t['params']:,} | {s['params']:,} ({pct(report['params_removed'])} removed) |",
         f"| MACs / image | {t['macs']:,} | {s['macs']:,} ({pct(report['macs_removed'])} removed) |",
     ]
-    if "latency" in report:
-        lat = report["latency"]
-        lines.append(
-            f"| float32 .tflite latency (estimated here) | {lat['teacher_ms']:.4f} ms | {lat['student_ms']:.4f} ms "
-            f"({lat['speedup']:.2f}x faster) |"
-        )
+    lat = report.get("latency", {})
+    for how, values in (("estimated", lat), ("measured", lat.get("measured", {}))):
+        if "student_ms" in values:
+            lines.append(
+                f"| float32 .tflite latency ({how} here) | {values['teacher_ms']:.4f} ms | "
+                f"{values['student_ms']:.4f} ms ({values['speedup']:.2f}x faster) |"
+            )
     if "accuracy" in s:
         lines.append(f"| accuracy | {pct(t.get('accuracy'))} | {pct(s.get('accuracy'))} |")
     if "agreement" in s:

@@ -412,6 +412,17 @@ def _time_files(contents: list[bytes], *, threads: int, warmup: int, rounds: int
     return best
 
 
+def measure_models(models: Sequence, *, threads: int = 1, warmup: int = 10, rounds: int = 5, runs: int = 50) -> list:
+    """The latency (ms) of each Keras model's float32 .tflite (batch 1) here: the fastest invoke,
+    the files timed side by side in interleaved rounds, as the table's own timings are, so that
+    a ratio of two is a speed-up measured under the same load."""
+    from tfsubspace.edge.convert import convert, with_batch_size
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints every file it saves
+        contents = [convert(with_batch_size(model, 1), "float32") for model in models]
+    return _time_files(contents, threads=threads, warmup=warmup, rounds=rounds, runs=runs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 
