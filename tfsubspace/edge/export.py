@@ -181,6 +181,18 @@ def _failure_message(agreement: float, min_agreement: float, tried: str = "") ->
     )
 
 
+def _near_ties(step) -> str:
+    """A sentence on the disagreements that are near ties of an unsure model, where most are."""
+    if not step.disagreements or step.near_ties < step.disagreements / 2:
+        return ""
+    return (
+        f" {step.near_ties} of its {step.disagreements} disagreements are near ties: images where the Keras model's "
+        f"top-2 margin is under the int8 file's error there (median margin on the check images "
+        f"{step.median_margin:.3g}). The model is unsure there, so any rounding flips them; images of its own "
+        "domain, where it is surer, measure the file better."
+    )
+
+
 def _export_int8(model, path, calibration, images, *, fixes, min_agreement, batch_size, io_dtype, diagnose_failures):
     """The full-int8 file: the first automatic step that passes, else the best one, checked."""
     if calibration is None or not len(calibration):
@@ -201,7 +213,7 @@ def _export_int8(model, path, calibration, images, *, fixes, min_agreement, batc
     message = ""
     if not chosen.passed:
         tried = f" after {', '.join(s.name for s in steps[1:])}" if len(steps) > 1 else ""
-        message = _failure_message(chosen.agreement, min_agreement, tried)
+        message = _failure_message(chosen.agreement, min_agreement, tried) + _near_ties(chosen)
     elif chosen.name != "plain":
         message = f"plain int8 agreed {steps[0].agreement:.2%}; the {chosen.name} step reached {chosen.agreement:.2%}."
     return ExportedModel(
