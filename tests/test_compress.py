@@ -143,18 +143,34 @@ def test_mac_budget(teacher_and_data, tmp_path):
         recover_epochs=0,
         lasso=0.0,
         target_macs=0.4,
-        measure_latency="always",
         verbose=0,
     )
     assert result.report["student"]["macs"] <= 0.4 * result.report["teacher"]["macs"]
     assert result.report["macs_removed"] >= 0.6
-    # no latency budget, so no table to estimate with: the files are timed, nothing estimated
+    # a MAC budget: the files are timed (measure_latency="auto"); no latency table estimates them
     latency = result.report["latency"]
     assert "teacher_ms" not in latency and latency["measured"]["teacher_ms"] > 0
     assert latency["measured"]["speedup"] == pytest.approx(
         latency["measured"]["teacher_ms"] / latency["measured"]["student_ms"]
     )
     assert "latency (measured here)" in result.summary() and "estimated here" not in result.summary()
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_be_timed_keeps_its_student(teacher_and_data, monkeypatch):
+    from tfsubspace.edge import latency
+
+    def fail(models):
+        raise RuntimeError("no converter here")
+
+    monkeypatch.setattr(latency, "measure_models", fail)
+    teacher, _, ds, _ = teacher_and_data
+    with pytest.warns(UserWarning, match="could not be timed for the report: no converter here"):
+        result = tfsubspace.compress(
+            teacher, ds, epochs=1, recover_epochs=0, lasso=0.0, target_macs=0.5, verbose=0, measure_latency="always"
+        )
+    assert result.report["latency"]["measured"] is None and "latency (measured" not in result.summary()
+    assert result.report["macs_removed"] >= 0.5
 
 
 def test_bad_input_is_refused_clearly(teacher_and_data):

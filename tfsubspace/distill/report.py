@@ -55,7 +55,7 @@ def format_report(report: dict) -> str:
         f"| MACs / image | {t['macs']:,} | {s['macs']:,} ({pct(report['macs_removed'])} removed) |",
     ]
     lat = report.get("latency", {})
-    for how, values in (("estimated", lat), ("measured", lat.get("measured", {}))):
+    for how, values in (("estimated", lat), ("measured", lat.get("measured") or {})):
         if "student_ms" in values:
             lines.append(
                 f"| float32 .tflite latency ({how} here) | {values['teacher_ms']:.4f} ms | "
