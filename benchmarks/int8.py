@@ -409,6 +409,9 @@ def main(argv):
     command = "python benchmarks/int8.py" + (
         "" if set(_MODELS.value) >= set(_ORDER) else f" --models={','.join(_MODELS.value)}"
     )
+    for flag in (_OUT, _RESULTS, _THIRDPARTY_DIR, _CALIB, _CHECK, _EVAL, _PATIENT):  # the settings that differ
+        if flag.value != flag.default:
+            command += f" --{flag.name}" if flag.value is True else f" --{flag.name}={flag.value}"
     settings = {
         "calibration_examples": _CALIB.value,
         "check_examples": _CHECK.value,
