@@ -260,6 +260,22 @@ def train(name, keras, train_x, train_y):
     return model, time.perf_counter() - start
 
 
+def check_student_schedule(name: str) -> None:
+    """Refuses a saved student of the other schedule (--patient_students or not), by the options
+    its compress() work_dir recorded."""
+    manifest = Path(_OUT.value) / "students" / base_of(name) / "manifest.json"
+    if not manifest.exists():
+        return
+    saved = json.loads(manifest.read_text())["options"]
+    want = {"epochs": None, "recover_epochs": 2, **student_options()}
+    if (saved["epochs"], saved["recover_epochs"]) != (want["epochs"], want["recover_epochs"]):
+        raise app.UsageError(
+            f"{Path(_OUT.value) / name}.keras was compressed with epochs={saved['epochs']}, recover_epochs="
+            f"{saved['recover_epochs']}, not as --patient_students={_PATIENT.value} asks: give another --out_dir "
+            "(with the teacher's .keras copied into it) or --retrain."
+        )
+
+
 def student(name, teacher, images, overwrite):
     """compress()'s student of `teacher` (student_options()) on `images`, no labels."""
     import tfsubspace
@@ -310,6 +326,8 @@ def main(argv):
             if base is not None:
                 get(base)
             if path.exists() and not _RETRAIN.value and base not in train_seconds:
+                if name in _STUDENTS:
+                    check_student_schedule(name)
                 loaded[name] = load_model(path)
             elif base is not None:
                 start, made = time.perf_counter(), "compressed" if name in _STUDENTS else "derived"

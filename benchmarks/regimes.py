@@ -155,7 +155,7 @@ def main(argv):
             if (regime in ("few", "other") and n != _FEW.default) or _TARGET.value != _TARGET.default:
                 work = runs / teacher_key / f"{regime}_{n}_{_TARGET.value:g}" / method  # a point of a sweep
             start = time.time()
-            report = {}
+            report, architecture_from = {}, None
             view = augment.augmenter("auto", tuple(teacher.inputs[0].shape[1:]), seed=_SEED.value)
             keras.utils.set_random_seed(_SEED.value)
             train_ds = ds
@@ -174,6 +174,7 @@ def main(argv):
                 reference = work.parent / source_method / "student.keras"
                 if not reference.exists() and method == "kd_fresh_adapt":  # the default adapts by itself
                     source_method, reference = "tfsubspace", work.parent / "tfsubspace" / "student.keras"
+                architecture_from = source_method
                 if not reference.exists():
                     raise app.UsageError(f"{method} takes the {source_method} student's architecture: run it first.")
                 student = baselines.train_kd_only(
@@ -210,6 +211,7 @@ def main(argv):
                     "accuracy": scores.get("accuracy"),
                     "agreement": scores["agreement"],
                     "agreement_in_training": report.get("agreement_in_training"),
+                    **({"architecture_from": architecture_from} if architecture_from else {}),
                     "wall_time_s": round(time.time() - start, 1),
                 }
             )

@@ -142,16 +142,20 @@ def test_compress_with_only_a_model_and_images_removes_about_80_percent():
     assert result.student.count_params() == surgery.plan_params(analysis.analyze(model), result.plan)
 
 
-@pytest.mark.slow
-def test_a_speedup_budget_is_planned_and_reported(tmp_path):
-    """target_speedup: the latency table of the teacher prices every plan; the student meets
-    the budget by the table's estimate, and the report says so."""
+def _two_conv_model():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))
     x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c1")(inputs)
     x = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="c2")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    return keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+
+
+@pytest.mark.slow
+def test_a_speedup_budget_is_planned_and_reported(tmp_path):
+    """target_speedup: the latency table of the teacher prices every plan; the student meets
+    the budget by the table's estimate, and the report says so."""
+    model = _two_conv_model()
     images = np.random.default_rng(4).random((128, 16, 16, 1), "float32")
     result = tfsubspace.compress(
         model, images, target_speedup=2.0, epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0
@@ -168,3 +172,16 @@ def test_a_speedup_budget_is_planned_and_reported(tmp_path):
     assert measured["speedup"] > 1, measured  # a student of half the table's latency runs faster
     assert report["budgets"]["latency_ms"]["measured"] == pytest.approx(measured["student_ms"], rel=1e-5)
     assert "latency (estimated here)" in result.summary() and "latency (measured here)" in result.summary()
+
+
+@pytest.mark.slow
+def test_a_speedup_measured_short_of_the_one_asked_is_warned_about(monkeypatch):
+    from tfsubspace.edge import latency
+
+    monkeypatch.setattr(latency, "measure_models", lambda models: [1.0, 0.8])  # 1.25x for 2x asked
+    images = np.random.default_rng(4).random((64, 16, 16, 1), "float32")
+    with pytest.warns(UserWarning, match="measured 1.25x faster than the teacher's here, more than 10% short"):
+        result = tfsubspace.compress(
+            _two_conv_model(), images, target_speedup=2.0, epochs=1, recover_epochs=0, stats_batches=2, verbose=0
+        )
+    assert result.report["latency"]["measured"]["speedup"] == pytest.approx(1.25)

@@ -158,6 +158,8 @@ def test_automatic_int8_fixes_a_failing_model(tmp_path):
     assert names == ["plain", "fold", "equalize", "bias"]
     plain, folded = steps[0], steps[1]
     assert plain.agreement < 0.9 and not plain.passed
+    assert plain.disagreements == round((1 - plain.agreement) * len(check))
+    assert 0 <= plain.near_ties <= plain.disagreements
     assert folded.passed and folded.agreement > plain.agreement and folded.float_max_abs_diff < 1e-3
     assert folded.rewrite_seconds > 0 and "scale into" in folded.notes[0]
     # export() keeps the first file that passes, and says where plain int8 lost
@@ -193,6 +195,14 @@ def test_near_ties_of_an_unsure_model_are_named():
     assert "2 of its 2 disagreements are near ties" in export._near_ties(step)
     # a file whose disagreements are mostly rounding of confident images says nothing of ties
     assert export._near_ties(dataclasses.replace(step, near_ties=0)) == ""
+
+
+def test_a_single_output_unit_has_no_near_ties():
+    inputs = keras.Input((8, 8, 1))
+    x = L.Flatten()(L.Conv2D(4, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, L.Dense(1, activation="sigmoid")(x))
+    (plain,) = autoint8.int8_steps(model, images(50, 0), images(20, 1), fixes=())
+    assert plain.agreement == 1.0 and plain.near_ties == 0 and plain.median_margin is None
 
 
 def test_diagnosis_names_the_starved_tensor():

@@ -1006,8 +1006,8 @@ class _Pipeline:
                 if g in plan1.groups
             },
             "budgets": budgets,
-            # float32 .tflite latency per image as the teacher's latency table prices it, and as
-            # measured ("measured")
+            # float32 .tflite latency per image: as the teacher's latency table prices it (under a
+            # latency budget) and as timed here ("measured")
             **({"latency": latency} if latency is not None else {}),
             "agreement_in_training": {
                 name: log for name in ("distill", "recover") if (log := _agreement_log(self.dir / f"{name}.csv"))

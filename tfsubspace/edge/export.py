@@ -183,7 +183,7 @@ def _failure_message(agreement: float, min_agreement: float, tried: str = "") ->
 
 def _near_ties(step) -> str:
     """A sentence on the disagreements that are near ties of an unsure model, where most are."""
-    if not step.disagreements or step.near_ties < step.disagreements / 2:
+    if not step.disagreements or step.near_ties <= step.disagreements / 2:
         return ""
     return (
         f" {step.near_ties} of its {step.disagreements} disagreements are near ties: images where the Keras model's "
