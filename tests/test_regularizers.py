@@ -88,6 +88,28 @@ def test_proximal_restores_the_scale_only_where_it_is_free():
     np.testing.assert_allclose(lasso.norms()["d"], [0.0, 0.0, 0.0, 2.0], rtol=1e-5)
 
 
+def test_a_thresholded_channel_left_near_zero_is_set_to_zero():
+    """A filter-measured channel that gradient steps keep near zero (under 5% of its group's
+    mean norm) is snapped to zero, and only where the proximal step applies."""
+    inputs = keras.Input((3,))
+    x = keras.layers.Dense(4, use_bias=False, name="d")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(x))
+    kernel = np.zeros((3, 4), "float32")
+    kernel[0] = [0.02, 0.2, 1.0, 2.0]  # mean 0.805: 5% of it is 0.04025
+    lasso = ChannelLasso(analysis.analyze(model))
+    group = next(iter(lasso.group_sizes))
+    model.get_layer("d").kernel.assign(kernel)
+    lasso.proximal(0.0)  # no LASSO step, no snap
+    np.testing.assert_allclose(lasso.norms()[group], [0.02, 0.2, 1.0, 2.0], rtol=1e-5)
+    lasso.set_targets({group: np.array([False, True, True, True])})
+    lasso.proximal(1e-3)  # channel 0 is not a target: it keeps its filter
+    assert lasso.norms()[group][0] == pytest.approx(0.02, rel=1e-5)
+    lasso.set_targets(None)
+    lasso.proximal(1e-3)  # a soft threshold of about 0.0008 leaves 0.0192, under 5% of the mean
+    norms = lasso.norms()[group]
+    assert norms[0] == 0 and 0.198 < norms[1] < 0.2  # the others only soft-thresholded (twice)
+
+
 def test_channel_lasso_targets_limit_the_proximal_step():
     inputs = keras.Input((6, 6, 2))
     x = keras.layers.Conv2D(4, 3, use_bias=False, name="c")(inputs)
