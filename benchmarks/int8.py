@@ -266,9 +266,11 @@ def check_student_schedule(name: str) -> None:
     manifest = Path(_OUT.value) / "students" / base_of(name) / "manifest.json"
     if not manifest.exists():
         return
+    from tfsubspace import CompressionConfig
+
     saved = json.loads(manifest.read_text())["options"]
-    want = {"epochs": None, "recover_epochs": 2, **student_options()}
-    if (saved["epochs"], saved["recover_epochs"]) != (want["epochs"], want["recover_epochs"]):
+    want = CompressionConfig(**student_options())  # compress()'s defaults where the options leave them
+    if (saved["epochs"], saved["recover_epochs"]) != (want.epochs, want.recover_epochs):
         raise app.UsageError(
             f"{Path(_OUT.value) / name}.keras was compressed with epochs={saved['epochs']}, recover_epochs="
             f"{saved['recover_epochs']}, not as --patient_students={_PATIENT.value} asks: give another --out_dir "

@@ -118,14 +118,19 @@ def int8_steps(
 
     def add(name, current, seconds=0.0, notes=(), diff=0.0):
         content = convert(with_batch_size(current, batch_size), "int8", calibration=calibration, io_dtype=io_dtype)
-        found = _check(content, expected, check)
-        agreement = found.pop("agreement")
-        error = found.pop("max_abs_error")
+        found = _check(content, expected, check)  # agreement, max_abs_error and the near ties, by field name
         step = Int8Step(
-            name, content, agreement, error, agreement >= min_agreement, seconds, diff, list(notes), current, **found
+            name,
+            content,
+            passed=found["agreement"] >= min_agreement,
+            rewrite_seconds=seconds,
+            float_max_abs_diff=diff,
+            notes=list(notes),
+            model=current,
+            **found,
         )
         steps.append(step)
-        log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * agreement, seconds)
+        log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * step.agreement, seconds)
         return step
 
     step = add("plain", model)
