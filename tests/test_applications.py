@@ -143,8 +143,17 @@ def _compress(name, tmp_path, **options):
     return teacher, result
 
 
+# MobileNetV3Small in every run; the two larger ones (3-4 minutes each on 2 cores) with the
+# applications mark, in make test-applications.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ResNet50", "EfficientNetB0", "MobileNetV3Small"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("ResNet50", marks=pytest.mark.applications),
+        pytest.param("EfficientNetB0", marks=pytest.mark.applications),
+        "MobileNetV3Small",
+    ],
+)
 def test_compress_end_to_end(name, tmp_path):
     teacher, result = _compress(name, tmp_path)  # with the channel LASSO (its SGD steps bounded)
     report = result.report
