@@ -322,6 +322,9 @@ def test_comparison_harness_runs_every_method(tmp_path):
     )
     assert sorted(rows) == sorted(methods)
     assert rows["tfsubspace_macs"]["macs"] <= 0.4 * rows["teacher"]["macs"]  # the budget holds for MACs too
+    # under a MAC budget compress() times its student; the row keeps that beside its own timing
+    assert rows["tfsubspace_macs"]["compress_latency"]["measured"]["speedup"] > 0
+    assert "compress_latency" not in rows["l1_filter"] and "compress_latency" not in rows["tfsubspace"]
     for method, row in rows.items():
         assert 0 <= row["accuracy"] <= 1 and row["tflite"]["int8"]["bytes"] > 0, method
         if method not in ("teacher", "tfmot"):
