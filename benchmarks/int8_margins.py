@@ -32,11 +32,13 @@ def floors(model, images):
     import keras
     import numpy as np
 
-    relus = [
+    from tfsubspace.edge.graphedit import activation_kind
+
+    relus = [  # activation layers of their own: a fused activation's input is not a tensor of the model
         layer
         for layer in model.layers
-        if isinstance(layer, keras.layers.ReLU)
-        or (isinstance(layer, keras.layers.Activation) and layer.get_config()["activation"] in ("relu", "relu6"))
+        if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation))
+        and activation_kind(layer) in ("relu", "relu6")
     ]
     if not relus:
         return []
