@@ -37,16 +37,21 @@ data: install
 		|| (apt-get update && apt-get install -y dataset-fashion-mnist)
 	$(PY) scripts/fetch_data.py
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), one test file per process at a time, so a
+# file's module fixtures are built once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: data tfmot
-	$(PY) -m pytest -q tests -m "not applications"
+	$(PYTEST) tests -m "not applications"
 
 # Every keras.applications constructor, with and without its top, and compress() on ResNet50 and EfficientNetB0 (about an hour on 2 cores).
 test-applications: data
-	$(PY) -m pytest -q tests -m applications
+	$(PYTEST) tests -m applications
 
 # The edit-test loop: everything but the tests marked slow or tfmot (a few minutes).
 test-fast: data
-	$(PY) -m pytest -q tests -m "not slow and not tfmot"
+	$(PYTEST) tests -m "not slow and not tfmot"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -31,6 +31,6 @@ setup(
         "datasets": ["tensorflow-datasets>=4.9.6", "importlib_resources"],
         # tf-keras pulls in the full `tensorflow` wheel: use this extra in its own environment.
         "tfmot": ["tf-keras==2.21.*", "tensorflow-model-optimization==0.8.*"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "ruff==0.17.*"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "ruff==0.17.*"],
     },
 )

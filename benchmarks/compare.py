@@ -172,6 +172,7 @@ class Pair:
     def run_budget(self, budget):
         import keras
 
+        from tfsubspace import CompressionResult
         from tfsubspace import compress as tfsubspace_compress
         from tfsubspace.peers import baselines
         from tfsubspace.prune import surgery
@@ -184,8 +185,6 @@ class Pair:
         if kind != "params":
             macs = int((1 - budget) * self.teacher_macs) if kind == "macs" else int(self.teacher_macs / budget)
         total, recover = _EPOCHS.value, _RECOVER.value
-
-        reports = {}  # method -> its compress report
 
         def compress(schedule, macs=False):
             keras.utils.set_random_seed(_SEED.value)
@@ -228,14 +227,10 @@ class Pair:
                 arch = surgery.apply_plan(self.teacher, compress("end_to_end").plan).model
             return baselines.fresh_copy(arch)
 
-        def student_of(method, result):
-            reports[method] = result.report
-            return result.student
-
         runs = {
-            "tfsubspace": lambda: student_of("tfsubspace", compress("end_to_end")),
-            "tfsubspace_stagewise": lambda: student_of("tfsubspace_stagewise", compress("stage_wise")),
-            "tfsubspace_macs": lambda: student_of("tfsubspace_macs", compress("end_to_end", macs=True)),
+            "tfsubspace": lambda: compress("end_to_end"),
+            "tfsubspace_stagewise": lambda: compress("stage_wise"),
+            "tfsubspace_macs": lambda: compress("end_to_end", macs=True),
             "l1_filter": lambda: baselines.l1_filter_pruning(**pruning, work_dir=work / "l1_filter"),
             "slimming": lambda: baselines.network_slimming(**pruning, work_dir=work / "slimming"),
             "kd": lambda: baselines.train_kd(
@@ -256,17 +251,12 @@ class Pair:
                 self.run_tfmot(budget, work / "tfmot", started)
                 continue
             keras.utils.set_random_seed(_SEED.value)
-            model = runs[method]()
-            # tfsubspace's own latency figures: the table's estimate and its timing, beside the row's
-            latency = reports.get(method, {}).get("latency")
-            self.record(
-                method,
-                budget,
-                model,
-                time.time() - started,
-                edge_dir=work / method / "tflite",
-                extra={"compress_latency": latency} if latency else None,
-            )
+            model, extra = runs[method](), None
+            if isinstance(model, CompressionResult):
+                # tfsubspace's own latency figures: the table's estimate and its timing, beside the row's
+                latency = model.report.get("latency")
+                model, extra = model.student, ({"compress_latency": latency} if latency else None)
+            self.record(method, budget, model, time.time() - started, edge_dir=work / method / "tflite", extra=extra)
 
     def run_tfmot(self, budget, work, started):
         from tfsubspace.peers import bridge

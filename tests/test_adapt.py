@@ -8,6 +8,8 @@ import tensorflow as tf
 import tfsubspace
 from tfsubspace.distill import adapt
 
+pytestmark = pytest.mark.auto_adapt  # compress()'s real threshold (tests/conftest.py)
+
 
 def bn_teacher(shift=0.0):
     """Conv -> BN -> ReLU twice; BN statistics set as if trained on images of mean 0.5 + shift."""
