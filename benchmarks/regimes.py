@@ -149,6 +149,7 @@ def main(argv):
             n = int(ds.cardinality()) * 32 if limit is None else limit
         for method in _METHODS.value:
             row = {"teacher": teacher_key, "regime": regime, "images": f"{n} {source}", "method": method}
+            row["seed"] = _SEED.value
             if _key({**row, "target": _TARGET.value}) in done:
                 continue
             work = runs / teacher_key / regime / method
@@ -219,8 +220,8 @@ def main(argv):
 
 
 def _key(row: dict) -> tuple:
-    """What makes a row: the teacher, the images, the method and the budget."""
-    return row["teacher"], row["regime"], row["images"], row["method"], row.get("target", 0.2)
+    """What makes a row: the teacher, the images, the method, the budget and the seed."""
+    return row["teacher"], row["regime"], row["images"], row["method"], row.get("target", 0.2), row.get("seed", 0)
 
 
 def write(out_json: Path, rows: list, teachers: dict) -> None:
@@ -257,7 +258,7 @@ def write(out_json: Path, rows: list, teachers: dict) -> None:
             f"## {key}: {trained}",
             "",
             f"`python benchmarks/regimes.py --teacher={model}{data_flag} --regimes=REGIME --methods=METHOD "
-            "[--few=IMAGES --target=BUDGET]` per row",
+            "[--few=IMAGES --target=BUDGET --seed=SEED]` per row",
             "",
             "| regime | images | budget | method | params | MACs | accuracy | drop | agreement "
             "| held-out agreement | wall time |",
@@ -270,8 +271,9 @@ def write(out_json: Path, rows: list, teachers: dict) -> None:
             accuracy = f"{100 * r['accuracy']:.2f}%" if labeled else "-"
             drop = f"{100 * (teacher_eval['accuracy'] - r['accuracy']):+.2f}" if labeled else "-"
             macs = f"{r['macs']:,}" if r.get("macs") is not None else "-"
+            method = r["method"] + (f" (seed {r['seed']})" if r.get("seed") else "")
             lines.append(
-                f"| {r['regime']} | {r['images']} | {r.get('target', 0.2):g} | {r['method']} | {r['params']:,} | "
+                f"| {r['regime']} | {r['images']} | {r.get('target', 0.2):g} | {method} | {r['params']:,} | "
                 f"{macs} | "
                 f"{accuracy} | {drop} | {100 * r['agreement']:.2f}% | {heldout} | "
                 f"{r['wall_time_s'] / 60:.1f} min |"
