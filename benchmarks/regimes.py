@@ -148,8 +148,13 @@ def main(argv):
             ds = data.load(source, "train", batch_size=32, labels=False, limit=limit, seed=_SEED.value)
             n = int(ds.cardinality()) * 32 if limit is None else limit
         for method in _METHODS.value:
-            row = {"teacher": teacher_key, "regime": regime, "images": f"{n} {source}", "method": method}
-            row["seed"] = _SEED.value
+            row = {
+                "teacher": teacher_key,
+                "regime": regime,
+                "images": f"{n} {source}",
+                "method": method,
+                "seed": _SEED.value,
+            }
             if _key({**row, "target": _TARGET.value}) in done:
                 continue
             work = runs / teacher_key / regime / method
