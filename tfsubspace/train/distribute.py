@@ -10,7 +10,7 @@
   fit() does not run (keras-team/keras#20585: "Attempt to convert a value (PerReplica...)"):
   there, the same train_step runs in a loop of our own through strategy.run, with the same
   callbacks. A worker that stops answering ends the run with a WorkerLostError on the others
-  (collectives time out after `timeout_s`).
+  (collectives and the workers' heartbeats time out after `timeout_s`).
 """
 
 from __future__ import annotations
@@ -57,9 +57,35 @@ def get_strategy(name: str = "default", *, timeout_s: float = 300.0):
                 raise ValueError("task type must be worker or chief")
         except (ValueError, KeyError, TypeError) as e:
             raise TfSubspaceError(f"TF_CONFIG is not a valid cluster description ({e}): {raw}") from None
+        _patient_heartbeats(config["cluster"], timeout_s)
         options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout_s)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     raise ValueError(f"Unknown strategy {name!r}; expected one of {STRATEGIES}.")
+
+
+def _patient_heartbeats(cluster: dict, timeout_s: float) -> None:
+    """Sets the coordination service's heartbeat timeout to `timeout_s` before the strategy
+    starts it. MultiWorkerMirroredStrategy leaves it at TensorFlow's default (10 s), so a worker
+    that a loaded machine does not schedule for 10 s is declared dead and every other worker's
+    run ends. The strategy configures the service only where nothing has, in the same way
+    (TensorFlow has no public setter for it)."""
+    from tensorflow.python.eager import context
+
+    ctx = context.context()
+    if ctx.coordination_service is not None or not hasattr(ctx, "configure_coordination_service"):
+        return
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+
+    jobs = [name for name in ("chief", "worker") if cluster.get(name)]
+    ctx.configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        heartbeat_timeout_in_ms=int(timeout_s * 1000),
+        coordinated_jobs=[
+            coordination_config_pb2.CoordinatedJob(name=name, num_tasks=len(cluster[name])) for name in jobs
+        ],
+    )
 
 
 def is_multi_worker(strategy) -> bool:
