@@ -130,7 +130,9 @@ def test_a_lost_worker_is_reported(teacher_path, tmp_path):
         for p in procs:
             p.kill()
         errs = [p.communicate()[1] for p in procs]
-        pytest.fail(f"the run ended before a worker could be lost\nworker 0: {errs[0][-3000:]}\nworker 1: {errs[1][-3000:]}")
+        pytest.fail(
+            f"the run ended before a worker could be lost\nworker 0: {errs[0][-3000:]}\nworker 1: {errs[1][-3000:]}"
+        )
     procs[1].send_signal(signal.SIGKILL)
     out, err = procs[0].communicate(timeout=300)
     procs[1].communicate()
