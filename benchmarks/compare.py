@@ -86,6 +86,9 @@ _TRAIN_LIMIT = flags.DEFINE_integer(
     "Use only this many training images (default: the suite's limit for the teacher, else all; 0: all).",
     lower_bound=0,
 )
+_TEST_LIMIT = flags.DEFINE_integer(
+    "test_limit", 0, "Measure accuracy and check the .tflite files on the first N test images (0: all).", lower_bound=0
+)
 _TEACHERS_DIR = flags.DEFINE_string("teachers_dir", "runs/teachers", "Where benchmarks/teachers.py wrote the teachers.")
 _RUNS = flags.DEFINE_string("runs_dir", "runs/compare", "Work directories.")
 _RESULTS = flags.DEFINE_string("results_dir", "benchmarks/results/compare", "Where results go.")
@@ -155,7 +158,7 @@ class Pair:
         self.train_limit = limit = train_limit
         self.labeled = data.load(dataset, "train", batch_size=128, seed=_SEED.value, limit=limit)
         self.unlabeled = data.load(dataset, "train", batch_size=128, labels=False, seed=_SEED.value, limit=limit)
-        self.test = data.load(dataset, "test", batch_size=512, shuffle=False)
+        self.test = data.load(dataset, "test", batch_size=512, shuffle=False, limit=_TEST_LIMIT.value or None)
         self.runs = Path(_RUNS.value) / _SUITE.value / f"{teacher_name}_{dataset}"
         self.teacher_params = stats.count_params(self.teacher)
         self.teacher_macs = stats.count_macs(self.teacher)
@@ -372,6 +375,7 @@ class Pair:
             "teacher_macs": self.teacher_macs,
             "teacher_accuracy": self.teacher_eval["accuracy"],
             "train_limit": self.train_limit,
+            "test_examples": len(self.test_labels),
         }
         if model is not None:
             row.update(params=stats.count_params(model), macs=stats.count_macs(model), **evaluate(model, self.test))
@@ -501,6 +505,9 @@ def write_report(out_dir: Path, wall_time_s: float | None = None, readme: Path |
                 "images (the suite's limit, or `--train_limit`); the teacher on all of them.",
                 "",
             ]
+        tested = sorted({r["test_examples"] for r in group if "test_examples" in r})
+        if tested:
+            lines[-2:-2] = [f"Accuracy on {' / '.join(f'{n:,}' for n in tested)} test images (`--test_limit`).", ""]
         for r in group:
             t = r["tflite"]
             gz = lambda m: f" ({t[m]['gzip_bytes'] / 1024:.0f})" if "gzip_bytes" in t[m] else ""

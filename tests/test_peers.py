@@ -293,6 +293,7 @@ def test_comparison_harness_runs_every_method(tmp_path):
         "--epochs=2",
         "--recover_epochs=1",
         "--train_limit=256",
+        "--test_limit=1000",
         "--latency_runs=3",
         "--methods=tfsubspace,tfsubspace_stagewise,tfsubspace_macs,l1_filter,slimming,kd,fitnets,scratch,tfmot",
         f"--teachers_dir={tmp_path / 'teachers'}",
@@ -336,7 +337,8 @@ def test_comparison_harness_runs_every_method(tmp_path):
     assert 0 <= rows["tfmot"]["tfmot"]["accuracy_bn_reestimated"] <= 1
     table = (results / "cpu.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
-    assert "trained on the first 256 training images" in table
+    assert "trained on the first 256 training images" in table and "Accuracy on 1,000 test images" in table
+    assert all(row["test_examples"] == 1000 for row in rows.values())
     for method, row in rows.items():
         if method != "teacher":
             assert 0 <= row["accuracy_bn_reestimated"] <= 1, method
@@ -439,6 +441,7 @@ def test_comparison_harness_takes_mac_and_speedup_budgets(tmp_path):
             "--epochs=2",
             "--recover_epochs=1",
             "--train_limit=256",
+            "--test_limit=1000",
             "--latency_runs=3",
             "--methods=tfsubspace,l1_filter,slimming",
             f"--teachers_dir={tmp_path / 'teachers'}",
