@@ -79,7 +79,7 @@ def _rows(name, rng):
         slims[plan_name] = surgery.apply_plan(model, plan, analysis=an, verify=False).model
     with contextlib.redirect_stdout(io.StringIO()):
         files = [convert(with_batch_size(m, 1), "float32") for m in (model, *slims.values())]
-    measured = latency._time_files(files, threads=1, warmup=10, rounds=_ROUNDS.value, runs=_RUNS.value)
+    measured = latency.measure_files(files, threads=1, warmup=10, rounds=_ROUNDS.value, runs=_RUNS.value)
     teacher_ms, teacher_macs = measured[0], stats.count_macs(model)
     rows = []
     for (plan_name, slim), ms in zip(slims.items(), measured[1:]):

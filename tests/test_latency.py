@@ -162,6 +162,18 @@ def test_models_are_timed_side_by_side():
     assert 0 < small < large  # 32 times the MACs
 
 
+def test_files_are_timed_side_by_side_from_paths_or_contents(tmp_path):
+    from tfsubspace.edge.convert import convert
+
+    inputs = keras.Input((32, 32, 8))
+    contents = [
+        convert(keras.Model(inputs, keras.layers.Conv2D(w, 3, padding="same")(inputs)), "float32") for w in (8, 256)
+    ]
+    (tmp_path / "large.tflite").write_bytes(contents[1])
+    small, large = latency.measure_files([contents[0], tmp_path / "large.tflite"], rounds=2, runs=20)
+    assert 0 < small < large
+
+
 def test_fingerprint_follows_layer_shapes_and_settings():
     assert latency.fingerprint(tiny_cnn()) == latency.fingerprint(tiny_cnn())
     wider = keras.Model(*_conv_model(32))
@@ -377,7 +389,7 @@ def test_a_model_without_element_wise_calls_keeps_a_fixed_overhead(tmp_path, mon
     the whole model's time beyond its call is all fixed overhead, even when it is negative."""
     inputs = keras.Input((4,))
     model = keras.Model(inputs, keras.layers.Dense(3, name="fc")(inputs), name="dense_only")
-    monkeypatch.setattr(latency, "_time_files", lambda contents, **kwargs: [0.010] * (len(contents) - 1) + [0.005])
+    monkeypatch.setattr(latency, "measure_files", lambda contents, **kwargs: [0.010] * (len(contents) - 1) + [0.005])
     table = LatencyTable.measure(model, cache=False)
     assert table.elements == 0 and table.element_ms == 0.0
     assert table.overhead_ms == pytest.approx(-0.005) and table.estimate() == pytest.approx(0.005)

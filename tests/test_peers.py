@@ -331,7 +331,10 @@ def test_comparison_harness_runs_every_method(tmp_path):
         if method not in ("teacher", "tfmot"):
             assert row["params"] <= 0.4 * row["teacher_params"] + 1, method
             assert row["tflite"]["float32"]["check_max_abs_error"] < 1e-4, method
-            assert row["speedup_float32"] > 0
+            assert row["speedup_float32"] > 0 and row["speedup_timing"] == "fastest invoke, interleaved rounds"
+            assert row["speedup_float32"] == pytest.approx(
+                row["teacher_fastest_float32_ms"] / row["fastest_float32_ms"]
+            )
     assert rows["tfmot"]["params"] == rows["teacher"]["params"]  # dense: sparsity saves nothing uncompressed
     assert rows["tfmot"]["nonzero_params"] < 0.5 * rows["teacher"]["params"]
     assert 0 <= rows["tfmot"]["tfmot"]["accuracy_bn_reestimated"] <= 1

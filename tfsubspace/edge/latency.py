@@ -392,14 +392,17 @@ def _time_ms(runner, runs: int) -> float:
     return best * 1e3
 
 
-def _time_files(contents: list[bytes], *, threads: int, warmup: int, rounds: int, runs: int) -> list[float]:
-    """The minimum invoke latency (ms) of each .tflite in `contents`, timed in interleaved rounds
-    so that a burst of load on the machine falls on all of them alike."""
+def measure_files(
+    files: Sequence, *, threads: int = 1, warmup: int = 10, rounds: int = 5, runs: int = 50
+) -> list[float]:
+    """The minimum invoke latency (ms) of each .tflite in `files` (paths or contents), timed in
+    interleaved rounds of `runs` invokes so that a burst of load on the machine falls on all of
+    them alike: a ratio of two is a speed-up measured under the same load."""
     from tfsubspace.edge.runtime import TFLiteRunner
 
     runners = []
-    for content in contents:
-        runner = TFLiteRunner(content, threads=threads)
+    for file in files:
+        runner = TFLiteRunner(file, threads=threads)
         detail = runner.input
         runner.interpreter.set_tensor(detail["index"], np.zeros(detail["shape"], dtype=detail["dtype"]))
         for _ in range(warmup):
@@ -420,7 +423,7 @@ def measure_models(models: Sequence, *, threads: int = 1, warmup: int = 10, roun
 
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints every file it saves
         contents = [convert(with_batch_size(model, 1), "float32") for model in models]
-    return _time_files(contents, threads=threads, warmup=warmup, rounds=rounds, runs=runs)
+    return measure_files(contents, threads=threads, warmup=warmup, rounds=rounds, runs=runs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +654,7 @@ class LatencyTable:
         with contextlib.redirect_stdout(io.StringIO()):
             contents += [convert(with_batch_size(m, 1), "float32") for m in wholes]
         print_(f"latency: timing {len(contents)} files", flush=True)
-        times = _time_files(
+        times = measure_files(
             contents,
             threads=settings["threads"],
             warmup=settings["warmup"],
