@@ -334,7 +334,7 @@ class Pair:
         """Per mode, this file's median invoke (LiteRT, 1 thread) and its speed-up over the
         teacher's file: the fastest invoke of each, the two timed in interleaved rounds as
         compress() times its student, so that load on the machine falls on both alike."""
-        from tfsubspace.edge.latency import measure_files
+        from tfsubspace import measure_files
         from tfsubspace.edge.measure import measure_latency
 
         out = {}

@@ -75,6 +75,7 @@ _LAZY = {
     "micro_arena_bytes": ("tfsubspace.edge.micro", "micro_arena_bytes"),
     "write_c_array": ("tfsubspace.edge.micro", "write_c_array"),
     "benchmark": ("tfsubspace.edge.measure", "benchmark"),
+    "measure_files": ("tfsubspace.edge.latency", "measure_files"),
     "BenchEntry": ("tfsubspace.edge.measure", "BenchEntry"),
 }
 
