@@ -252,11 +252,16 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     from test_compress import small_teacher
 
     keras.utils.set_random_seed(0)
-    model = small_teacher()
-    train = data.load("mnist", "train", batch_size=32, limit=512, seed=0)
+    # 0-255 pixels scaled in the model, as many Keras models do: tfmot's quantize_model alone refuses Rescaling
+    inputs = keras.Input((28, 28, 1))
+    x = keras.layers.Rescaling(1 / 255, name="to_unit")(inputs)
+    for layer in small_teacher().layers[1:]:  # a chain of layers
+        x = layer(x)
+    model = keras.Model(inputs, x, name="scaled")
+    train = data.load("mnist", "train", batch_size=32, limit=512, seed=0, value_range="0-255")
     model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(train, epochs=1, verbose=0)
-    test = data.load("mnist", "test", batch_size=100, limit=200, shuffle=False, labels=False)
+    test = data.load("mnist", "test", batch_size=100, limit=200, shuffle=False, labels=False, value_range="0-255")
     result = qat.export_qat(
         model, tmp_path, train, epochs=1, train_examples=512, check_ds=test, python=TFMOT_PYTHON, verbose=0
     )

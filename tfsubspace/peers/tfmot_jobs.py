@@ -108,6 +108,53 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
                 w.assign(hi)
 
 
+def _quantized(model):
+    """tfmot's quantize_model(model), where a layer its default 8-bit scheme does not know
+    (Rescaling, most often: the input scaling of many Keras models) gets only its output
+    fake-quantized, as the int8 converter will quantize that op's output: quantize_model itself
+    refuses such a model."""
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry,
+    )
+
+    quantization = tfmot.quantization.keras
+
+    class OutputOnly(quantization.QuantizeConfig):
+        """No weights or activations to quantize inside the layer; its output in 8 bits."""
+
+        def get_weights_and_quantizers(self, layer):
+            return []
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            pass
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return [quantization.quantizers.MovingAverageQuantizer(8, per_axis=False, symmetric=False, narrow_range=False)]
+
+        def get_config(self):
+            return {}
+
+    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+
+    def annotate(layer):
+        if isinstance(layer, tf_keras.layers.InputLayer):
+            return layer
+        config = None if registry.supports(layer) else OutputOnly()
+        return quantization.quantize_annotate_layer(layer, quantize_config=config)
+
+    annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+    with quantization.quantize_scope({"OutputOnly": OutputOnly}):
+        return quantization.quantize_apply(annotated)
+
+
 def quantization_aware_training(
     student_spec,
     teacher_spec,
@@ -136,7 +183,7 @@ def quantization_aware_training(
     for layer in student.layers:  # frozen BN runs on its moving statistics, as the int8 model will
         if isinstance(layer, tf_keras.layers.BatchNormalization):
             layer.trainable = False
-    quantized = tfmot.quantization.keras.quantize_model(student)
+    quantized = _quantized(student)
     _calibrate_ranges(quantized, student, _images(ds))
     quantized.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature))
     pairs = _images(ds).map(lambda x: (x, teacher(x, training=False)))
