@@ -137,7 +137,8 @@ def _quantized(model):
             pass
 
         def get_output_quantizers(self, layer):
-            return [quantization.quantizers.MovingAverageQuantizer(8, per_axis=False, symmetric=False, narrow_range=False)]
+            quantizer = quantization.quantizers.MovingAverageQuantizer
+            return [quantizer(8, per_axis=False, symmetric=False, narrow_range=False)]
 
         def get_config(self):
             return {}
@@ -172,7 +173,6 @@ def quantization_aware_training(
     Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
     layers are frozen: in training mode they would normalize by batch statistics and drift
     their moving averages away from the statistics the model was trained with."""
-    import tensorflow_model_optimization as tfmot
     import tf_keras
 
     from tfsubspace.peers.bridge import build_tf_keras
