@@ -270,6 +270,8 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     runner = runtime.TFLiteRunner(result.path)
     assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
     assert list(runner.input["shape_signature"]) == [1, 28, 28, 1]  # static batch 1, as export() writes
+    # the Rescaling is one MUL; the BatchNormalizations stay folded into the convolutions (quantize_model folds them)
+    assert runtime.inspect(result.path)["ops"].count("MUL") == 1
     with pytest.raises(convert.ExportError, match="make tfmot"):
         qat.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
 

@@ -109,15 +109,14 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
 
 
 def _quantized(model):
-    """tfmot's quantize_model(model), where a layer its default 8-bit scheme does not know
-    (Rescaling, most often: the input scaling of many Keras models) gets only its output
-    fake-quantized, as the int8 converter will quantize that op's output: quantize_model itself
-    refuses such a model."""
+    """tfmot's quantize_model(model), where a layer its default 8-bit scheme refuses (Rescaling,
+    most often: the input scaling of many Keras models) gets only its output fake-quantized, as
+    the int8 converter will quantize that op's output. Everything else is quantize_model's own
+    choice, its Conv -> BatchNormalization folding included."""
+    import re
+
     import tensorflow_model_optimization as tfmot
     import tf_keras
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-        default_8bit_quantize_registry,
-    )
 
     quantization = tfmot.quantization.keras
 
@@ -143,17 +142,22 @@ def _quantized(model):
         def get_config(self):
             return {}
 
-    registry = default_8bit_quantize_registry.Default8BitQuantizeRegistry()
+    refused = set()
 
     def annotate(layer):
         if isinstance(layer, tf_keras.layers.InputLayer):
             return layer
-        config = None if registry.supports(layer) else OutputOnly()
-        return quantization.quantize_annotate_layer(layer, quantize_config=config)
+        return quantization.quantize_annotate_layer(layer, OutputOnly() if layer.name in refused else None)
 
-    annotated = tf_keras.models.clone_model(model, clone_function=annotate)
-    with quantization.quantize_scope({"OutputOnly": OutputOnly}):
-        return quantization.quantize_apply(annotated)
+    while True:  # quantize_apply names one refused layer at a time, after its own rewrites
+        try:
+            with quantization.quantize_scope({"OutputOnly": OutputOnly}):
+                return quantization.quantize_apply(tf_keras.models.clone_model(model, clone_function=annotate))
+        except RuntimeError as e:
+            found = re.match(r"Layer (.+?):<class", str(e))
+            if found is None or found.group(1) in refused:
+                raise
+            refused.add(found.group(1))
 
 
 def quantization_aware_training(
