@@ -80,6 +80,9 @@ def _option(default, help_text: str):
     return dataclasses.field(default=default, metadata={"help": help_text})
 
 
+DEFAULT_MULTIPLE = 8  # widths' multiple without a MAC or latency budget (SIMD lanes, Edge TPU)
+
+
 @dataclasses.dataclass
 class CompressionConfig:
     """Every option of compress(); see compress() for their meaning. Each field's metadata
@@ -93,7 +96,11 @@ class CompressionConfig:
         1.25, "Under a budget, the student starts this many times over it; LASSO chooses the rest of the cut."
     )
     min_ratio: float = _option(0.0, "Lower bound of each width, as a share of the teacher's.")
-    multiple: int = _option(8, "Round every width up to a multiple of this (SIMD, Edge TPU).")
+    multiple: int | None = _option(
+        None,
+        "Round every width up to a multiple of this (SIMD, Edge TPU; default: 8, or under a MAC or latency budget "
+        "the multiple this machine's kernels step at, from the latency table).",
+    )
     init: str = _option(
         "teacher", "Student initialisation: 'teacher' (its channels of most latent energy) or 'random'."
     )
@@ -175,7 +182,7 @@ class CompressionConfig:
             ):
                 setattr(self, field.name, getattr(self, field.name).item())
 
-        for name in ("multiple", "recover_epochs", "stats_batches", "bn_batches", "seed"):
+        for name in ("recover_epochs", "stats_batches", "bn_batches", "seed"):
             if not integer(getattr(self, name)):
                 fail(name, "an integer")
         for name in (
@@ -208,8 +215,8 @@ class CompressionConfig:
             fail("headroom", "at least 1")
         if not 0 <= self.min_ratio <= 1:
             fail("min_ratio", "in [0, 1]")
-        if self.multiple < 1:
-            fail("multiple", "a positive integer")
+        if self.multiple is not None and not (integer(self.multiple) and self.multiple >= 1):
+            fail("multiple", "a positive integer or None")
         if self.init not in INITS:
             fail("init", f"one of {INITS}")
         if self.schedule not in SCHEDULES:
@@ -368,7 +375,10 @@ def compress(
             budget, and LASSO removes the rest. With no budget given either, target_params is
             DEFAULT_TARGET_PARAMS (0.2: the paper's compression, about 80% of the parameters
             removed).
-        min_ratio: lower bound of k as a share of the width; multiple: round k up to it (8).
+        min_ratio: lower bound of k as a share of the width; multiple: round k up to it (default 8;
+            under a MAC or latency budget, the output-channel step of this machine's kernels that
+            the latency table measures, 16 with AVX-512: widths between two steps cost time and
+            save only MACs).
         init: "teacher" (slice the teacher's channels of most latent energy) or "random".
         schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
         epochs / recover_epochs: epochs of latent learning with LASSO / of recovery.
@@ -402,7 +412,8 @@ def compress(
             removed by the same ranking. A budget that every group at its narrowest still
             exceeds is warned about, and the report says so.
         target_macs: the same as a budget of multiply-accumulates per image (both may be set;
-            LASSO is aimed at the plan that meets both).
+            LASSO is aimed at the plan that meets both); widths then step as this machine's
+            kernels do (see multiple), so MACs removed are time saved.
         target_speedup / target_latency_ms: a latency budget for the student's float32 .tflite
             (batch 1, one thread) on this machine: a speed-up over the teacher's, or
             milliseconds. Latency is priced by a table measured once per model and machine
@@ -690,7 +701,7 @@ class _Pipeline:
             )
         else:
             dims = subspace.choose_dimensions(
-                latents, energy=c.energy, width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=c.multiple
+                latents, energy=c.energy, width_ratio=c.width_ratio, min_ratio=c.min_ratio, multiple=self._multiple
             )
         keep = subspace.top_channels(latents, dims)
         plan = PruningPlan.from_masks(self.analysis, keep)
@@ -860,32 +871,51 @@ class _Pipeline:
 
     @property
     def _multiple(self) -> int:
-        """The width multiple: `multiple`, or under a latency budget the largest output multiple
-        the latency table found this machine's kernels to step at, if larger."""
-        table, _ = self._latency()
-        if table is None:
-            return self.config.multiple
-        return max([self.config.multiple, *(m_out for _, m_out in table.multiples().values())])
-
-    def _latency(self):
-        """The teacher's latency table and the latency budget in ms, or (None, None)."""
+        """The width multiple. Under a MAC or latency budget, the largest output multiple the
+        latency table found this machine's kernels to step at (a width between two steps takes
+        as long as the next step, and saves only MACs), or `multiple` if given and larger (under a
+        MAC budget, `multiple` if given); else `multiple`, by default 8."""
         c = self.config
-        if c.target_speedup is None and c.target_latency_ms is None:
-            return None, None
+        latency_budget = c.target_speedup is not None or c.target_latency_ms is not None
+        if c.multiple is not None and not latency_budget:
+            return c.multiple
+        table = self._table()
+        if table is None:
+            return DEFAULT_MULTIPLE if c.multiple is None else c.multiple
+        steps = max(m_out for _, m_out in table.multiples().values())
+        return max(steps, DEFAULT_MULTIPLE if c.multiple is None else c.multiple)
+
+    def _table(self):
+        """The teacher's latency table under a MAC or latency budget (measured once per model and
+        machine, then cached), else None."""
+        c = self.config
+        if c.target_macs is None and c.target_speedup is None and c.target_latency_ms is None:
+            return None
         if self._latency_table is None:
             from tfsubspace.edge.latency import LatencyTable
 
             self.log("latency: measuring the teacher's layers with LiteRT (cached per model and machine)")
             self._latency_table = LatencyTable.measure(self.teacher, progress=c.verbose == 2)
-            teacher_ms = self._latency_table.estimate()
-            budget = c.target_latency_ms if c.target_latency_ms is not None else teacher_ms / c.target_speedup
             steps = max(m_out for _, m_out in self._latency_table.multiples().values())
             self.log(
-                f"latency: teacher {teacher_ms:.4f} ms per image here; budget {budget:.4f} ms; kernels step at "
+                f"latency: teacher {self._latency_table.estimate():.4f} ms per image here; kernels step at "
                 f"{steps} output channels"
             )
-            self._latency_budget = budget
-        return self._latency_table, self._latency_budget
+        return self._latency_table
+
+    def _latency(self):
+        """The teacher's latency table and the latency budget in ms, or (None, None) without a
+        latency budget."""
+        c = self.config
+        if c.target_speedup is None and c.target_latency_ms is None:
+            return None, None
+        table = self._table()
+        if self._latency_budget is None:
+            self._latency_budget = (
+                c.target_latency_ms if c.target_latency_ms is not None else table.estimate() / c.target_speedup
+            )
+            self.log(f"latency: budget {self._latency_budget:.4f} ms")
+        return table, self._latency_budget
 
     def _lasso_plan(self, student, path):
         c = self.config
@@ -955,7 +985,7 @@ class _Pipeline:
                 ) from None
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
-        table, latency_budget = self._latency()
+        table, latency_budget = self._table(), self._latency()[1]
         latency = None
         if table is not None:
             t_ms, s_ms = table.estimate(), table.estimate_model(student)
@@ -987,7 +1017,7 @@ class _Pipeline:
                 warnings.warn(
                     f"{option}={getattr(self.config, option)!r}: the student has {rounded(reached):,} {name}, over "
                     f"the budget of {rounded(target):,}; its channel groups are at their narrowest (min_ratio="
-                    f"{self.config.min_ratio}, multiple={self.config.multiple}, output units are never removed).",
+                    f"{self.config.min_ratio}, multiple={self._multiple}, output units are never removed).",
                     stacklevel=2,
                 )
         return {
