@@ -185,3 +185,27 @@ def test_a_speedup_measured_short_of_the_one_asked_is_warned_about(monkeypatch):
             _two_conv_model(), images, target_speedup=2.0, epochs=1, recover_epochs=0, stats_batches=2, verbose=0
         )
     assert result.report["latency"]["measured"]["speedup"] == pytest.approx(1.25)
+
+
+@pytest.mark.slow
+def test_a_mac_budget_steps_widths_as_the_kernels_do_where_it_can(monkeypatch):
+    """Under target_macs, widths step at the latency table's output multiple (16 here) when the
+    budget can be met at it, else at 8; an explicit multiple is kept."""
+    from test_latency import synthetic_table
+
+    from tfsubspace.edge import latency
+
+    monkeypatch.setattr(latency.LatencyTable, "measure", classmethod(lambda cls, model, **kw: synthetic_table(model)))
+    images = np.random.default_rng(5).random((64, 16, 16, 1), "float32")
+    options = dict(epochs=1, recover_epochs=0, stats_batches=2, bn_batches=2, verbose=0, measure_latency="none")
+
+    def widths(**budget):
+        result = tfsubspace.compress(_two_conv_model(), images, **options, **budget)
+        assert result.report["budgets"]["macs"]["met"], result.report["budgets"]
+        return [len(result.plan.groups[name]["keep"]) for name in ("c1", "c2")]
+
+    # c1 32 and c2 64 channels: at their narrowest 16 each, 13% of the MACs; at 8 each, 3.4%
+    assert all(k % 16 == 0 for k in widths(target_macs=0.5))
+    stepped_at_8 = widths(target_macs=0.08)  # under 13%: 16-channel steps cannot meet it
+    assert all(k % 8 == 0 for k in stepped_at_8) and any(k % 16 for k in stepped_at_8)
+    assert all(k % 4 == 0 for k in widths(target_macs=0.5, multiple=4))

@@ -57,7 +57,7 @@ from tfsubspace.distill.student import INITS, build_student
 from tfsubspace.distill.trainer import StudentTrainer, ends_in_softmax, stage_split, train_student
 from tfsubspace.errors import DataMismatchWarning, WorkDirError
 from tfsubspace.models import stats
-from tfsubspace.prune import ranking, surgery
+from tfsubspace.prune import cost, ranking, surgery
 from tfsubspace.prune.analysis import ChannelAnalysis, analyze
 from tfsubspace.prune.plan import PruningPlan
 from tfsubspace.train import distribute, fitloop, workdir
@@ -562,6 +562,7 @@ class _Pipeline:
         self.spectra: dict | None = None  # the subspace stage's spectra, from this run or its file
         self._stages_seen = 0
         self._latency_table = self._latency_budget = None
+        self._chosen_multiple = None
         # images kept aside (never trained on) and the teacher's top-1 on them
         self.heldout = heldout
         self.adaptation = adaptation  # what adapt.adapt_dataset did, or None
@@ -871,19 +872,40 @@ class _Pipeline:
 
     @property
     def _multiple(self) -> int:
-        """The width multiple. Under a MAC or latency budget, the largest output multiple the
-        latency table found this machine's kernels to step at (a width between two steps takes
-        as long as the next step, and saves only MACs), or `multiple` if given and larger (under a
-        MAC budget, `multiple` if given); else `multiple`, by default 8."""
+        """The width multiple (chosen once, see _choose_multiple)."""
+        if self._chosen_multiple is None:
+            self._chosen_multiple = self._choose_multiple()
+        return self._chosen_multiple
+
+    def _choose_multiple(self) -> int:
+        """`multiple` (default 8), or under a MAC or latency budget the largest output multiple
+        the latency table found this machine's kernels to step at: a width between two steps
+        takes as long as the next step and saves only MACs. Under a latency budget, the larger
+        of the two; under a MAC budget, an explicit `multiple` as given, else the kernels' step
+        if the budgets can be met with every group at its narrowest width at that step."""
         c = self.config
         latency_budget = c.target_speedup is not None or c.target_latency_ms is not None
+        given = DEFAULT_MULTIPLE if c.multiple is None else c.multiple
         if c.multiple is not None and not latency_budget:
-            return c.multiple
+            return given
         table = self._table()
         if table is None:
-            return DEFAULT_MULTIPLE if c.multiple is None else c.multiple
+            return given
         steps = max(m_out for _, m_out in table.multiples().values())
-        return max(steps, DEFAULT_MULTIPLE if c.multiple is None else c.multiple)
+        if latency_budget or steps <= given:
+            return max(steps, given)
+        budgets = self._budgets()
+        narrowest = {
+            name: np.arange(group.size) < subspace.narrowest(group.size, c.min_ratio, steps)
+            for name, group in self.analysis.groups.items()
+            if group.prunable
+        }
+        spent = cost.PlanCost(self.analysis)(self.analysis.keep_vector(narrowest))
+        if all(budgets[name] is None or getattr(spent, name) <= budgets[name] for name in ("params", "macs")):
+            self.log(f"widths: in steps of {steps} channels, as this machine's kernels step")
+            return steps
+        self.log(f"widths: in steps of {given} channels (the budget cannot be met in the kernels' steps of {steps})")
+        return given
 
     def _table(self):
         """The teacher's latency table under a MAC or latency budget (measured once per model and
@@ -985,7 +1007,8 @@ class _Pipeline:
                 ) from None
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
-        table, latency_budget = self._table(), self._latency()[1]
+        table, latency_budget = self._latency()
+        table = table or self._latency_table  # measured for the widths' step under a MAC budget
         latency = None
         if table is not None:
             t_ms, s_ms = table.estimate(), table.estimate_model(student)
