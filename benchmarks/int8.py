@@ -69,6 +69,13 @@ _CALIB = flags.DEFINE_integer("calibration_examples", 500, "Calibration images (
 _CHECK = flags.DEFINE_integer("check_examples", 1000, "Images for the export's check (held out of training).")
 _EVAL = flags.DEFINE_integer("eval_examples", 10000, "Test images for agreement and accuracy.", lower_bound=1)
 _TRAIN_ONLY = flags.DEFINE_boolean("train_only", False, "Train (or load) the models and stop.")
+_QAT = flags.DEFINE_boolean(
+    "qat",
+    False,
+    "After the post-training steps, one more: 'qat', quantization-aware training of the float model against its "
+    "own soft outputs (the export's last resort, tfsubspace.edge.qat.export_qat; no labels, 2 epochs; needs "
+    "`make tfmot`) on the first 10,000 training images (fer_mini_xception: its calibration images).",
+)
 _PATIENT = flags.DEFINE_boolean(
     "patient_students",
     True,
@@ -320,7 +327,7 @@ def main(argv):
         held = _CHECK.value
         fit_x, fit_y, check_x = train_x[:-held], train_y[:-held], train_x[-held:]
         test, labels = test_x[: _EVAL.value], test_y[: _EVAL.value]
-    loaded, derived, students = {}, {}, {}
+    loaded, derived, students, qat_images = {}, {}, {}, {}
 
     def get(name):
         """The saved model, else trained (or derived or compressed from its base model, itself got first) and
@@ -353,6 +360,7 @@ def main(argv):
     for name in names:
         models[name] = get(name)
         inputs[name] = (fit_x[: _CALIB.value], check_x, test, labels)
+        qat_images[name] = fit_x[:QAT_IMAGES]
         if name in DERIVED:  # an exact rewrite: the same function as its base model
             base = base_of(name)
             got, expected = (
@@ -387,6 +395,7 @@ def main(argv):
         if found is not None:
             models[_THIRDPARTY], calibration, heldout = found
             inputs[_THIRDPARTY] = (calibration, heldout, heldout, None)
+            qat_images[_THIRDPARTY] = calibration
     if _TRAIN_ONLY.value:
         return
     from tfsubspace.edge import autoint8, edgetpu
@@ -415,12 +424,15 @@ def main(argv):
             row["derived"] = derived[name]
         if name in students:
             row["student"] = students[name]
-        for step in steps:
-            path = fileio.write_bytes(out / "tflite" / f"{name}_int8_{step.name}.tflite", step.content)
+        summaries = [(step.summary(), step.content) for step in steps]
+        if _QAT.value:
+            summaries.append(qat_step(model, name, qat_images[name], check, out / "qat"))
+        for summary, content in summaries:
+            path = fileio.write_bytes(out / "tflite" / f"{name}_int8_{summary['step']}.tflite", content)
             pred = TFLiteRunner(path)(test).argmax(-1)
             row["steps"].append(
                 {
-                    **step.summary(),
+                    **summary,
                     "test_agreement": float(np.mean(pred == logits.argmax(-1))),
                     "test_accuracy": float(np.mean(pred == labels)) if labels is not None else None,
                     "edgetpu_compatible": edgetpu.edgetpu_check(path)["compatible"],
@@ -432,7 +444,7 @@ def main(argv):
     command = "python benchmarks/int8.py" + (
         "" if set(_MODELS.value) >= set(_ORDER) else f" --models={','.join(_MODELS.value)}"
     )
-    for flag in (_OUT, _RESULTS, _THIRDPARTY_DIR, _CALIB, _CHECK, _EVAL, _PATIENT):  # the settings that differ
+    for flag in (_OUT, _RESULTS, _THIRDPARTY_DIR, _CALIB, _CHECK, _EVAL, _PATIENT, _QAT):  # the settings that differ
         if flag.value != flag.default:
             command += f" {command_flag(flag.name, flag.value)}"
     settings = {
@@ -459,6 +471,41 @@ def main(argv):
     fileio.write_json(results / "int8.json", report)
     fileio.write_text(results / "int8.md", format_markdown(report))
     print(format_markdown(report))
+
+
+QAT_IMAGES = 10000  # training images of --qat (export_qat's default train_examples)
+
+
+def qat_step(model, name, images, check, out_dir) -> tuple[dict, bytes]:
+    """The 'qat' step: export_qat's full-int8 file of `model` and its check, as a step summary."""
+    import numpy as np
+
+    from tfsubspace.edge import autoint8, qat
+    from tfsubspace.edge.graphedit import predict
+    from tfsubspace.edge.runtime import TFLiteRunner
+
+    start = time.perf_counter()
+    exported = qat.export_qat(model, out_dir, images, check_ds=check, check_examples=len(check), verbose=2)
+    seconds = time.perf_counter() - start
+    content = exported.path.read_bytes()
+    expected, got = predict(model, check), TFLiteRunner(content)(check)
+    margin, error = autoint8.tie_margins(expected, got)
+    differ = expected.argmax(-1) != got.argmax(-1)
+    summary = {
+        "step": "qat",
+        "agreement": exported.agreement,
+        "max_abs_error": exported.max_abs_error,
+        "passed": exported.passed,
+        "size_bytes": len(content),
+        "rewrite_seconds": seconds,  # the whole quantization-aware training and export
+        "float_max_abs_diff": 0.0,  # the float model is not rewritten
+        "notes": [f"{len(images)} images, 2 epochs, the float model's soft outputs as targets"],
+        "disagreements": int(differ.sum()),
+        "near_ties": int(np.sum(differ & (margin < error))),
+        "median_margin": float(np.median(margin)),
+    }
+    print(f"{name}: qat {json.dumps(summary)}", flush=True)
+    return summary, content
 
 
 def command_flag(name: str, value) -> str:
