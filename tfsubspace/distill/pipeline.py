@@ -378,7 +378,8 @@ def compress(
         min_ratio: lower bound of k as a share of the width; multiple: round k up to it (default 8;
             under a MAC or latency budget, the output-channel step of this machine's kernels that
             the latency table measures, 16 with AVX-512: widths between two steps cost time and
-            save only MACs).
+            save only MACs; under a MAC budget, the largest of that step and its halves at which
+            the budget can be met).
         init: "teacher" (slice the teacher's channels of most latent energy) or "random".
         schedule: "end_to_end" (all taps at once) or "stage_wise" (greedy, tap by tap).
         epochs / recover_epochs: epochs of latent learning with LASSO / of recovery.
@@ -881,8 +882,9 @@ class _Pipeline:
         """`multiple` (default 8), or under a MAC or latency budget the largest output multiple
         the latency table found this machine's kernels to step at: a width between two steps
         takes as long as the next step and saves only MACs. Under a latency budget, the larger
-        of the two; under a MAC budget, an explicit `multiple` as given, else the kernels' step
-        if the budgets can be met with every group at its narrowest width at that step."""
+        of the two; under a MAC budget, an explicit `multiple` as given, else the kernels' step,
+        or its half, quarter... (down to 8), the largest at which the budgets can be met with
+        every group at its narrowest width."""
         c = self.config
         latency_budget = c.target_speedup is not None or c.target_latency_ms is not None
         given = DEFAULT_MULTIPLE if c.multiple is None else c.multiple
@@ -895,17 +897,22 @@ class _Pipeline:
         if latency_budget or steps <= given:
             return max(steps, given)
         budgets = self._budgets()
-        narrowest = {
-            name: np.arange(group.size) < subspace.narrowest(group.size, c.min_ratio, steps)
-            for name, group in self.analysis.groups.items()
-            if group.prunable
-        }
-        spent = cost.PlanCost(self.analysis)(self.analysis.keep_vector(narrowest))
-        if all(budgets[name] is None or getattr(spent, name) <= budgets[name] for name in ("params", "macs")):
-            self.log(f"widths: in steps of {steps} channels, as this machine's kernels step")
-            return steps
-        self.log(f"widths: in steps of {given} channels (the budget cannot be met in the kernels' steps of {steps})")
-        return given
+
+        def fits(multiple):  # the budgets hold with every group at its narrowest width at `multiple`
+            narrowest = {
+                name: np.arange(group.size) < subspace.narrowest(group.size, c.min_ratio, multiple)
+                for name, group in self.analysis.groups.items()
+                if group.prunable
+            }
+            spent = cost.PlanCost(self.analysis)(self.analysis.keep_vector(narrowest))
+            return all(budgets[name] is None or getattr(spent, name) <= budgets[name] for name in ("params", "macs"))
+
+        multiple = steps  # the kernels' step, else its halves (still whole SIMD registers) down to `given`
+        while multiple > given and not fits(multiple):
+            multiple //= 2
+        multiple = max(multiple, given)
+        self.log(f"widths: in steps of {multiple} channels (this machine's kernels step at {steps})")
+        return multiple
 
     def _table(self):
         """The teacher's latency table under a MAC or latency budget (measured once per model and
