@@ -35,7 +35,9 @@ missing; `--retrain` trains them again):
 For each: float accuracy on the test split, then the int8 file of every step of the
 automatic export (plain post-training int8, then each fix in order) with its top-1
 agreement with the float model, accuracy, file size, the time of the float rewrites and Edge
-TPU compatibility. Agreement needs no labels; accuracy uses them only to report.
+TPU compatibility. Agreement needs no labels; accuracy uses them only to report. `--qat`
+adds the export's last resort as one more step: quantization-aware training of the float
+model against its own soft outputs (tfsubspace.edge.qat.export_qat, in the tfmot environment).
 Results: benchmarks/results/int8.json and int8.md; the rows of models that --models leaves out
 are kept from the JSON (when it was written with the same settings), so
 `--models=relu_bn_student,relu_bn_spread_student,relu_bn_l2_student,mbv2_like_student,mobilenetv2_student`
