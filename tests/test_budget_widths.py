@@ -209,3 +209,10 @@ def test_a_mac_budget_steps_widths_as_the_kernels_do_where_it_can(monkeypatch):
     stepped_at_8 = widths(target_macs=0.08)  # under 13%: 16-channel steps cannot meet it
     assert all(k % 8 == 0 for k in stepped_at_8) and any(k % 16 for k in stepped_at_8)
     assert all(k % 4 == 0 for k in widths(target_macs=0.5, multiple=4))
+
+    def unmeasurable(cls, model, **kw):
+        raise RuntimeError("no LiteRT here")
+
+    monkeypatch.setattr(latency.LatencyTable, "measure", classmethod(unmeasurable))
+    with pytest.warns(UserWarning, match="latency table could not be measured.*no LiteRT here.*step at 8"):
+        assert all(k % 8 == 0 for k in widths(target_macs=0.5))
