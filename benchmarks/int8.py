@@ -453,7 +453,7 @@ def main(argv):
         "calibration_examples": _CALIB.value,
         "check_examples": _CHECK.value,
         "eval_examples": _EVAL.value,
-        "min_agreement": 0.98,
+        "min_agreement": autoint8.DEFAULT_MIN_AGREEMENT,
     }
     results = Path(_RESULTS.value)
     saved = json.loads((results / "int8.json").read_text()) if (results / "int8.json").exists() else {}
@@ -461,8 +461,9 @@ def main(argv):
     if saved.get("settings") == settings:  # the rows of models not run again are kept
         kept = [row for row in saved["rows"] if row["model"] not in commands]
         commands |= {row["model"]: saved.get("commands", {}).get(row["model"], saved.get("command")) for row in kept}
-        train_seconds = {m: t for m, t in saved["training_seconds"].items() if m in commands} | train_seconds
         rows = sorted(rows + kept, key=lambda row: _ORDER.index(row["model"]) if row["model"] in _ORDER else 99)
+    # a model loaded from --out_dir took the training time saved with it
+    train_seconds = {m: t for m, t in saved.get("training_seconds", {}).items() if m in commands} | train_seconds
     report = {
         "commands": {row["model"]: commands[row["model"]] for row in rows},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

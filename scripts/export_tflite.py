@@ -22,6 +22,7 @@ import sys
 from absl import app, flags
 from flagdefs import define_dataset
 
+from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT
 from tfsubspace.edge.convert import DEFAULT_MODES, MODES
 
 _MODEL = flags.DEFINE_string("model", None, "The Keras model (.keras).", required=True)
@@ -44,7 +45,11 @@ _IO = flags.DEFINE_enum("io_dtype", "int8", ["int8", "uint8", "float32"], "Input
 _CALIB = flags.DEFINE_integer("calibration_examples", 300, "Calibration images.", lower_bound=1)
 _CHECK = flags.DEFINE_integer("check_examples", 500, "Images for the checks.", lower_bound=1)
 _MIN_AGREE = flags.DEFINE_float(
-    "min_agreement", 0.98, "Least top-1 agreement of a quantized file.", lower_bound=0.0, upper_bound=1.0
+    "min_agreement",
+    DEFAULT_MIN_AGREEMENT,
+    "Least top-1 agreement of a quantized file.",
+    lower_bound=0.0,
+    upper_bound=1.0,
 )
 _FIXES = flags.DEFINE_list(
     "int8_fixes",

@@ -239,10 +239,31 @@ def test_unknown_fix_and_rewrite_of_shared_layers():
     assert _relative_diff(model, folded, x) < 1e-6
 
 
-def test_export_accepts_datasets_of_batches(tmp_path):
+def test_export_accepts_datasets_of_batches_and_keeps_the_folded_file_over_a_passing_plain_one(tmp_path):
     ds = tf.data.Dataset.from_tensor_slices(images(64, 0)).batch(16)
     result = export.export(starved_model(), tmp_path, modes=("int8",), calibration_ds=ds, min_agreement=0.0)[0]
-    assert result.passed and [s["step"] for s in result.steps] == ["plain"]
+    plain, folded = result.steps
+    assert result.passed and plain["passed"] and (plain["step"], folded["step"]) == ("plain", "fold")
+    # the folded file is the one written: its BatchNormalization is gone, so it is smaller
+    assert result.size_bytes == folded["size_bytes"] == result.path.stat().st_size < plain["size_bytes"]
+    # without folding among the fixes, a passing plain file is the end
+    (unfolded,) = export.export(
+        starved_model(), tmp_path, modes=("int8",), calibration_ds=ds, min_agreement=0.0, int8_fixes=("equalize",)
+    )
+    assert unfolded.passed and [s["step"] for s in unfolded.steps] == ["plain"]
+    assert unfolded.size_bytes == plain["size_bytes"]
+
+
+def test_the_kept_int8_step():
+    def step(name, agreement, passed):
+        return autoint8.Int8Step(name, b"", agreement, 0.0, passed)
+
+    plain, fold_ok = step("plain", 0.995, True), step("fold", 0.993, True)
+    assert autoint8.best([plain]) is plain
+    assert autoint8.best([plain, fold_ok]) is fold_ok  # an exact fold that passes beats a passing plain file
+    failing = [step("plain", 0.95, False), step("fold", 0.97, False), step("equalize", 0.97, False)]
+    assert autoint8.best(failing) is failing[1]  # none passed: the highest agreement, the earliest of equals
+    assert autoint8.best([*failing, step("bias", 0.991, True)]).name == "bias"
 
 
 def separable_model(seed=0):

@@ -4,12 +4,13 @@
 batch size of 1 (static shapes: what the Edge TPU and TFLite Micro need, and what a phone runs),
 writes each file atomically, and runs every file with the LiteRT interpreter against the Keras
 model on the check images: max abs error of the outputs and top-1 agreement. A full-int8 file
-whose agreement falls under `min_agreement` is reported as failed, with what to try.
+whose agreement falls under `min_agreement` (99% unless given) is reported as failed, with what
+to try.
 
-Full int8 is automatic (autoint8.int8_steps): when the plain post-training file fails its
-check, the float model is rewritten (BatchNormalization folding, cross-layer equalization,
-bias correction, in that order, each exact or measured) and converted again, and the first
-file that passes is kept; the ExportedModel lists every step's agreement (`steps`) and, for a
+Full int8 is automatic (autoint8.int8_steps): after the plain post-training file, the float
+model is rewritten (BatchNormalization folding always; cross-layer equalization and bias
+correction while no file passes; in that order, each exact or measured) and converted again,
+and the first rewritten file that passes is kept; the ExportedModel lists every step's agreement (`steps`) and, for a
 failing plain file, where its error comes from (`diagnosis`, from diagnose.py).
 
 Calibration and checks must use images in the range the model takes: a model that starts
@@ -97,7 +98,7 @@ def export(
     check_ds=None,
     calibration_examples: int = 300,
     check_examples: int = 500,
-    min_agreement: float = 0.98,
+    min_agreement: float = autoint8.DEFAULT_MIN_AGREEMENT,
     io_dtype: str = "int8",
     name: str | None = None,
     batch_size: int = 1,

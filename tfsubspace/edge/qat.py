@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
+from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT
 from tfsubspace.edge.convert import ExportError
 from tfsubspace.edge.export import ExportedModel, _images, check
 from tfsubspace.edge.input_range import check_input_range
@@ -27,7 +28,7 @@ def export_qat(
     train_examples: int = 10000,
     check_ds=None,
     check_examples: int = 500,
-    min_agreement: float = 0.98,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
     name: str | None = None,
     python: str | os.PathLike | None = None,
     verbose: int = 2,
