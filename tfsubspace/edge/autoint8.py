@@ -10,12 +10,12 @@ then again after each float rewrite in FIXES, each on top of the previous ones:
 - "bias": empirical bias correction from the previous step's int8 file (biascorrect.py).
 After folding it stops at the first file whose top-1 agreement with the model on the check
 images reaches `min_agreement` (DEFAULT_MIN_AGREEMENT, 99%), or runs them all
-(`stop_at_pass=False`). Every rewrite
-is checked against the original float model (max abs difference of the outputs on the check
-images) and refused (RewriteError) when it changes the function more than `rewrite_tolerance`
-relative to the outputs' range; bias correction changes it on purpose and is exempt. Each step
-reports its agreement, the time its rewrite took, and what it did, so a failing file says how
-far each fix got. Quantization-aware training (qat.py) stays the last resort.
+(`stop_at_pass=False`). Every rewrite is checked against the original float model (max abs
+difference of the outputs on the check images) and refused (RewriteError) when it changes the
+function more than `rewrite_tolerance` relative to the outputs' range; bias correction
+changes it on purpose and is exempt. Each step reports its agreement, the time its rewrite
+took, and what it did, so a failing file says how far each fix got. Quantization-aware
+training (qat.py) stays the last resort.
 """
 
 from __future__ import annotations
