@@ -5,7 +5,7 @@ then again after each float rewrite in FIXES, each on top of the previous ones:
 - "fold": BatchNormalization folding (fold.py), its scale moved before the int8 activation
   tensor where a ReLU allows it. Folding is exact and leaves fewer tensors to round, so it
   always runs, and its file is kept over a plain one when both pass (on the benchmark's test
-  models it never lost agreement: benchmarks/int8.md);
+  models it never lost agreement: benchmarks/results/int8.md);
 - "equalize": cross-layer equalization of each ReLU chain's activation ranges (equalize.py);
 - "bias": empirical bias correction from the previous step's int8 file (biascorrect.py).
 After folding it stops at the first file whose top-1 agreement with the model on the check
