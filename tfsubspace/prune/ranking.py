@@ -155,6 +155,7 @@ def _meet_budget(analysis, pricer, comparable, masks, budgets, finish, multiple=
     for i, name in enumerate(over):
         slim = _remove_until(slim, per_unit(slim, name), lambda t, names=tuple(over[: i + 1]): fits(t, names))
     best = give_back(slim)
+
     # Channels go in whole steps of `multiple`, and the step of lowest score per unit of cost
     # can save far more than was still over (a step of an early, full-resolution group), leaving
     # the plan well under its budget (a 3x latency budget met at 3.6x). So also try each group
