@@ -25,9 +25,11 @@ from tfsubspace.prune.index import ChannelIndex
 from tfsubspace.prune.plan import PruningPlan
 
 COMPARE = ("normalized", "rank", "raw")
-# the step-for-step refinement of a MAC or latency cut (_meet_budget): its rounds, and how much more
-# score than the plain cut a plan may remove for spending more of the budget
-_REFINE_ROUNDS = 3
+# the step-for-step refinement of a MAC or latency cut (_meet_budget): its rounds, the groups it
+# tries per round (those whose step saves most), and how much more score than the plain cut a plan
+# may remove for spending more of the budget
+_REFINE_ROUNDS = 2
+_REFINE_GROUPS = 3
 _REFINE_SCORE = 1.1
 
 
@@ -162,18 +164,25 @@ def _meet_budget(analysis, pricer, comparable, masks, budgets, finish, multiple=
     # that lost channels with one step fewer lost, the budget met from the other groups instead,
     # and keep the plan that spends most of the budget among those that remove at most
     # _REFINE_SCORE times the score of the first; again from that plan while one spends more.
+    # Only the _REFINE_GROUPS groups whose step saves most are tried (each try re-plans the cut).
     def used(trial):
         return getattr(spent(trial), over[-1])
+
+    def step_saving(kept, g):  # what one step of g given back to `kept` would cost
+        back = np.flatnonzero(masks[g] & ~kept[g])
+        back = back[np.argsort(-comparable[g][back], kind="stable")][: max(multiple, 1)]
+        trial = {h: m.copy() for h, m in kept.items()}
+        trial[g][back] = True
+        return used(trial)
 
     limit = _REFINE_SCORE * lost(best)
     for _ in range(_REFINE_ROUNDS):
         kept = finish(best).masks()
         order = per_unit(masks, over[-1])
+        cut = [g for g in masks if int((masks[g] & ~kept[g]).sum()) >= max(multiple, 1)]
         alternatives = []
-        for g in masks:
+        for g in sorted(cut, key=lambda g: -step_saving(kept, g))[:_REFINE_GROUPS]:
             allowed = int((masks[g] & ~kept[g]).sum()) - max(multiple, 1)
-            if allowed < 0:
-                continue
             limited = dict(order)
             ranked = np.flatnonzero(masks[g])[np.argsort(order[g][masks[g]], kind="stable")]
             limited[g] = np.where(np.isin(np.arange(len(order[g])), ranked[:allowed]), order[g], np.inf)
