@@ -1,6 +1,7 @@
 """Latency tables: fitting the width multiples, measuring and caching per model and machine,
 reading a device's op profile, and pricing pruning plans in milliseconds."""
 
+import dataclasses
 import json
 import math
 
@@ -97,6 +98,19 @@ def test_one_measurement_gives_a_line_through_zero():
     fit = latency.fit_call([(16, 16, 0.004)], (100.0, 0.0, 0.0))
     assert (fit.intercept_ms, fit.multiple_in, fit.multiple_out, fit.error) == (0.0, 1, 1, 0.0)
     assert fit.slope_ms == pytest.approx(0.004 / (100 * 16 * 16))
+
+
+def test_the_step_is_the_multiple_of_the_calls_that_take_the_time():
+    """A Dense head of a microsecond fits a multiple of 32 from noise (as VGG-16's did on this
+    machine); the convolutions holding the time step at 16, and so do the plan's widths."""
+    conv = CallLatency("conv", "Conv2D", 64, 64, (900.0, 0, 0), 0.001, 1e-8, 1, 16, 0, 0.0, ())
+    head = CallLatency("fc", "Dense", 64, 64, (1.0, 0, 0), 0.0008, 1e-9, 1, 32, 0, 0.0, ())
+    table = LatencyTable("m", "fp", "here", "measured", {"conv": conv, "fc": head}, 0.0)
+    assert table.multiples() == {"conv": (1, 16), "fc": (1, 32)}
+    assert table.step() == 16
+    # where the 32-step calls hold most of the time, the step is theirs
+    heavy = dataclasses.replace(head, slope_ms=1e-5)
+    assert LatencyTable("m", "fp", "here", "measured", {"conv": conv, "fc": heavy}, 0.0).step() == 32
 
 
 # ---------------------------------------------------------------------------------------------

@@ -880,8 +880,9 @@ class _Pipeline:
         return self._chosen_multiple
 
     def _choose_multiple(self) -> int:
-        """`multiple` (default 8), or under a MAC or latency budget the largest output multiple
-        the latency table found this machine's kernels to step at: a width between two steps
+        """`multiple` (default 8), or under a MAC or latency budget the output multiple the
+        latency table found this machine's kernels to step at (LatencyTable.step: the multiple
+        of the calls that take most of the time): a width between two steps
         takes as long as the next step and saves only MACs. Under a latency budget, the larger
         of the two; under a MAC budget, an explicit `multiple` as given, else the kernels' step,
         or its half, quarter... (down to 8), the largest at which the budgets can be met with
@@ -905,7 +906,7 @@ class _Pipeline:
                 return given
         if table is None:
             return given
-        steps = max(m_out for _, m_out in table.multiples().values())
+        steps = table.step()
         if latency_budget or steps <= given:
             return max(steps, given)
         budgets = self._budgets()
@@ -937,7 +938,7 @@ class _Pipeline:
 
             self.log("latency: measuring the teacher's layers with LiteRT (cached per model and machine)")
             self._latency_table = LatencyTable.measure(self.teacher, progress=c.verbose == 2)
-            steps = max(m_out for _, m_out in self._latency_table.multiples().values())
+            steps = self._latency_table.step()
             self.log(
                 f"latency: teacher {self._latency_table.estimate():.4f} ms per image here; kernels step at "
                 f"{steps} output channels"

@@ -454,6 +454,22 @@ class LatencyTable:
         """The fitted (input, output) width multiple of every call."""
         return {k: (c.multiple_in, c.multiple_out) for k, c in self.calls.items()}
 
+    def step(self) -> int:
+        """The output-width step of the kernels that take most of the model's time: the largest
+        fitted output multiple whose calls (with it or a larger one) hold at least half of the
+        calls' time at full width. A call of a few microseconds (a small Dense head) fits a
+        multiple from noise; the step that a plan's widths are rounded to follows the time."""
+        time = {}
+        for call in self.calls.values():
+            ms = max(call.ms(call.width_in, call.width_out), 0.0)
+            time[call.multiple_out] = time.get(call.multiple_out, 0.0) + ms
+        total, held = sum(time.values()), 0.0
+        for multiple in sorted(time, reverse=True):
+            held += time[multiple]
+            if held >= total / 2:
+                return multiple
+        return 1  # no call takes any time
+
     def call_ms(self, key: str, n_in: int, n_out: int) -> float:
         """Predicted latency (ms) of call `key` at widths n_in -> n_out."""
         if key not in self.calls:
