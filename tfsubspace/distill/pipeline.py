@@ -73,6 +73,10 @@ SENSITIVITY_BATCHES = 8  # batches of the output-sensitivity pass that weighs th
 _PRESENTATION = ("verbose", "tensorboard_dir", "measure_latency")
 MEASURE_LATENCY = ("auto", "always", "none")
 SPEEDUP_SLACK = 0.9  # a measured speed-up under this share of the one asked for is warned about
+# calibrating the final cut to a latency budget: a timing within this share of the budget is
+# kept; at most this many re-plans
+CALIBRATION_TOLERANCE = 0.05
+CALIBRATION_ROUNDS = 2
 
 
 def _option(default, help_text: str):
@@ -158,6 +162,11 @@ class CompressionConfig:
         "Time the teacher's and the student's float32 .tflite files here for the report: 'auto' (under a MAC "
         "or latency budget), 'always' or 'none'.",
     )
+    calibrate_latency: bool = _option(
+        True,
+        "Under target_speedup or target_latency_ms, time the final cut's student against the teacher here and "
+        "cut again (at most twice) with the budget corrected by what the latency table mispredicted.",
+    )
     stats_batches: int = _option(100, "Batches for the latent statistics.")
     bn_batches: int = _option(50, "Batches for each BatchNormalization re-estimation.")
     seed: int = _option(0, "Random seed.")
@@ -233,6 +242,8 @@ class CompressionConfig:
             fail("augment", f"'auto', 'none' or a comma-separated list of {AUGMENTATIONS}")
         if self.adapt not in ADAPT_MODES:
             fail("adapt", f"one of {ADAPT_MODES}")
+        if not isinstance(self.calibrate_latency, bool):
+            fail("calibrate_latency", "True or False")
         if self.measure_latency not in MEASURE_LATENCY:
             fail("measure_latency", f"one of {MEASURE_LATENCY}")
         if not integer(self.adapt_steps) or self.adapt_steps < 1:
@@ -327,6 +338,7 @@ _PRODUCED = (
     "student_init.keras",
     "student_distilled.keras",
     "plan_lasso.json",
+    "latency_calibration.json",
     "surgery.json",
     "student_pruned.keras",
     "student.keras",
@@ -961,9 +973,69 @@ class _Pipeline:
 
     def _lasso_plan(self, student, path):
         c = self.config
-        plan = lasso_plan(analyze(student), zero_tolerance=c.zero_tolerance, multiple=self._multiple, **self._budgets())
+        student_analysis, budgets = analyze(student), self._budgets()
+
+        def plan_at(latency_ms):
+            options = {**budgets, "latency_ms": latency_ms}
+            return lasso_plan(student_analysis, zero_tolerance=c.zero_tolerance, multiple=self._multiple, **options)
+
+        plan = plan_at(budgets["latency_ms"])
+        if budgets["latency_ms"] is not None and c.calibrate_latency:
+            plan, calibration = self._calibrated(student, plan, plan_at, budgets["latency"])
+            fileio.write_json(self.dir / "latency_calibration.json", calibration)
         plan.save(path)
         return plan
+
+    def _calibrated(self, student, plan, plan_at, table):
+        """The final cut calibrated to the latency budget by timing it: the slim student of
+        `plan` is timed against the teacher here (float32 .tflite, side by side); where the
+        timing misses the budget by more than CALIBRATION_TOLERANCE, the cut is made again
+        (`plan_at`) with the table's budget corrected by the miss: the table prices every plan
+        alike, so a plan it prices at e * miss ms should time at the budget. At most
+        CALIBRATION_ROUNDS times; the plan timed closest to the budget is kept. Returns it and
+        {"rounds": [per timing: the table's budget and estimate (ms), the timings, the speed-up
+        and the miss (> 1: faster than asked)], "chosen": its index}."""
+        from tfsubspace.edge.latency import measure_models
+
+        asked, budget_ms = self.config.target_speedup, self._latency_budget
+        plans, rounds = [], []
+        for _ in range(CALIBRATION_ROUNDS + 1):
+            slim = surgery.apply_plan(student, plan, verify=False).model
+            try:
+                t_ms, s_ms = measure_models([self.teacher, slim])
+            except Exception as e:  # noqa: BLE001 - the converter and LiteRT raise many kinds
+                message = f"The final cut could not be timed to calibrate it to the latency budget: {e}"
+                warnings.warn(message, stacklevel=2)
+                break
+            estimated = table.estimate_model(slim)
+            miss = (t_ms / s_ms) / asked if asked is not None else self.config.target_latency_ms / s_ms
+            rounds.append(
+                {
+                    "budget_ms": budget_ms,
+                    "estimated_ms": estimated,
+                    "teacher_ms": t_ms,
+                    "student_ms": s_ms,
+                    "speedup": t_ms / s_ms,
+                    "miss": miss,
+                }
+            )
+            plans.append(plan)
+            self.log(
+                f"latency: the cut at {budget_ms:.4f} ms by the table ({estimated:.4f} ms estimated) times "
+                f"{t_ms:.4f} ms -> {s_ms:.4f} ms here ({t_ms / s_ms:.2f}x faster)"
+            )
+            if abs(math.log(miss)) <= math.log1p(CALIBRATION_TOLERANCE) or len(rounds) > CALIBRATION_ROUNDS:
+                break
+            budget_ms = estimated * miss
+            plan = plan_at(budget_ms)
+            if any(plan.groups == p.groups for p in plans):  # the same cut again: nothing to gain
+                break
+        if not rounds:
+            return plan, {"rounds": [], "chosen": None}
+        chosen = min(range(len(rounds)), key=lambda i: abs(math.log(rounds[i]["miss"])))
+        if chosen:
+            self.log(f"latency: calibrated the cut to {rounds[chosen]['budget_ms']:.4f} ms by the table")
+        return plans[chosen], {"rounds": rounds, "chosen": chosen}
 
     def _prune(self, student, plan1, path):
         batch = next(iter(self.ds))
@@ -1016,15 +1088,7 @@ class _Pipeline:
     def _report(self, student, plan0, plan1) -> dict:
         teacher_eval = evaluate(self.teacher, self.eval_ds) if self.eval_ds is not None else {}
         student_eval = evaluate(student, self.eval_ds, self.teacher) if self.eval_ds is not None else {}
-        surgery_info = self.surgery
-        if surgery_info is None and (self.dir / "surgery.json").exists():
-            try:
-                surgery_info = json.loads((self.dir / "surgery.json").read_text())
-            except ValueError as e:
-                raise WorkDirError(
-                    f"{self.dir / 'surgery.json'} is damaged ({e}); delete it and student_pruned.keras, "
-                    "or pass overwrite=True (--overwrite)."
-                ) from None
+        surgery_info = self.surgery or _stage_json(self.dir / "surgery.json", "student_pruned.keras")
         t_params, s_params = stats.count_params(self.teacher), stats.count_params(student)
         t_macs, s_macs = stats.count_macs(self.teacher), stats.count_macs(student)
         table, latency_budget = self._latency()
@@ -1036,6 +1100,13 @@ class _Pipeline:
         speed_budget = table is not None or self.config.target_macs is not None
         if self.config.measure_latency == "always" or (self.config.measure_latency == "auto" and speed_budget):
             latency = {**(latency or {}), **self._measured_latency(student)}
+        calibration = _stage_json(self.dir / "latency_calibration.json", "plan_lasso.json and the stages after it")
+        if latency is not None and calibration is not None and calibration["rounds"]:
+            latency["calibration"] = calibration
+            # the estimate is held to the budget the cut was calibrated to, the timing to the one asked
+            calibrated_budget = calibration["rounds"][calibration["chosen"]]["budget_ms"]
+        else:
+            calibrated_budget = latency_budget
         budgets = {}
         for name, option, teacher_value, reached in (
             ("params", "target_params", t_params, s_params),
@@ -1045,7 +1116,7 @@ class _Pipeline:
             if name == "latency_ms":
                 if latency is None or "student_ms" not in latency:
                     continue
-                target, reached = latency_budget, latency["student_ms"]
+                target, reached = calibrated_budget, latency["student_ms"]
             else:
                 target = _absolute(getattr(self.config, option), teacher_value)
             if target is None:
@@ -1054,6 +1125,8 @@ class _Pipeline:
             met = reached <= target * 1.01
             rounded = (lambda v: float(f"{v:.6g}")) if name == "latency_ms" else (lambda v: int(round(v)))
             budgets[name] = {"target": rounded(target), "reached": rounded(reached), "met": met}
+            if name == "latency_ms" and calibrated_budget != latency_budget:
+                budgets[name] = {"asked": rounded(latency_budget), **budgets[name]}
             if name == "latency_ms" and latency.get("measured"):  # the table's estimate, and the timing
                 budgets[name]["measured"] = rounded(latency["measured"]["student_ms"])
             if not met:
@@ -1093,6 +1166,18 @@ class _Pipeline:
             "stage_seconds": self.timings,
             "layers": surgery.layer_report(self.teacher, student),
         }
+
+
+def _stage_json(path: Path, with_it: str) -> dict | None:
+    """What a stage wrote to the JSON file `path` beside `with_it`, or None where it wrote none."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise WorkDirError(
+            f"{path} is damaged ({e}); delete it and {with_it}, or pass overwrite=True (--overwrite)."
+        ) from None
 
 
 def distill_epochs(config: CompressionConfig, steps_per_epoch: int) -> int:

@@ -66,7 +66,8 @@ def format_report(report: dict) -> str:
     if "agreement" in s:
         lines.append(f"| top-1 agreement with the teacher | | {pct(s['agreement'])} |")
     for name, b in report.get("budgets", {}).items():
-        lines.append(f"| {name} budget | | {b['target']:,}: {'met' if b['met'] else 'NOT met'} |")
+        calibrated = f" (asked {b['asked']:,}, calibrated by timing the cut)" if "asked" in b else ""
+        lines.append(f"| {name} budget | | {b['target']:,}{calibrated}: {'met' if b['met'] else 'NOT met'} |")
     for stage, log in report.get("agreement_in_training", {}).items():
         heldout = f", held out {pct(log['heldout'])}" if log.get("heldout") is not None else ""
         lines.append(f"| agreement in {stage} (last epoch) | | train {pct(log.get('train'))}{heldout} |")

@@ -177,11 +177,11 @@ def _meet_budget(analysis, pricer, comparable, masks, budgets, finish, multiple=
         return used(trial)
 
     limit = _REFINE_SCORE * lost(best)
+    order = per_unit(masks, over[-1])
     for _ in range(_REFINE_ROUNDS):
         kept = finish(best).masks()
         lost_count = {g: int((masks[g] & ~kept[g]).sum()) for g in masks}
         cut = sorted((g for g in masks if lost_count[g] >= step), key=lambda g: -used_with_step_back(kept, g))
-        order = per_unit(masks, over[-1])
         alternatives = []
         for g in cut[:_REFINE_GROUPS]:
             # g may lose only its lowest lost_count[g] - step channels before every other one
