@@ -128,6 +128,11 @@ def test_the_default_is_the_papers_compression():
         CompressionConfig(headroom=0.5).validate()
     with pytest.raises(ValueError, match="measure_latency must be one of"):
         CompressionConfig(measure_latency="yes").validate()
+    with pytest.raises(ValueError, match="calibrate_latency must be True or False"):
+        CompressionConfig(calibrate_latency="yes").validate()
+    # calibrate_latency shapes the student only under a latency budget: only there in the manifest
+    assert "calibrate_latency" not in CompressionConfig(target_macs=0.5).manifest()
+    assert CompressionConfig(target_speedup=2.0).manifest()["calibrate_latency"] is True
 
 
 @pytest.mark.slow

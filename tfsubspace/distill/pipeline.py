@@ -309,8 +309,12 @@ class CompressionConfig:
         return self
 
     def manifest(self) -> dict:
-        """The options that shape the student, for the work_dir manifest."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _PRESENTATION}
+        """The options that shape the student, for the work_dir manifest (calibrate_latency only
+        under a latency budget, where alone it acts, so work dirs made before it resume)."""
+        options = {k: v for k, v in dataclasses.asdict(self).items() if k not in _PRESENTATION}
+        if self.target_speedup is None and self.target_latency_ms is None:
+            del options["calibrate_latency"]
+        return options
 
 
 @dataclasses.dataclass
