@@ -7,6 +7,8 @@ import tensorflow as tf
 
 import tfsubspace
 from tfsubspace.distill import adapt
+from tfsubspace.distill.batchnorm import batchnorm_inputs
+from tfsubspace.models import stats
 
 pytestmark = pytest.mark.auto_adapt  # compress()'s real threshold (tests/conftest.py)
 
@@ -81,14 +83,20 @@ def test_auto_adapts_only_images_from_another_domain(tmp_path):
         adapt.adapt_dataset(teacher, ds, None, mode="sometimes")
 
 
-def test_auto_leaves_images_that_would_take_too_long(monkeypatch, capsys):
+def test_auto_leaves_images_whose_adaptation_is_too_much_work(monkeypatch, capsys):
     teacher, _ = bn_teacher()
-    ds = tf.data.Dataset.from_tensor_slices(sparse_images(300, seed=2)).batch(50)  # 2 batches to adapt
-    monkeypatch.setattr(adapt, "AUTO_MAX_SECONDS", 0.0)
+    ds = tf.data.Dataset.from_tensor_slices(sparse_images(300, seed=2)).batch(50)
+    probe_macs = stats.count_macs(batchnorm_inputs(teacher)[1])
+    work = adapt.adaptation_macs(teacher, 300, 5)
+    assert probe_macs > 0 and work == 300 * 5 * probe_macs
+    # the limit is counted, not timed: just over the work adapts, just under leaves the images
+    monkeypatch.setattr(adapt, "AUTO_MAX_MACS", work)
+    assert adapt.adapt_dataset(teacher, ds, None, mode="auto", steps=5)[2]["images"] == 300
+    monkeypatch.setattr(adapt, "AUTO_MAX_MACS", work - 1)
     out, held, info = adapt.adapt_dataset(teacher, ds, None, mode="auto", steps=5, log=print)
     assert info is None and out is ds
-    assert "would take about" in capsys.readouterr().out  # timed on its first batch
-    assert adapt.adapt_dataset(teacher, ds, None, mode="always", steps=2)[2] is not None  # "always" still adapts
+    assert f"is {work:.2g} multiply-accumulates" in capsys.readouterr().out
+    assert adapt.adapt_dataset(teacher, ds, None, mode="always", steps=5)[2] is not None  # "always" still adapts
 
 
 def test_compress_adds_adapted_images_from_another_domain(tmp_path):

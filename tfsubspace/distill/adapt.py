@@ -34,6 +34,7 @@ from tfsubspace import fileio
 from tfsubspace.data.inputs import images_of
 from tfsubspace.distill.batchnorm import batchnorm_inputs, channel_axis
 from tfsubspace.errors import UnsupportedModelError
+from tfsubspace.models import stats
 
 
 @dataclasses.dataclass
@@ -51,14 +52,6 @@ class Adaptation:
             f"{self.images} images adapted to the teacher's BatchNormalization statistics in {self.steps} steps "
             f"({self.seconds:.0f} s): distance {self.distance_before:.3f} -> {self.distance_after:.3f}"
         )
-
-
-class TooSlow(Exception):
-    """adapt_images would take longer than its max_seconds (estimated from its first batch)."""
-
-    def __init__(self, estimate: float, first: float):
-        super().__init__(f"adapting would take about {estimate:.0f} s")
-        self.estimate, self.first = estimate, first
 
 
 class _Statistics:
@@ -108,7 +101,6 @@ def adapt_images(
     learning_rate: float = 0.05,
     batch_size: int = 200,
     log=None,
-    max_seconds: float | None = None,
 ) -> tuple[np.ndarray, Adaptation]:
     """`images` moved toward the teacher's BatchNormalization statistics (module docstring).
 
@@ -120,8 +112,6 @@ def adapt_images(
         batch_size: images whose statistics are matched together; a batch too small to have
             the statistics of a data set (under about 64) makes every image alike.
         log: a callable taking one progress line per batch, or None.
-        max_seconds: raise TooSlow after the first batch when it took long enough that all the
-            batches would take longer than this.
 
     Returns:
         (adapted images, Adaptation). Deterministic for given inputs.
@@ -135,7 +125,6 @@ def adapt_images(
             f"steps={steps}, batch_size={batch_size}, learning_rate={learning_rate}."
         )
     stats = _Statistics(teacher)
-    batches = -(-len(images) // batch_size)
     lo, hi = float(images.min()), float(images.max())
     step_size = learning_rate * max(hi - lo, 1e-6)
 
@@ -164,10 +153,6 @@ def adapt_images(
         out = descend(batch) if steps else batch
         after.append(float(stats.distance(out)))
         adapted.append(out.numpy())
-        if i == 0 and max_seconds is not None and batches > 1:
-            first = time.perf_counter() - start
-            if first * batches > max_seconds:
-                raise TooSlow(first * batches, first)
         if log is not None:
             log(
                 f"adapt: images {i + 1}-{i + len(batch)} of {len(images)}: BatchNormalization distance "
@@ -180,7 +165,18 @@ def adapt_images(
 ADAPT_MODES = ("auto", "always", "none")
 AUTO_DISTANCE = 0.15  # in-domain images measure 0.04-0.05 on our teachers, other domains 0.39-0.47
 _PROBE_IMAGES, _PROBE_BATCH = 1000, 200  # images auto measures the distance on, and in batches of
-AUTO_MAX_SECONDS = 1800  # auto leaves images whose adaptation it estimates to take longer here
+# auto leaves images whose adaptation_macs exceed this: 2,000 28x28 images for WRN-16-4 (6.0e13) adapt in
+# 10-40 minutes on a 2-core x86 CPU, depending on its load.
+AUTO_MAX_MACS = 1e14
+
+
+def adaptation_macs(teacher: keras.Model, images: int, steps: int) -> int:
+    """The work of adapting `images` images for `steps` steps, in multiply-accumulates: each step runs
+    the teacher up to its BatchNormalization inputs forward (counted here) and back (about as much
+    again) on every image. Counted, not timed, so that compress(adapt="auto") decides the same way on
+    any machine and under any load."""
+    probe = batchnorm_inputs(teacher)[1]
+    return 0 if probe is None else int(images) * int(steps) * stats.count_macs(probe)
 
 
 def _images(batch):
@@ -196,9 +192,9 @@ def adapt_dataset(
     gets the adapted copies of its own images, so no image trains while its copy is held out.
     mode "none" returns (ds, heldout, None). "auto" measures batchnorm_distance on the first images of
     `ds` and adapts only when it is over AUTO_DISTANCE (images from another domain; a teacher
-    without BatchNormalization is left alone) and adapting all of them, estimated from the time
-    of the first batch, takes under AUTO_MAX_SECONDS (30 minutes) on this machine; "always"
-    adapts (and needs BatchNormalization).
+    without BatchNormalization is left alone) and the work of adapting all of them
+    (adaptation_macs) is at most AUTO_MAX_MACS, so the same call decides the same way on any
+    machine; "always" adapts (and needs BatchNormalization).
     Adapting reads `ds` once (its labels, if any, are dropped), adds the adapted copy of every
     image to the originals, and returns a data set of both in one fixed order shuffled by
     `seed`, in batches of `ds`'s size, with a dict describing what was done. The originals
@@ -226,6 +222,15 @@ def adapt_dataset(
     batches = [_images(b) for b in ds]
     batch_size = len(batches[0])
     originals = np.concatenate(batches + ([] if heldout is None else [np.asarray(heldout, np.float32)]))
+    if mode == "auto":
+        work = adaptation_macs(teacher, len(originals), steps)
+        if work > AUTO_MAX_MACS:
+            say(
+                f"adapt: adapting {len(originals)} images for {steps} steps is {work:.2g} multiply-accumulates, over "
+                f"auto's {AUTO_MAX_MACS:.0e} (about 30 minutes on a 2-core CPU): left as they are (adapt='always' "
+                "adapts them; fewer adapt_steps or images fit)"
+            )
+            return ds, heldout, None
     adapted = None
     if cache is not None and os.path.exists(cache):
         adapted = np.load(cache)
@@ -235,17 +240,7 @@ def adapt_dataset(
             say(f"adapt: {len(adapted)} adapted images read back from {cache}")
     info = None
     if adapted is None:
-        try:
-            adapted, result = adapt_images(
-                teacher, originals, steps=steps, log=log, max_seconds=AUTO_MAX_SECONDS if mode == "auto" else None
-            )
-        except TooSlow as e:
-            say(
-                f"adapt: adapting {len(originals)} images would take about {e.estimate / 60:.0f} minutes here (the "
-                f"first batch took {e.first:.0f} s): left as they are (adapt='always' adapts them, adapt_steps sets "
-                "the steps)"
-            )
-            return ds, heldout, None
+        adapted, result = adapt_images(teacher, originals, steps=steps, log=log)
         info = dataclasses.asdict(result)
         say(f"adapt: {result.describe()}")
         if cache is not None:
