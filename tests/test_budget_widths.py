@@ -187,7 +187,8 @@ def test_a_speedup_budget_is_planned_and_reported(tmp_path):
 def test_a_speedup_measured_short_of_the_one_asked_is_warned_about(monkeypatch):
     from tfsubspace.edge import latency
 
-    monkeypatch.setattr(latency, "measure_models", lambda models: [1.0, 0.8])  # 1.25x for 2x asked
+    monkeypatch.setattr(latency, "float32_tflite", lambda model: model)
+    monkeypatch.setattr(latency, "measure_files", lambda files, **kw: [1.0, 0.8])  # 1.25x for 2x asked
     images = np.random.default_rng(4).random((64, 16, 16, 1), "float32")
     with pytest.warns(UserWarning, match="measured 1.25x faster than the teacher's here, more than 10% short"):
         result = tfsubspace.compress(
@@ -208,12 +209,19 @@ def test_a_latency_cut_is_calibrated_by_timing_it(monkeypatch, slower):
 
     monkeypatch.setattr(latency.LatencyTable, "measure", classmethod(lambda cls, model, **kw: synthetic_table(model)))
 
-    def measure_models(models):  # the teacher as the table says, the student `slower`
-        teacher, student = models
+    converted = []
+
+    def float32_tflite(model):  # the model itself stands for its file
+        converted.append(model)
+        return model
+
+    def measure_files(files, **kw):  # the teacher as the table says, the student `slower`
+        teacher, student = files
         table = synthetic_table(teacher)
         return [table.estimate(), slower * table.estimate_model(student)]
 
-    monkeypatch.setattr(latency, "measure_models", measure_models)
+    monkeypatch.setattr(latency, "float32_tflite", float32_tflite)
+    monkeypatch.setattr(latency, "measure_files", measure_files)
     images = np.random.default_rng(6).random((64, 16, 16, 1), "float32")
     result = tfsubspace.compress(
         _wide_conv_model(), images, target_speedup=2.0, epochs=1, recover_epochs=0, stats_batches=2, verbose=0
@@ -226,6 +234,8 @@ def test_a_latency_cut_is_calibrated_by_timing_it(monkeypatch, slower):
         assert r["speedup"] == pytest.approx(r["teacher_ms"] / r["student_ms"])
         assert r["miss"] == pytest.approx(r["speedup"] / 2)
         assert r["student_ms"] == pytest.approx(slower * r["estimated_ms"])
+    # a student per round; the teacher converted once for all rounds, then both for the report
+    assert len(converted) == len(rounds) + 3
     # the timing of the final student is the chosen round's
     assert report["latency"]["measured"]["student_ms"] == pytest.approx(rounds[chosen]["student_ms"], rel=1e-6)
     if slower == 1.0:

@@ -999,14 +999,15 @@ class _Pipeline:
         CALIBRATION_ROUNDS times; the plan timed closest to the budget is kept. Returns it and
         {"rounds": [per timing: the table's budget and estimate (ms), the timings, the speed-up
         and the miss (> 1: faster than asked)], "chosen": its index}."""
-        from tfsubspace.edge.latency import measure_models
+        from tfsubspace.edge.latency import float32_tflite, measure_files
 
         asked, budget_ms = self.config.target_speedup, self._latency_budget
-        plans, rounds = [], []
+        plans, rounds, teacher_file = [], [], None
         for _ in range(CALIBRATION_ROUNDS + 1):
             slim = surgery.apply_plan(student, plan, verify=False).model
-            try:
-                t_ms, s_ms = measure_models([self.teacher, slim])
+            try:  # both timed every round, for a ratio under the same load; the teacher converted once
+                teacher_file = teacher_file or float32_tflite(self.teacher)
+                t_ms, s_ms = measure_files([teacher_file, float32_tflite(slim)])
             except Exception as e:  # noqa: BLE001 - the converter and LiteRT raise many kinds
                 message = f"The final cut could not be timed to calibrate it to the latency budget: {e}"
                 warnings.warn(message, stacklevel=2)

@@ -419,11 +419,16 @@ def measure_models(models: Sequence, *, threads: int = 1, warmup: int = 10, roun
     """The latency (ms) of each Keras model's float32 .tflite (batch 1) here: the fastest invoke,
     the files timed side by side in interleaved rounds, as the table's own timings are, so that
     a ratio of two is a speed-up measured under the same load."""
+    contents = [float32_tflite(model) for model in models]
+    return measure_files(contents, threads=threads, warmup=warmup, rounds=rounds, runs=runs)
+
+
+def float32_tflite(model) -> bytes:
+    """The float32 .tflite (batch 1) of a Keras model that measure_models times, for measure_files."""
     from tfsubspace.edge.convert import convert, with_batch_size
 
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints every file it saves
-        contents = [convert(with_batch_size(model, 1), "float32") for model in models]
-    return measure_files(contents, threads=threads, warmup=warmup, rounds=rounds, runs=runs)
+        return convert(with_batch_size(model, 1), "float32")
 
 
 # ---------------------------------------------------------------------------------------------
