@@ -752,19 +752,9 @@ class _Pipeline:
     def _spectra(self) -> dict:
         """The subspace stage's spectra: from this run, or from spectra.json on a resumed one."""
         if self.spectra is None:
-            path = self.dir / "spectra.json"
-            try:
-                spectra = json.loads(path.read_text())
-                if not isinstance(spectra, dict) or not all(
-                    isinstance(v, dict) and {"tap", "mean_square"} <= set(v) for v in spectra.values()
-                ):
-                    raise ValueError("not a mapping of group -> {tap, mean_square, ...}")
-            except (OSError, ValueError) as e:
-                raise WorkDirError(
-                    f"{path} is missing or damaged ({e}); delete plan_subspace.json and the stages "
-                    "after it, or pass overwrite=True (--overwrite)."
-                ) from None
-            self.spectra = spectra
+            self.spectra = _stage_json(
+                self.dir / "spectra.json", "plan_subspace.json and the stages after it", valid=_spectra_valid
+            )
         return self.spectra
 
     def _train(self, student, name, epochs, learning_rate, lasso_weight, keep_best=False):
@@ -1173,16 +1163,27 @@ class _Pipeline:
         }
 
 
-def _stage_json(path: Path, with_it: str) -> dict | None:
-    """What a stage wrote to the JSON file `path` beside `with_it`, or None where it wrote none."""
-    if not path.exists():
+def _stage_json(path: Path, with_it: str, *, valid=None) -> dict | None:
+    """What a stage wrote to the JSON file `path` beside `with_it`: None where it wrote none, unless
+    `valid` (a check that raises ValueError) is given, which makes the file required."""
+    if valid is None and not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except ValueError as e:
+        content = json.loads(path.read_text())
+        if valid is not None:
+            valid(content)
+        return content
+    except (OSError, ValueError) as e:
         raise WorkDirError(
-            f"{path} is damaged ({e}); delete it and {with_it}, or pass overwrite=True (--overwrite)."
+            f"{path} is missing or damaged ({e}); delete it and {with_it}, or pass overwrite=True (--overwrite)."
         ) from None
+
+
+def _spectra_valid(spectra) -> None:
+    if not isinstance(spectra, dict) or not all(
+        isinstance(v, dict) and {"tap", "mean_square"} <= set(v) for v in spectra.values()
+    ):
+        raise ValueError("not a mapping of group -> {tap, mean_square, ...}")
 
 
 def distill_epochs(config: CompressionConfig, steps_per_epoch: int) -> int:
