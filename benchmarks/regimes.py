@@ -166,7 +166,7 @@ def main(argv):
             keras.utils.set_random_seed(_SEED.value)
             train_ds = ds
             if method.endswith("_adapt") and method not in _TFSUBSPACE:  # the peers on the same images
-                cache = work.parent / "adapted_images_peers.npy"  # adapted once for both peers
+                cache = work.parent / "adapted_images_peers.npz"  # adapted once for both peers
                 train_ds = adapt.adapt_dataset(teacher, ds, mode="always", seed=_SEED.value, cache=cache, log=print)[0]
             # as many steps as compress()'s default distillation plus its recovery (2 epochs)
             steps = math.ceil(n / 32) * (1 if train_ds is ds else 2)  # adapted copies double the images

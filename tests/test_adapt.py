@@ -59,7 +59,7 @@ def test_auto_adapts_only_images_from_another_domain(tmp_path):
     other = sparse_images(200, seed=2)
     heldout = other[:20]
     ds = tf.data.Dataset.from_tensor_slices((other[20:], np.zeros(180, "int32"))).batch(40)  # labels are dropped
-    cache = tmp_path / "adapted.npy"
+    cache = tmp_path / "adapted.npz"
     out, held, info = adapt.adapt_dataset(teacher, ds, heldout, mode="auto", steps=20, cache=cache)
     images = np.concatenate(list(out.as_numpy_iterator()))
     assert images.shape == (360, 10, 10, 1) and next(iter(out)).shape[0] == 40
@@ -73,6 +73,11 @@ def test_auto_adapts_only_images_from_another_domain(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(out2.as_numpy_iterator())), images)
     np.testing.assert_array_equal(held2, held)
     assert "distance_after" not in info2
+    # the same number of images in another order is adapted again, each copy beside its own image
+    swapped = np.concatenate([heldout[10:], heldout[:10]])
+    out3, held3, info3 = adapt.adapt_dataset(teacher, ds, swapped, mode="auto", steps=20, cache=cache)
+    assert "distance_after" in info3
+    np.testing.assert_allclose(held3[20:], np.concatenate([held[30:], held[20:30]]), atol=1e-5)
     # "none" never adapts; a teacher without BatchNormalization cannot be adapted to
     assert adapt.adapt_dataset(teacher, ds, None, mode="none")[2] is None
     plain = keras.Sequential([keras.Input((10, 10, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
@@ -109,7 +114,7 @@ def test_compress_adds_adapted_images_from_another_domain(tmp_path):
     assert report["adaptation"]["images"] == 160 and report["adaptation"]["steps"] == 10
     held = report["heldout_images"]
     assert held > 0 and held % 2 == 0  # the held-out images and their adapted copies
-    assert (tmp_path / "run" / "adapted_images.npy").exists()
+    assert (tmp_path / "run" / "adapted_images.npz").exists()
     off = tfsubspace.compress(teacher, other, width_ratio=0.5, epochs=1, recover_epochs=0, adapt="none", verbose=0)
     assert off.report["adaptation"] is None
     with pytest.raises(ValueError, match="adapt must be one of"):

@@ -23,6 +23,7 @@ compress(adapt="auto") decides whether to adapt.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import time
 
@@ -183,6 +184,21 @@ def _images(batch):
     return np.asarray(images_of(batch), np.float32)
 
 
+def _fingerprint(originals: np.ndarray, steps: int) -> str:
+    digest = hashlib.sha256(repr((originals.shape, str(originals.dtype), steps)).encode())
+    digest.update(np.ascontiguousarray(originals).tobytes())
+    return digest.hexdigest()
+
+
+def _read_cache(path, fingerprint: str) -> np.ndarray | None:
+    """The adapted images a cache file holds for the images of `fingerprint`, or None."""
+    try:
+        with np.load(path) as saved:
+            return saved["adapted"] if str(saved["fingerprint"]) == fingerprint else None
+    except (OSError, ValueError, KeyError, EOFError):  # damaged, or another format
+        return None
+
+
 def adapt_dataset(
     teacher: keras.Model, ds, heldout=None, *, mode: str = "auto", steps: int = 100, seed: int = 0, cache=None, log=None
 ):
@@ -199,7 +215,9 @@ def adapt_dataset(
     image to the originals, and returns a data set of both in one fixed order shuffled by
     `seed`, in batches of `ds`'s size, with a dict describing what was done. The originals
     stay: the student learns the teacher on the user's images and on their adapted copies.
-    `cache` (a .npy path) keeps the adapted images, so a resumed run reads them back.
+    `cache` (a .npz path) keeps the adapted images with a fingerprint of the images and steps they
+    came from, so a resumed run reads them back, and only for the same images in the same order
+    (a copy paired with another image would let a held-out image's copy train).
     """
     if mode not in ADAPT_MODES:
         raise ValueError(f"adapt must be one of {ADAPT_MODES}. Received: adapt={mode!r}")
@@ -231,11 +249,11 @@ def adapt_dataset(
                 "adapts them; fewer adapt_steps or images fit)"
             )
             return ds, heldout, None
-    adapted = None
+    adapted, fingerprint = None, _fingerprint(originals, steps)
     if cache is not None and os.path.exists(cache):
-        adapted = np.load(cache)
-        if adapted.shape != originals.shape:
-            adapted = None
+        adapted = _read_cache(cache, fingerprint)
+        if adapted is None:
+            say(f"adapt: {cache} holds the adapted copies of other images (or is damaged): adapting again")
         else:
             say(f"adapt: {len(adapted)} adapted images read back from {cache}")
     info = None
@@ -245,7 +263,7 @@ def adapt_dataset(
         say(f"adapt: {result.describe()}")
         if cache is not None:
             with fileio.atomic_path(cache) as tmp, open(tmp, "wb") as f:
-                np.save(f, adapted)
+                np.savez(f, adapted=adapted, fingerprint=np.array(fingerprint))
     train = len(originals) - (0 if heldout is None else len(heldout))
     images = np.concatenate([originals[:train], adapted[:train]])
     order = np.random.default_rng(seed).permutation(len(images))

@@ -333,7 +333,7 @@ class CompressionResult:
 
 
 # every file and folder compress() writes into work_dir (what overwrite=True removes)
-_ADAPTED = "adapted_images.npy"
+_ADAPTED = "adapted_images.npz"
 _PRODUCED = (
     _ADAPTED,
     "plan_subspace.json",
