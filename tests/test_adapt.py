@@ -91,16 +91,17 @@ def test_auto_adapts_only_images_from_another_domain(tmp_path):
 def test_auto_leaves_images_whose_adaptation_is_too_much_work(monkeypatch, capsys):
     teacher, _ = bn_teacher()
     ds = tf.data.Dataset.from_tensor_slices(sparse_images(300, seed=2)).batch(50)
-    probe_macs = stats.count_macs(batchnorm_inputs(teacher)[1])
-    work = adapt.adaptation_macs(teacher, 300, 5)
-    assert probe_macs > 0 and work == 300 * 5 * probe_macs
+    probe = batchnorm_inputs(teacher)[1]
+    per_image_step = stats.count_macs(probe) + adapt.OUTPUT_MACS * stats.count_outputs(probe)
+    work = adapt.adaptation_work(teacher, 300, 5)
+    assert stats.count_macs(probe) > 0 and work == 300 * 5 * per_image_step
     # the limit is counted, not timed: just over the work adapts, just under leaves the images
-    monkeypatch.setattr(adapt, "AUTO_MAX_MACS", work)
+    monkeypatch.setattr(adapt, "AUTO_MAX_WORK", work)
     assert adapt.adapt_dataset(teacher, ds, None, mode="auto", steps=5)[2]["images"] == 300
-    monkeypatch.setattr(adapt, "AUTO_MAX_MACS", work - 1)
+    monkeypatch.setattr(adapt, "AUTO_MAX_WORK", work - 1)
     out, held, info = adapt.adapt_dataset(teacher, ds, None, mode="auto", steps=5, log=print)
     assert info is None and out is ds
-    assert f"is {work:.2g} multiply-accumulates" in capsys.readouterr().out
+    assert f"is {work:.2g} MAC-equivalents" in capsys.readouterr().out
     assert adapt.adapt_dataset(teacher, ds, None, mode="always", steps=5)[2] is not None  # "always" still adapts
 
 

