@@ -116,6 +116,19 @@ def test_two_workers_on_localhost_find_the_single_process_plan(teacher_path, tmp
     assert not list(tmp_path.glob("tfsubspace-worker-*"))
 
 
+def test_a_workers_copy_leaves_out_the_files_the_chief_is_writing(tmp_path, monkeypatch):
+    # the chief claims its work dir (the manifest, written through a .tmp- file) while the other
+    # worker copies it: a copy with the temporary file and no manifest would be refused
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "student_init.keras").write_bytes(b"stage")
+    (work / ".tmp-x1-manifest.json").write_text("{")
+    monkeypatch.setattr(distribute, "is_chief", lambda strategy=None: False)
+    with distribute.private_work_dir(work, strategy=object()) as copy:
+        assert copy != work and sorted(p.name for p in copy.iterdir()) == ["student_init.keras"]
+    assert not copy.exists()
+
+
 @pytest.mark.slow
 def test_a_lost_worker_is_reported(teacher_path, tmp_path):
     # The timeout (collectives and heartbeats) must outlast a worker's lag on a loaded machine (CI
