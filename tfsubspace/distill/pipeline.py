@@ -336,6 +336,7 @@ class CompressionResult:
 _ADAPTED = "adapted_images.npz"
 _PRODUCED = (
     _ADAPTED,
+    "adapted_images.npy",  # the cache's earlier format, without the fingerprint (overwrite removes it)
     "plan_subspace.json",
     "spectra.json",
     "spectra.png",
