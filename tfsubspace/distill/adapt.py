@@ -186,7 +186,8 @@ def adaptation_work(teacher: keras.Model, images: int, steps: int) -> int:
     probe = batchnorm_inputs(teacher)[1]
     if probe is None:
         return 0
-    return int(images) * int(steps) * (stats.count_macs(probe) + OUTPUT_MACS * stats.count_outputs(probe))
+    per_image_step = sum(row.macs + OUTPUT_MACS * row.outputs for row in stats.layer_stats(probe))
+    return int(images) * int(steps) * per_image_step
 
 
 def _images(batch):
