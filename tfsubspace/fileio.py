@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+TEMPORARY = ".tmp-*"  # the names of atomic_path's temporary files (a glob pattern)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -28,9 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".tmp-*-{glob.escape(path.name)}"):
+    for stale in path.parent.glob(f"{TEMPORARY}-{glob.escape(path.name)}"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=f"-{path.name}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMPORARY.rstrip("*"), suffix=f"-{path.name}")
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions

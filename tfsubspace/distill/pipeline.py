@@ -356,7 +356,7 @@ _PRODUCED = (
     "recover_backup",
     "*_best.weights.h5",
     "*_best.json",
-    ".tmp-*",
+    fileio.TEMPORARY,
 )
 
 

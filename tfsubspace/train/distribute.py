@@ -24,6 +24,7 @@ from pathlib import Path
 
 import keras
 
+from tfsubspace import fileio
 from tfsubspace.errors import TfSubspaceError
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -109,15 +110,15 @@ def is_chief(strategy=None) -> bool:
 def private_work_dir(work_dir, strategy=None):
     """`work_dir` on the chief; on other workers a temporary copy of it (so they resume from
     the chief's checkpoints), removed afterwards: only the chief's writes last. The copy leaves
-    out the files the chief is writing at that moment (fileio.atomic_path's `.tmp-*`): a copy
-    made while the chief writes its manifest would otherwise hold a stage file and no manifest,
-    which the worker's claim refuses."""
+    out the files the chief is writing at that moment (fileio.TEMPORARY): a copy made while the
+    chief writes its manifest would otherwise hold a stage file and no manifest, which the
+    worker's claim refuses."""
     if is_chief(strategy):
         yield Path(work_dir)
         return
     with tempfile.TemporaryDirectory(prefix="tfsubspace-worker-") as tmp:
         if Path(work_dir).exists():
-            shutil.copytree(work_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".tmp-*"))
+            shutil.copytree(work_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(fileio.TEMPORARY))
         yield Path(tmp)
 
 
