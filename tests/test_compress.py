@@ -160,10 +160,10 @@ def test_mac_budget(teacher_and_data, tmp_path):
 def test_a_model_that_cannot_be_timed_keeps_its_student(teacher_and_data, monkeypatch):
     from tfsubspace.edge import latency
 
-    def fail(models):
+    def fail(model):
         raise RuntimeError("no converter here")
 
-    monkeypatch.setattr(latency, "measure_models", fail)
+    monkeypatch.setattr(latency, "float32_tflite", fail)
     teacher, _, ds, _ = teacher_and_data
     with pytest.warns(UserWarning, match="could not be timed for the report: no converter here"):
         result = tfsubspace.compress(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -843,14 +844,21 @@ class _Pipeline:
             self.log(f"{name}: teacher and student see the same views ({', '.join(parse(self.config.augment, shape))})")
         return layer
 
+    @functools.cached_property
+    def _teacher_tflite(self) -> bytes:
+        """The teacher's float32 .tflite that every timing here compares a student with, converted once."""
+        from tfsubspace.edge.latency import float32_tflite
+
+        return float32_tflite(self.teacher)
+
     def _measured_latency(self, student) -> dict:
         """{"machine", "measured": teacher's and student's float32 .tflite latency and speed-up},
         timed side by side here; warns when the speed-up is short of target_speedup."""
-        from tfsubspace.edge.latency import machine, measure_models
+        from tfsubspace.edge.latency import float32_tflite, machine, measure_files
 
         self.log("latency: timing the teacher's and the student's float32 .tflite files here")
         try:
-            t_ms, s_ms = measure_models([self.teacher, student])
+            t_ms, s_ms = measure_files([self._teacher_tflite, float32_tflite(student)])
         except Exception as e:  # noqa: BLE001 - a timing for the report must not lose the trained student
             warnings.warn(f"The float32 .tflite files could not be timed for the report: {e}", stacklevel=2)
             return {"measured": None}
@@ -993,12 +1001,11 @@ class _Pipeline:
         from tfsubspace.edge.latency import float32_tflite, measure_files
 
         asked, budget_ms = self.config.target_speedup, self._latency_budget
-        plans, rounds, teacher_file = [], [], None
+        plans, rounds = [], []
         for _ in range(CALIBRATION_ROUNDS + 1):
             slim = surgery.apply_plan(student, plan, verify=False).model
-            try:  # both timed every round, for a ratio under the same load; the teacher converted once
-                teacher_file = teacher_file or float32_tflite(self.teacher)
-                t_ms, s_ms = measure_files([teacher_file, float32_tflite(slim)])
+            try:  # both timed every round, for a ratio under the same load
+                t_ms, s_ms = measure_files([self._teacher_tflite, float32_tflite(slim)])
             except Exception as e:  # noqa: BLE001 - the converter and LiteRT raise many kinds
                 message = f"The final cut could not be timed to calibrate it to the latency budget: {e}"
                 warnings.warn(message, stacklevel=2)
