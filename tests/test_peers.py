@@ -253,6 +253,46 @@ def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_funct
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
+def test_quantization_aware_training_starts_from_the_float_models_function():
+    # Before its first step the fake-quantized model must already compute what the float model
+    # does (as post-training int8 would). A Rescaling makes quantize_apply retry, which renames
+    # its input quantizer quantize_layer_1: its range once stayed at TFMOT's [0, 0], every image
+    # was quantized to the same constant and training started from a model that agreed ~10%.
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, tf_keras
+        from tfsubspace.peers import tfmot_jobs
+        tf_keras.utils.set_random_seed(0)
+        inputs = tf_keras.Input((8, 8, 1))
+        x = tf_keras.layers.Rescaling(1 / 127.5, offset=-1, name="to_unit")(inputs)
+        x = tf_keras.layers.Conv2D(8, 3, padding="same", name="conv")(x)
+        x = tf_keras.layers.BatchNormalization(name="bn")(x)
+        x = tf_keras.layers.ReLU(6.0, name="relu")(x)
+        x = tf_keras.layers.GlobalAveragePooling2D()(x)
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(4, name="logits")(x))
+        images = np.random.default_rng(0).uniform(0, 255, (256, 8, 8, 1)).astype("float32")
+        quantized = tfmot_jobs._quantized(model)
+        names = [layer.name for layer in quantized.layers]
+        assert "quantize_layer_1" in names, names  # the retry this test is about
+        tfmot_jobs._calibrate_ranges(quantized, model, tf.data.Dataset.from_tensor_slices(images).batch(64))
+        expected = model(images, training=False).numpy()
+        got = quantized(images, training=False).numpy()
+        error = np.sqrt(np.mean((got - expected) ** 2) / np.mean(expected**2))
+        assert error < 0.05, error
+        print("ok")
+    """)
+    run = subprocess.run(
+        [TFMOT_PYTHON, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
 def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
     from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
 

@@ -80,8 +80,10 @@ def run_job(path: str | os.PathLike) -> None:
 
 def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> None:
     """Starts every activation range of `quantized` at the range the float model's layer
-    outputs take on `batches` batches. TFMOT starts them at [-6, 6] and moves them by a slow
-    moving average, so a short QAT run would keep clipping wide activations such as logits."""
+    outputs take on `batches` batches, and its input quantizer at the images' range. TFMOT
+    starts the activation ranges at [-6, 6] and moves them by a slow moving average, so a short
+    QAT run would keep clipping wide activations such as logits; it starts the input range at
+    [0, 0], so before its first training step the model sees a constant image."""
     import tf_keras
 
     layers = [layer for layer in float_model.layers if not isinstance(layer, tf_keras.layers.InputLayer)]
@@ -94,18 +96,23 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
         lo, hi = [float(v.min()) for v in values], [float(v.max()) for v in values]
         low = lo if low is None else np.minimum(low, lo)
         high = hi if high is None else np.maximum(high, hi)
-    ranges = {"quantize_layer": (low[0], high[0])}
-    ranges.update({f"quant_{layer.name}": (low[i + 1], high[i + 1]) for i, layer in enumerate(layers)})
+    ranges = {f"quant_{layer.name}": (low[i + 1], high[i + 1]) for i, layer in enumerate(layers)}
     for layer in quantized.layers:
-        if layer.name not in ranges:
+        # quantize_apply names its input quantizer quantize_layer, quantize_layer_1 after a retry
+        # (see _quantized), and its range variables after it: LAYER_min, LAYER_max
+        is_input = type(layer).__name__ == "QuantizeLayer"
+        if not is_input and layer.name not in ranges:
             continue
-        lo, hi = min(0.0, ranges[layer.name][0]), max(0.0, ranges[layer.name][1])
+        lo, hi = (low[0], high[0]) if is_input else ranges[layer.name]
+        lo, hi = min(0.0, lo), max(0.0, hi)
+        if is_input:
+            targets = {f"{layer.name}_min": lo, f"{layer.name}_max": hi}
+        else:
+            targets = {"post_activation_min": lo, "output_min": lo, "post_activation_max": hi, "output_max": hi}
         for w in layer.weights:
             short = w.name.split("/")[-1].split(":")[0]
-            if short in ("post_activation_min", "output_min", "quantize_layer_min"):
-                w.assign(lo)
-            elif short in ("post_activation_max", "output_max", "quantize_layer_max"):
-                w.assign(hi)
+            if short in targets:
+                w.assign(targets[short])
 
 
 def _quantized(model):
