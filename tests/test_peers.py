@@ -293,6 +293,43 @@ def test_quantization_aware_training_starts_from_the_float_models_function():
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.tfmot
+def test_quantization_aware_training_rounds_each_depthwise_channel_on_its_own_scale():
+    # The TFLite converter gives a depthwise kernel one scale per channel; TFMOT's default one
+    # per depth multiplier (tensorflow/model-optimization#808): one for all channels, which
+    # rounds a channel of small weights to zero in training that the int8 file keeps.
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, tf_keras
+        from tfsubspace.peers import tfmot_jobs
+        inputs = tf_keras.Input((6, 6, 2))
+        x = tf_keras.layers.DepthwiseConv2D(3, use_bias=False, name="dw")(inputs)
+        x = tf_keras.layers.BatchNormalization(name="bn")(x)  # the MobileNet block's order
+        model = tf_keras.Model(inputs, tf_keras.layers.ReLU(6.0, name="relu")(x))
+        kernel = np.random.default_rng(0).uniform(0.5, 1.0, (3, 3, 2, 1)).astype("float32")
+        kernel[:, :, 1] *= 1e-3  # a channel of small weights beside one of large ones
+        model.get_layer("dw").set_weights([kernel])
+        quantized = tfmot_jobs._quantized(model)
+        wrapper = quantized.get_layer("quant_dw")
+        assert type(wrapper.quantize_config).__name__ == "DepthwiseQuantizeConfig"
+        quantizer = wrapper.quantize_config.get_weights_and_quantizers(wrapper.layer)[0][1]
+        rounded = quantizer(tf.constant(kernel), training=False, weights={}).numpy()
+        for channel in range(2):
+            error = np.abs(rounded[:, :, channel] - kernel[:, :, channel]).max() / np.abs(kernel[:, :, channel]).max()
+            assert error <= 0.5 / 127 + 1e-6, (channel, error)  # half a step of its own scale
+        print("ok")
+    """)
+    run = subprocess.run(
+        [TFMOT_PYTHON, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
 def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
     from tfsubspace.errors import TfSubspaceError, UnsupportedModelError
 
@@ -330,8 +367,12 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     runner = runtime.TFLiteRunner(result.path)
     assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
     assert list(runner.input["shape_signature"]) == [1, 28, 28, 1]  # static batch 1, as export() writes
-    # the Rescaling is one MUL; the BatchNormalizations stay folded into the convolutions (quantize_model folds them)
-    assert runtime.inspect(result.path)["ops"].count("MUL") == 1
+    # the trained weights are quantized as post-training int8 quantizes the float model: the same ops (the
+    # Rescaling and the BatchNormalizations folded away), only other weights
+    images = np.concatenate([x for x, _ in train.take(4)])
+    plain = convert.convert(convert.with_batch_size(model, 1), "int8", calibration=images)
+    assert runtime.inspect(result.path)["ops"] == runtime.inspect(plain)["ops"]
+    assert "MUL" not in runtime.inspect(result.path)["ops"]
     with pytest.raises(convert.ExportError, match="make tfmot"):
         qat.export_qat(model, tmp_path, train, python=tmp_path / "no-python")
 

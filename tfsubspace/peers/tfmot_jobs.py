@@ -80,10 +80,11 @@ def run_job(path: str | os.PathLike) -> None:
 
 def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> None:
     """Starts every activation range of `quantized` at the range the float model's layer
-    outputs take on `batches` batches, and its input quantizer at the images' range. TFMOT
-    starts the activation ranges at [-6, 6] and moves them by a slow moving average, so a short
-    QAT run would keep clipping wide activations such as logits; it starts the input range at
-    [0, 0], so before its first training step the model sees a constant image."""
+    outputs take on `batches` batches, its input quantizer at the images' range and its kernel
+    ranges at the kernels'. TFMOT starts the activation ranges at [-6, 6] and moves them by a
+    slow moving average, so a short QAT run would keep clipping wide activations such as
+    logits; it starts the input range at [0, 0] and the kernel ranges at [-6, 6], so before its
+    first training step the model sees a constant image through kernels rounded to zero."""
     import tf_keras
 
     layers = [layer for layer in float_model.layers if not isinstance(layer, tf_keras.layers.InputLayer)]
@@ -98,6 +99,12 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
         high = hi if high is None else np.maximum(high, hi)
     ranges = {f"quant_{layer.name}": (low[i + 1], high[i + 1]) for i, layer in enumerate(layers)}
     for layer in quantized.layers:
+        weights = {w.name.split("/")[-1].split(":")[0]: w for w in layer.weights}
+        for short, w in weights.items():  # a kernel's range follows the kernel only in training: start it there
+            if short in ("kernel_min", "kernel_max") and "kernel" in weights:
+                kernel = np.abs(weights["kernel"].numpy())
+                largest = kernel.max() if len(w.shape) == 0 else kernel.reshape(-1, kernel.shape[-1]).max(0)
+                w.assign(-largest if short == "kernel_min" else largest)
         # quantize_apply names its input quantizer quantize_layer, quantize_layer_1 after a retry
         # (see _quantized), and its range variables after it: LAYER_min, LAYER_max
         is_input = type(layer).__name__ == "QuantizeLayer"
@@ -115,11 +122,82 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
                 w.assign(targets[short])
 
 
+def _quantize_classes():
+    """(the scheme, and the custom objects of quantize_scope) that quantize_apply uses here:
+    TFMOT's default 8-bit scheme, but a DepthwiseConv2D kernel gets one scale per channel, as
+    the TFLite converter gives it. TFMOT's per-axis quantizer takes the kernel's last axis, the
+    depth multiplier (tensorflow/model-optimization#808): one scale for every channel, so
+    training rounds the channels of small weights to a few steps the int8 file does not have."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    quantization = tfmot.quantization.keras
+
+    class DepthwiseKernelQuantizer(quantization.quantizers.Quantizer):
+        """8-bit symmetric fake quantization (narrow range), a scale per kernel channel."""
+
+        def build(self, tensor_shape, name, layer):
+            return {}
+
+        def __call__(self, inputs, training, weights, **kwargs):
+            channels = int(inputs.shape[-2]) * int(inputs.shape[-1])  # input channels x depth multiplier
+            flat = tf.reshape(inputs, [-1, channels])
+            largest = tf.stop_gradient(tf.maximum(tf.reduce_max(tf.abs(flat), axis=0), 1e-8))
+            rounded = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+                flat, -largest, largest, num_bits=8, narrow_range=True
+            )
+            return tf.reshape(rounded, tf.shape(inputs))
+
+        def get_config(self):
+            return {}
+
+    class DepthwiseQuantizeConfig(quantization.QuantizeConfig):
+        """The default 8-bit config of DepthwiseConv2D with DepthwiseKernelQuantizer."""
+
+        def get_weights_and_quantizers(self, layer):
+            return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
+
+        def get_activations_and_quantizers(self, layer):
+            quantizer = quantization.quantizers.MovingAverageQuantizer(
+                num_bits=8, per_axis=False, symmetric=False, narrow_range=False
+            )
+            return [(layer.activation, quantizer)]
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            layer.depthwise_kernel = quantize_weights[0]
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            layer.activation = quantize_activations[0]
+
+        def get_output_quantizers(self, layer):
+            return []
+
+        def get_config(self):
+            return {}
+
+    class Registry(quantization.default_8bit.Default8BitQuantizeRegistry):
+        def get_quantize_config(self, layer):
+            if isinstance(layer, tf_keras.layers.DepthwiseConv2D):
+                return DepthwiseQuantizeConfig()
+            return super().get_quantize_config(layer)
+
+    class Scheme(quantization.default_8bit.Default8BitQuantizeScheme):
+        def get_quantize_registry(self):
+            return Registry()
+
+    return Scheme(), {
+        "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
+        "DepthwiseQuantizeConfig": DepthwiseQuantizeConfig,
+    }
+
+
 def _quantized(model):
-    """tfmot's quantize_model(model), where a layer its default 8-bit scheme refuses (Rescaling,
-    most often: the input scaling of many Keras models) gets only its output fake-quantized, as
-    the int8 converter will quantize that op's output. Everything else is quantize_model's own
-    choice, its Conv -> BatchNormalization folding included."""
+    """tfmot's quantize_model(model) with per-channel depthwise kernels (_quantize_classes), where a
+    layer its default 8-bit scheme refuses (Rescaling, most often: the input scaling of many
+    Keras models) gets only its output fake-quantized, as the int8 converter will quantize that
+    op's output. Everything else is quantize_model's own choice, its Conv -> BatchNormalization
+    folding included."""
     import re
 
     import tensorflow_model_optimization as tfmot
@@ -150,6 +228,7 @@ def _quantized(model):
             return {}
 
     refused = set()
+    scheme, custom = _quantize_classes()
 
     def annotate(layer):
         if isinstance(layer, tf_keras.layers.InputLayer):
@@ -158,8 +237,9 @@ def _quantized(model):
 
     while True:  # quantize_apply names one refused layer at a time, after its own rewrites
         try:
-            with quantization.quantize_scope({"OutputOnly": OutputOnly}):
-                return quantization.quantize_apply(tf_keras.models.clone_model(model, clone_function=annotate))
+            with quantization.quantize_scope({"OutputOnly": OutputOnly, **custom}):
+                annotated = tf_keras.models.clone_model(model, clone_function=annotate)
+                return quantization.quantize_apply(annotated, scheme)
         except RuntimeError as e:
             found = re.match(r"Layer (.+?):<class", str(e))
             if found is None or found.group(1) in refused:
@@ -179,7 +259,8 @@ def quantization_aware_training(
     verbose="auto",
 ) -> Path:
     """Fine-tunes the student with fake quantization against the teacher's softened outputs
-    (no labels), then writes it as a full-int8 .tflite (int8 input and output).
+    (no labels), then writes its trained float weights as a full-int8 .tflite (int8 input and
+    output; post-training quantization of the trained model, see _trained_float).
 
     Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
     layers are frozen: in training mode they would normalize by batch statistics and drift
@@ -199,7 +280,22 @@ def quantization_aware_training(
     quantized.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature))
     pairs = _images(ds).map(lambda x: (x, teacher(x, training=False)))
     quantized.fit(pairs, epochs=epochs, verbose=verbose)
-    return fileio.write_bytes(out_path, _int8_tflite(quantized, ds))
+    return fileio.write_bytes(out_path, _int8_tflite(_trained_float(quantized, student), ds))
+
+
+def _trained_float(quantized, model):
+    """`model` with the weights QAT trained in `quantized` (matched by variable name), for the
+    int8 converter to quantize as it quantizes any float model. The per-channel depthwise fake
+    quantization (_quantize_classes) is what the converter does to those kernels, but it cannot
+    convert that op itself; the activations get their ranges from calibration."""
+    trained = {w.name: w for w in quantized.weights}
+    for layer in model.layers:
+        missing = [w.name for w in layer.weights if w.name not in trained]
+        if missing:
+            raise ValueError(f"QAT model has no weights {missing} of layer {layer.name!r}")
+        if layer.weights:
+            layer.set_weights([trained[w.name].numpy() for w in layer.weights])
+    return model
 
 
 def _with_batchnorm_reestimated(model, ds, batches: int = 50):
