@@ -295,17 +295,21 @@ def test_quantization_aware_training_starts_from_the_float_models_function():
 
 @pytest.mark.slow
 @pytest.mark.tfmot
-def test_quantization_aware_training_rounds_each_depthwise_channel_on_its_own_scale():
+def test_quantization_aware_training_rounds_every_kernel_as_the_int8_file_does():
     # The TFLite converter gives a depthwise kernel one scale per channel; TFMOT's default one
     # per depth multiplier (tensorflow/model-optimization#808): one for all channels, which
-    # rounds a channel of small weights to zero in training that the int8 file keeps.
+    # rounds a channel of small weights to zero in training that the int8 file keeps. And
+    # TFMOT leaves a convolution that feeds a separate ReLU layer wholly unquantized, its
+    # kernel included.
     code = textwrap.dedent("""
         import numpy as np, tensorflow as tf, tf_keras
         from tfsubspace.peers import tfmot_jobs
         inputs = tf_keras.Input((6, 6, 2))
         x = tf_keras.layers.DepthwiseConv2D(3, use_bias=False, name="dw")(inputs)
         x = tf_keras.layers.BatchNormalization(name="bn")(x)  # the MobileNet block's order
-        model = tf_keras.Model(inputs, tf_keras.layers.ReLU(6.0, name="relu")(x))
+        x = tf_keras.layers.ReLU(6.0, name="relu6")(x)
+        x = tf_keras.layers.Conv2D(4, 1, name="pw")(x)
+        model = tf_keras.Model(inputs, tf_keras.layers.ReLU(name="relu")(x))
         kernel = np.random.default_rng(0).uniform(0.5, 1.0, (3, 3, 2, 1)).astype("float32")
         kernel[:, :, 1] *= 1e-3  # a channel of small weights beside one of large ones
         model.get_layer("dw").set_weights([kernel])
@@ -317,6 +321,9 @@ def test_quantization_aware_training_rounds_each_depthwise_channel_on_its_own_sc
         for channel in range(2):
             error = np.abs(rounded[:, :, channel] - kernel[:, :, channel]).max() / np.abs(kernel[:, :, channel]).max()
             assert error <= 0.5 / 127 + 1e-6, (channel, error)  # half a step of its own scale
+        pointwise = quantized.get_layer("quant_pw")
+        assert [w.name for w in pointwise.weights if "kernel_m" in w.name], pointwise.weights  # its kernel's range
+        assert pointwise.quantize_config.get_weights_and_quantizers(pointwise.layer)
         print("ok")
     """)
     run = subprocess.run(

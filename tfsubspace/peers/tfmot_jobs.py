@@ -124,10 +124,11 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
 
 def _quantize_classes():
     """(the scheme, and the custom objects of quantize_scope) that quantize_apply uses here:
-    TFMOT's default 8-bit scheme, but a DepthwiseConv2D kernel gets one scale per channel, as
-    the TFLite converter gives it. TFMOT's per-axis quantizer takes the kernel's last axis, the
-    depth multiplier (tensorflow/model-optimization#808): one scale for every channel, so
-    training rounds the channels of small weights to a few steps the int8 file does not have."""
+    TFMOT's default 8-bit scheme, but every kernel is rounded as the TFLite converter rounds it.
+    TFMOT's per-axis quantizer takes a DepthwiseConv2D kernel's last axis, the depth multiplier
+    (tensorflow/model-optimization#808): one scale for every channel, so training rounded the
+    channels of small weights to a few steps the int8 file does not have; and a layer whose
+    output TFMOT leaves unquantized (before a separate ReLU layer) got its kernel unrounded."""
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tf_keras
@@ -176,19 +177,67 @@ def _quantize_classes():
         def get_config(self):
             return {}
 
+    class KernelOnlyQuantizeConfig(quantization.QuantizeConfig):
+        """The kernel of a Conv2D, DepthwiseConv2D or Dense rounded as the converter rounds it
+        (per output channel but for Dense), its output left to the layer that reads it."""
+
+        def __init__(self, kind):
+            self.kind = kind
+
+        def get_weights_and_quantizers(self, layer):
+            if self.kind == "DepthwiseConv2D":
+                return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
+            quantizer = quantization.quantizers.LastValueQuantizer(
+                num_bits=8, per_axis=self.kind == "Conv2D", symmetric=True, narrow_range=True
+            )
+            return [(layer.kernel, quantizer)]
+
+        def get_activations_and_quantizers(self, layer):
+            return []
+
+        def set_quantize_weights(self, layer, quantize_weights):
+            setattr(layer, "depthwise_kernel" if self.kind == "DepthwiseConv2D" else "kernel", quantize_weights[0])
+
+        def set_quantize_activations(self, layer, quantize_activations):
+            pass
+
+        def get_output_quantizers(self, layer):
+            return []
+
+        def get_config(self):
+            return {"kind": self.kind}
+
     class Registry(quantization.default_8bit.Default8BitQuantizeRegistry):
         def get_quantize_config(self, layer):
             if isinstance(layer, tf_keras.layers.DepthwiseConv2D):
                 return DepthwiseQuantizeConfig()
             return super().get_quantize_config(layer)
 
+    class Layout(quantization.default_8bit.Default8BitQuantizeLayoutTransform):
+        """TFMOT's layout, but where it gives a Conv2D, DepthwiseConv2D or Dense no quantization at
+        all to keep its output unquantized (before a separate ReLU layer, or into a
+        Concatenate), its kernel is still rounded: the int8 file rounds it."""
+
+        def apply(self, model, layer_quantize_map):
+            transformed, quantize_map = super().apply(model, layer_quantize_map)
+            for layer in transformed.layers:
+                config = quantize_map.get(layer.name, {}).get("quantize_config")
+                kind = type(layer).__name__
+                if type(config).__name__ == "NoOpQuantizeConfig" and kind in ("Conv2D", "DepthwiseConv2D", "Dense"):
+                    quantize_map[layer.name]["quantize_config"] = KernelOnlyQuantizeConfig(kind)
+            return transformed, quantize_map
+
     class Scheme(quantization.default_8bit.Default8BitQuantizeScheme):
+        def get_layout_transformer(self):
+            return Layout()
+
         def get_quantize_registry(self):
             return Registry()
 
     return Scheme(), {
         "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
         "DepthwiseQuantizeConfig": DepthwiseQuantizeConfig,
+        "KernelOnlyQuantizeConfig": KernelOnlyQuantizeConfig,
     }
 
 
