@@ -186,6 +186,19 @@ def test_pruning_peers_measure_batchnorm_statistics_after_the_cut(mnist_small, t
     assert drift < 0.1 and max(_batchnorm_drift(stale, images).values()) > 4 * drift
 
 
+def run_in_tfmot(code: str) -> None:
+    """Runs `code` with the tfmot environment's Python; it must print "ok"."""
+    run = subprocess.run(
+        [TFMOT_PYTHON, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+
+
 @pytest.mark.tfmot
 def test_tfmot_environment_exists():
     assert os.path.exists(TFMOT_PYTHON), f"{TFMOT_PYTHON} is missing: `make tfmot` builds it (make test does)."
@@ -242,15 +255,7 @@ def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_funct
         assert model.get_layer("bn").moving_mean.numpy()[0] == 50.0  # the original is left as it was
         print("ok")
     """)
-    run = subprocess.run(
-        [TFMOT_PYTHON, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_tfmot(code)
 
 
 @pytest.mark.slow
@@ -282,15 +287,7 @@ def test_quantization_aware_training_starts_from_the_float_models_function():
         assert error < 0.05, error
         print("ok")
     """)
-    run = subprocess.run(
-        [TFMOT_PYTHON, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_tfmot(code)
 
 
 @pytest.mark.slow
@@ -326,15 +323,7 @@ def test_quantization_aware_training_rounds_every_kernel_as_the_int8_file_does()
         assert pointwise.quantize_config.get_weights_and_quantizers(pointwise.layer)
         print("ok")
     """)
-    run = subprocess.run(
-        [TFMOT_PYTHON, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    run_in_tfmot(code)
 
 
 def test_layer_spec_refuses_what_it_cannot_carry(tmp_path):
