@@ -10,7 +10,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tfsubspace.edge import autoint8, biascorrect, diagnose, edgetpu, equalize, export, fold, graphedit
+from tfsubspace.edge import autoint8, biascorrect, diagnose, edgetpu, equalize, export, fold, graphedit, split
 
 L = keras.layers
 
@@ -298,6 +298,49 @@ def test_separable_batchnorm_folds_exactly():
     assert sum("depthwise output range spread" in line for line in report) == 3, report
     layer = equalized.get_layer(sep1)
     assert not np.allclose(layer.get_weights()[0], folded.get_layer(sep1).get_weights()[0])
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strides=st.sampled_from([1, 2]),
+    dilation=st.sampled_from([1, 2]),
+    multiplier=st.integers(1, 3),
+    padding=st.sampled_from(["same", "valid"]),
+    activation=st.sampled_from([None, "relu", "relu6"]),
+    use_bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_a_separable_convolution_splits_exactly(strides, dilation, multiplier, padding, activation, use_bias, seed):
+    if strides > 1 and dilation > 1:  # Keras refuses both at once
+        dilation = 1
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((9, 9, 3))
+    x = L.SeparableConv2D(
+        4,
+        3,
+        strides=strides,
+        dilation_rate=dilation,
+        depth_multiplier=multiplier,
+        padding=padding,
+        activation=activation,
+        use_bias=use_bias,
+        bias_initializer="random_normal",
+    )(inputs)
+    model = keras.Model(inputs, L.Dense(3)(L.Flatten()(x)))
+    x = np.random.default_rng(seed).normal(0, 1, (8, 9, 9, 3)).astype("float32")
+    parts, report = split.split_separable(model)
+    assert not any(isinstance(layer, L.SeparableConv2D) for layer in parts.layers), report
+    assert [type(layer).__name__ for layer in parts.layers[1:3]] == ["DepthwiseConv2D", "Conv2D"]
+    assert parts.count_params() == model.count_params()
+    assert _relative_diff(model, parts, x) < 1e-5, report
+
+
+def test_separable_blocks_with_residual_adds_split_exactly():
+    model = separable_model()
+    parts, report = split.split_separable(model)
+    assert len(report) == 3 and all("split into" in line for line in report), report
+    x = np.random.default_rng(0).normal(0, 1, (16, 8, 8, 3)).astype("float32")
+    assert _relative_diff(model, parts, x) < 1e-5, report
 
 
 def test_bias_correction_finds_separable_convolutions():

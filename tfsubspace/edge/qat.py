@@ -15,6 +15,7 @@ from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT
 from tfsubspace.edge.convert import ExportError
 from tfsubspace.edge.export import ExportedModel, _images, check
 from tfsubspace.edge.input_range import check_input_range
+from tfsubspace.edge.split import split_separable
 
 
 def export_qat(
@@ -39,7 +40,8 @@ def export_qat(
     TFMOT needs tf_keras, so this runs in its own process with the Python of the `tfmot`
     environment (`make tfmot`; `python`, else $TFSUBSPACE_TFMOT_PYTHON, else
     .venv-tfmot/bin/python): `model` (and `teacher`) travel as layer specs
-    (tfsubspace.peers.bridge), the student is fine-tuned with fake quantization for `epochs` on up
+    (tfsubspace.peers.bridge; a SeparableConv2D split into its depthwise and pointwise
+    convolutions, tfsubspace.edge.split), the student is fine-tuned with fake quantization for `epochs` on up
     to `train_examples` images of `ds` (labels unused) against the softened outputs of
     `teacher` (default: the float model itself), and the int8 file is checked against
     `model` like export()'s; both image sets must be in the range the model takes
@@ -62,7 +64,7 @@ def export_qat(
     out = Path(out_dir) / f"{name or model.name}_int8_qat.tflite"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bridge.save_spec(model, tmp / "student")
+        bridge.save_spec(split_separable(model)[0], tmp / "student")  # exact; TFMOT's own split can fail
         bridge.save_spec(teacher or model, tmp / "teacher")
         np.save(tmp / "images.npy", images)
         fileio.write_json(
