@@ -199,6 +199,21 @@ def run_in_tfmot(code: str) -> None:
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
+def test_quantization_aware_training_distills_softmax_outputs_through_their_log():
+    # a model ending in a softmax hands out probabilities: softened as if they were logits they
+    # are nearly uniform, and the distillation loss of a confident mistake was 12 times smaller
+    from tfsubspace.peers.tfmot_jobs import _distillation_loss
+
+    teacher = np.array([[0.90, 0.05, 0.05]], "float32")
+    student = np.array([[0.05, 0.90, 0.05]], "float32")
+    as_logits = float(_distillation_loss(4.0)(teacher, student)[0])
+    as_probabilities = float(_distillation_loss(4.0, probabilities=True)(teacher, student)[0])
+    logits = np.log(teacher), np.log(student)
+    assert as_probabilities == pytest.approx(float(_distillation_loss(4.0)(*logits)[0]), rel=1e-5)
+    assert as_probabilities > 10 * as_logits
+    assert float(_distillation_loss(4.0, probabilities=True)(teacher, teacher)[0]) == pytest.approx(0, abs=1e-6)
+
+
 @pytest.mark.tfmot
 def test_tfmot_environment_exists():
     assert os.path.exists(TFMOT_PYTHON), f"{TFMOT_PYTHON} is missing: `make tfmot` builds it (make test does)."

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from tfsubspace import fileio
+from tfsubspace.distill.trainer import ends_in_softmax
 from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT
 from tfsubspace.edge.convert import ExportError
 from tfsubspace.edge.export import ExportedModel, _images, check
@@ -77,12 +78,19 @@ def export_qat(
                 "output": str(out.resolve()),
                 "epochs": epochs,
                 "learning_rate": learning_rate,
+                "probabilities": ends_in_softmax(teacher or model),
                 "verbose": verbose,
             },
         )
         code = "import sys; from tfsubspace.peers.tfmot_jobs import run_job; run_job(sys.argv[1])"
+        # oneDNN's CPU kernels crashed (SIGSEGV) training the fer mini-Xception's QAT graph: off unless asked for
+        env = {"TF_ENABLE_ONEDNN_OPTS": "0", **os.environ}
         result = subprocess.run(
-            [str(python), "-c", code, str(tmp / "job.json")], check=False, capture_output=verbose == 0, text=True
+            [str(python), "-c", code, str(tmp / "job.json")],
+            check=False,
+            capture_output=verbose == 0,
+            text=True,
+            env=env,
         )
         if result.returncode != 0:
             raise ExportError(

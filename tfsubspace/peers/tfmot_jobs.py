@@ -17,10 +17,16 @@ import numpy as np
 from tfsubspace import fileio
 
 
-def _distillation_loss(temperature: float):
+def _distillation_loss(temperature: float, probabilities: bool = False):
+    """KL(teacher || student) of the outputs softened at `temperature`, times its square. With
+    `probabilities` the models end in a softmax, and the log of their outputs are the logits (up
+    to a shift): softening the probabilities themselves would leave nearly uniform targets."""
     import tensorflow as tf
 
     def loss(teacher_logits, student_logits):
+        if probabilities:
+            teacher_logits = tf.math.log(tf.maximum(teacher_logits, 1e-12))
+            student_logits = tf.math.log(tf.maximum(student_logits, 1e-12))
         p = tf.nn.softmax(teacher_logits / temperature)
         log_ratio = tf.nn.log_softmax(teacher_logits / temperature) - tf.nn.log_softmax(student_logits / temperature)
         return temperature**2 * tf.reduce_sum(p * log_ratio, axis=-1)
@@ -74,6 +80,7 @@ def run_job(path: str | os.PathLike) -> None:
         job["output"],
         epochs=job["epochs"],
         learning_rate=job["learning_rate"],
+        probabilities=job.get("probabilities", False),
         verbose=job["verbose"],
     )
 
@@ -305,11 +312,13 @@ def quantization_aware_training(
     epochs: int = 2,
     learning_rate: float = 1e-4,
     temperature: float = 4.0,
+    probabilities: bool = False,
     verbose="auto",
 ) -> Path:
     """Fine-tunes the student with fake quantization against the teacher's softened outputs
     (no labels), then writes its trained float weights as a full-int8 .tflite (int8 input and
-    output; post-training quantization of the trained model, see _trained_float).
+    output; post-training quantization of the trained model, see _trained_float). With
+    `probabilities` both models end in a softmax (see _distillation_loss).
 
     Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
     layers are frozen: in training mode they would normalize by batch statistics and drift
@@ -326,7 +335,9 @@ def quantization_aware_training(
             layer.trainable = False
     quantized = _quantized(student)
     _calibrate_ranges(quantized, student, _images(ds))
-    quantized.compile(optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature))
+    quantized.compile(
+        optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature, probabilities)
+    )
     pairs = _images(ds).map(lambda x: (x, teacher(x, training=False)))
     quantized.fit(pairs, epochs=epochs, verbose=verbose)
     return fileio.write_bytes(out_path, _int8_tflite(_trained_float(quantized, student), ds))
