@@ -327,9 +327,9 @@ def test_quantization_aware_training_starts_from_the_float_models_function():
 def test_quantization_aware_training_rounds_every_kernel_as_the_int8_file_does():
     # The TFLite converter gives a depthwise kernel one scale per channel; TFMOT's default one
     # per depth multiplier (tensorflow/model-optimization#808): one for all channels, which
-    # rounds a channel of small weights to zero in training that the int8 file keeps. And
-    # TFMOT leaves a convolution that feeds a separate ReLU layer wholly unquantized, its
-    # kernel included.
+    # rounds a channel of small weights to zero in training that the int8 file keeps. TFMOT
+    # leaves a convolution that feeds a separate ReLU layer wholly unquantized, its kernel
+    # included, and gives a Dense kernel one scale where the file has one per output.
     code = textwrap.dedent("""
         import numpy as np, tensorflow as tf, tf_keras
         from tfsubspace.peers import tfmot_jobs
@@ -337,14 +337,14 @@ def test_quantization_aware_training_rounds_every_kernel_as_the_int8_file_does()
         x = tf_keras.layers.DepthwiseConv2D(3, use_bias=False, name="dw")(inputs)
         x = tf_keras.layers.BatchNormalization(name="bn")(x)  # the MobileNet block's order
         x = tf_keras.layers.ReLU(6.0, name="relu6")(x)
-        x = tf_keras.layers.Conv2D(4, 1, name="pw")(x)
-        model = tf_keras.Model(inputs, tf_keras.layers.ReLU(name="relu")(x))
+        x = tf_keras.layers.ReLU(name="relu")(tf_keras.layers.Conv2D(4, 1, name="pw")(x))
+        model = tf_keras.Model(inputs, tf_keras.layers.Dense(3, name="fc")(tf_keras.layers.Flatten()(x)))
         kernel = np.random.default_rng(0).uniform(0.5, 1.0, (3, 3, 2, 1)).astype("float32")
         kernel[:, :, 1] *= 1e-3  # a channel of small weights beside one of large ones
         model.get_layer("dw").set_weights([kernel])
         quantized = tfmot_jobs._quantized(model)
         wrapper = quantized.get_layer("quant_dw")
-        assert type(wrapper.quantize_config).__name__ == "DepthwiseQuantizeConfig"
+        assert type(wrapper.quantize_config).__name__ == "KernelQuantizeConfig"
         quantizer = wrapper.quantize_config.get_weights_and_quantizers(wrapper.layer)[0][1]
         rounded = quantizer(tf.constant(kernel), training=False, weights={}).numpy()
         for channel in range(2):
@@ -353,6 +353,8 @@ def test_quantization_aware_training_rounds_every_kernel_as_the_int8_file_does()
         pointwise = quantized.get_layer("quant_pw")
         assert [w.name for w in pointwise.weights if "kernel_m" in w.name], pointwise.weights  # its kernel's range
         assert pointwise.quantize_config.get_weights_and_quantizers(pointwise.layer)
+        dense_range = [w for w in quantized.get_layer("quant_fc").weights if w.name.endswith("kernel_min:0")]
+        assert [tuple(w.shape) for w in dense_range] == [(3,)], dense_range  # a scale per output, as in the file
         print("ok")
     """)
     run_in_tfmot(code)

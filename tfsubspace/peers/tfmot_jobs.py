@@ -131,11 +131,12 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
 
 def _quantize_classes():
     """(the scheme, and the custom objects of quantize_scope) that quantize_apply uses here:
-    TFMOT's default 8-bit scheme, but every kernel is rounded as the TFLite converter rounds it.
-    TFMOT's per-axis quantizer takes a DepthwiseConv2D kernel's last axis, the depth multiplier
-    (tensorflow/model-optimization#808): one scale for every channel, so training rounded the
-    channels of small weights to a few steps the int8 file does not have; and a layer whose
-    output TFMOT leaves unquantized (before a separate ReLU layer) got its kernel unrounded."""
+    TFMOT's default 8-bit scheme, but every kernel is rounded as the TFLite converter rounds it,
+    one scale per output channel. TFMOT's per-axis quantizer takes a DepthwiseConv2D kernel's
+    last axis, the depth multiplier (tensorflow/model-optimization#808): one scale for every
+    channel, so training rounded the channels of small weights to a few steps the int8 file does
+    not have; a Dense kernel got one scale; and a layer whose output TFMOT leaves unquantized
+    (before a separate ReLU layer) got its kernel unrounded."""
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
     import tf_keras
@@ -160,64 +161,51 @@ def _quantize_classes():
         def get_config(self):
             return {}
 
-    class DepthwiseQuantizeConfig(quantization.QuantizeConfig):
-        """The default 8-bit config of DepthwiseConv2D with DepthwiseKernelQuantizer."""
+    class KernelQuantizeConfig(quantization.QuantizeConfig):
+        """The kernel of a Conv2D, DepthwiseConv2D or Dense rounded as the converter rounds it,
+        one scale per output channel, and the activation's output in 8 bits; with
+        `activation=False` the output is left to the layer that reads it."""
+
+        def __init__(self, kind, activation=True):
+            self.kind, self.activation = kind, activation
+
+        def _attribute(self):
+            return "depthwise_kernel" if self.kind == "DepthwiseConv2D" else "kernel"
 
         def get_weights_and_quantizers(self, layer):
-            return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
+            if self.kind == "DepthwiseConv2D":
+                quantizer = DepthwiseKernelQuantizer()
+            else:
+                quantizer = quantization.quantizers.LastValueQuantizer(
+                    num_bits=8, per_axis=True, symmetric=True, narrow_range=True
+                )
+            return [(getattr(layer, self._attribute()), quantizer)]
 
         def get_activations_and_quantizers(self, layer):
+            if not self.activation:
+                return []
             quantizer = quantization.quantizers.MovingAverageQuantizer(
                 num_bits=8, per_axis=False, symmetric=False, narrow_range=False
             )
             return [(layer.activation, quantizer)]
 
         def set_quantize_weights(self, layer, quantize_weights):
-            layer.depthwise_kernel = quantize_weights[0]
+            setattr(layer, self._attribute(), quantize_weights[0])
 
         def set_quantize_activations(self, layer, quantize_activations):
-            layer.activation = quantize_activations[0]
+            if self.activation:
+                layer.activation = quantize_activations[0]
 
         def get_output_quantizers(self, layer):
             return []
 
         def get_config(self):
-            return {}
-
-    class KernelOnlyQuantizeConfig(quantization.QuantizeConfig):
-        """The kernel of a Conv2D, DepthwiseConv2D or Dense rounded as the converter rounds it
-        (per output channel but for Dense), its output left to the layer that reads it."""
-
-        def __init__(self, kind):
-            self.kind = kind
-
-        def get_weights_and_quantizers(self, layer):
-            if self.kind == "DepthwiseConv2D":
-                return [(layer.depthwise_kernel, DepthwiseKernelQuantizer())]
-            quantizer = quantization.quantizers.LastValueQuantizer(
-                num_bits=8, per_axis=self.kind == "Conv2D", symmetric=True, narrow_range=True
-            )
-            return [(layer.kernel, quantizer)]
-
-        def get_activations_and_quantizers(self, layer):
-            return []
-
-        def set_quantize_weights(self, layer, quantize_weights):
-            setattr(layer, "depthwise_kernel" if self.kind == "DepthwiseConv2D" else "kernel", quantize_weights[0])
-
-        def set_quantize_activations(self, layer, quantize_activations):
-            pass
-
-        def get_output_quantizers(self, layer):
-            return []
-
-        def get_config(self):
-            return {"kind": self.kind}
+            return {"kind": self.kind, "activation": self.activation}
 
     class Registry(quantization.default_8bit.Default8BitQuantizeRegistry):
         def get_quantize_config(self, layer):
-            if isinstance(layer, tf_keras.layers.DepthwiseConv2D):
-                return DepthwiseQuantizeConfig()
+            if isinstance(layer, (tf_keras.layers.DepthwiseConv2D, tf_keras.layers.Dense)):
+                return KernelQuantizeConfig(type(layer).__name__)
             return super().get_quantize_config(layer)
 
     class Layout(quantization.default_8bit.Default8BitQuantizeLayoutTransform):
@@ -231,7 +219,7 @@ def _quantize_classes():
                 config = quantize_map.get(layer.name, {}).get("quantize_config")
                 kind = type(layer).__name__
                 if type(config).__name__ == "NoOpQuantizeConfig" and kind in ("Conv2D", "DepthwiseConv2D", "Dense"):
-                    quantize_map[layer.name]["quantize_config"] = KernelOnlyQuantizeConfig(kind)
+                    quantize_map[layer.name]["quantize_config"] = KernelQuantizeConfig(kind, activation=False)
             return transformed, quantize_map
 
     class Scheme(quantization.default_8bit.Default8BitQuantizeScheme):
@@ -243,8 +231,7 @@ def _quantize_classes():
 
     return Scheme(), {
         "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
-        "DepthwiseQuantizeConfig": DepthwiseQuantizeConfig,
-        "KernelOnlyQuantizeConfig": KernelOnlyQuantizeConfig,
+        "KernelQuantizeConfig": KernelQuantizeConfig,
     }
 
 
