@@ -123,8 +123,7 @@ def _calibrate_ranges(quantized, float_model, images_ds, batches: int = 20) -> N
             targets = {f"{layer.name}_min": lo, f"{layer.name}_max": hi}
         else:
             targets = {"post_activation_min": lo, "output_min": lo, "post_activation_max": hi, "output_max": hi}
-        for w in layer.weights:
-            short = w.name.split("/")[-1].split(":")[0]
+        for short, w in weights.items():
             if short in targets:
                 w.assign(targets[short])
 
