@@ -73,11 +73,19 @@ def test_auto_adapts_only_images_from_another_domain(tmp_path):
     np.testing.assert_array_equal(np.concatenate(list(out2.as_numpy_iterator())), images)
     np.testing.assert_array_equal(held2, held)
     assert "distance_after" not in info2
-    # the same number of images in another order is adapted again, each copy beside its own image
+    # the same images in another order (a reshuffled data set) are read back, each copy beside its own image
     swapped = np.concatenate([heldout[10:], heldout[:10]])
-    out3, held3, info3 = adapt.adapt_dataset(teacher, ds, swapped, mode="auto", steps=20, cache=cache)
-    assert "distance_after" in info3
-    np.testing.assert_allclose(held3[20:], np.concatenate([held[30:], held[20:30]]), atol=1e-5)
+    reshuffled = tf.data.Dataset.from_tensor_slices(other[20:][::-1].copy()).batch(40)
+    out3, held3, info3 = adapt.adapt_dataset(teacher, reshuffled, swapped, mode="auto", steps=20, cache=cache)
+    assert "distance_after" not in info3
+    np.testing.assert_array_equal(held3[20:], np.concatenate([held[30:], held[20:30]]))
+    images3 = np.concatenate(list(out3.as_numpy_iterator()))
+    assert sorted(x.tobytes() for x in images3) == sorted(x.tobytes() for x in images)
+    # one image changed: the set is another, adapted again (a copy of the old image must not stand for it)
+    changed = heldout.copy()
+    changed[0, 0, 0, 0] += 1.0
+    info4 = adapt.adapt_dataset(teacher, ds, changed, mode="auto", steps=20, cache=cache)[2]
+    assert "distance_after" in info4
     # "none" never adapts; a teacher without BatchNormalization cannot be adapted to
     assert adapt.adapt_dataset(teacher, ds, None, mode="none")[2] is None
     plain = keras.Sequential([keras.Input((10, 10, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])

@@ -194,19 +194,33 @@ def _images(batch):
     return np.asarray(images_of(batch), np.float32)
 
 
-def _fingerprint(originals: np.ndarray, steps: int) -> str:
+def _digests(originals: np.ndarray) -> np.ndarray:
+    """One 16-byte digest per image (numpy "S16"), so that the same images match in any order."""
+    flat = np.ascontiguousarray(originals.reshape(len(originals), -1))
+    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat], dtype="S16")
+
+
+def _fingerprint(originals: np.ndarray, digests: np.ndarray, steps: int) -> str:
+    """Of the images as a set (their sorted digests), their shape and dtype, and the steps."""
     digest = hashlib.sha256(repr((originals.shape, str(originals.dtype), steps)).encode())
-    digest.update(np.ascontiguousarray(originals).tobytes())
+    digest.update(np.sort(digests).tobytes())
     return digest.hexdigest()
 
 
-def _read_cache(path, fingerprint: str) -> np.ndarray | None:
-    """The adapted images a cache file holds for the images of `fingerprint`, or None."""
+def _read_cache(path, fingerprint: str, digests: np.ndarray) -> np.ndarray | None:
+    """The adapted images a cache file holds for the images of `fingerprint`, each beside its own image
+    (`digests`, in the order of the images now), or None."""
     try:
         with np.load(path) as saved:
-            return saved["adapted"] if str(saved["fingerprint"]) == fingerprint else None
+            if str(saved["fingerprint"]) != fingerprint:
+                return None
+            adapted, cached = saved["adapted"], saved["digests"]
     except (OSError, ValueError, KeyError, EOFError):  # damaged, or another format
         return None
+    # the same digests in both orders (the fingerprint says so): the k-th smallest of each is the same image
+    out = np.empty_like(adapted)
+    out[np.argsort(digests, kind="stable")] = adapted[np.argsort(cached, kind="stable")]
+    return out
 
 
 def adapt_dataset(
@@ -225,9 +239,10 @@ def adapt_dataset(
     image to the originals, and returns a data set of both in one fixed order shuffled by
     `seed`, in batches of `ds`'s size, with a dict describing what was done. The originals
     stay: the student learns the teacher on the user's images and on their adapted copies.
-    `cache` (a .npz path) keeps the adapted images with a fingerprint of the images and steps they
-    came from, so a resumed run reads them back, and only for the same images in the same order
-    (a copy paired with another image would let a held-out image's copy train).
+    `cache` (a .npz path) keeps the adapted images with a digest of each image they came from and
+    a fingerprint of the steps and of the images as a set, so a run on the same images in any
+    order (a resumed run, a reshuffled data set) reads them back, each copy put beside its own
+    image (a copy paired with another image would let a held-out image's copy train).
     """
     if mode not in ADAPT_MODES:
         raise ValueError(f"adapt must be one of {ADAPT_MODES}. Received: adapt={mode!r}")
@@ -259,9 +274,10 @@ def adapt_dataset(
                 "(adapt='always' adapts them; fewer adapt_steps or images fit)"
             )
             return ds, heldout, None
-    adapted, fingerprint = None, _fingerprint(originals, steps)
+    digests = _digests(originals)
+    adapted, fingerprint = None, _fingerprint(originals, digests, steps)
     if cache is not None and os.path.exists(cache):
-        adapted = _read_cache(cache, fingerprint)
+        adapted = _read_cache(cache, fingerprint, digests)
         if adapted is None:
             say(f"adapt: {cache} holds the adapted copies of other images (or is damaged): adapting again")
         else:
@@ -273,7 +289,7 @@ def adapt_dataset(
         say(f"adapt: {result.describe()}")
         if cache is not None:
             with fileio.atomic_path(cache) as tmp, open(tmp, "wb") as f:
-                np.savez(f, adapted=adapted, fingerprint=np.array(fingerprint))
+                np.savez(f, adapted=adapted, digests=digests, fingerprint=np.array(fingerprint))
     train = len(originals) - (0 if heldout is None else len(heldout))
     images = np.concatenate([originals[:train], adapted[:train]])
     order = np.random.default_rng(seed).permutation(len(images))
