@@ -134,6 +134,9 @@ def main(argv):
         print(autoint8.format_step_rows(int8.steps))
         for line in int8.diagnosis:
             print(f"  {line}")
+    qat_result = next((r for r in results if r.mode == "int8_qat"), None)
+    if qat_result is not None:  # the model before training (qat_0) and each epoch, checked
+        print(autoint8.format_step_rows(qat_result.steps))
     if int8 is not None and _DIAGNOSE.value:
         plain = autoint8.int8_steps(
             model, export._images(calibration, _CALIB.value), export._images(checks, _CHECK.value), fixes=()

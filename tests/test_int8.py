@@ -10,7 +10,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tfsubspace.edge import autoint8, biascorrect, diagnose, edgetpu, equalize, export, fold, graphedit, split
+from tfsubspace.edge import autoint8, biascorrect, convert, diagnose, edgetpu, equalize, export, fold, graphedit, split
 
 L = keras.layers
 
@@ -411,3 +411,70 @@ def test_benchmark_records_flags_as_absl_reads_them_back():
     assert values.patient_students is False and values.calibration_examples == 300
     values(["int8.py", command_flag("patient_students", True)])
     assert values.patient_students is True
+
+
+def residual_model(pool: bool, seed=0):
+    """x -> conv -> (ReLU -> small 1x1 conv [-> max-pooling]) + the conv's output: the branch's values
+    span a seventh of the sum's, and only the residual ADD reads the branch's last tensor."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((8, 8, 4), batch_size=1)
+    a = keras.layers.Conv2D(8, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(8, 1, name="b", kernel_initializer=keras.initializers.RandomNormal(stddev=0.05))(
+        keras.layers.ReLU()(a)
+    )
+    if pool:
+        a = keras.layers.MaxPooling2D(2, name="pool_a")(a)
+        b = keras.layers.MaxPooling2D(2, name="pool_b")(b)
+    x = keras.layers.Add(name="add")([a, b])
+    return keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+
+
+def test_int8_inputs_of_in_place_adds_get_their_own_ranges():
+    # TFLite's calibrator logs an op's inputs again after it ran; an ADD that wrote into its
+    # input's buffer gave that input the range of the sum (tensorflow/tensorflow#127842)
+    from tfsubspace.edge import shared_ranges
+    from tfsubspace.edge.runtime import TFLiteRunner
+
+    model = residual_model(pool=False)
+    calibration = images(100, seed=0)[..., :1].repeat(4, -1)
+    plain = convert.convert(model, "int8", calibration=calibration, repair_ranges=False)
+    float32 = convert.convert(model, "float32")
+    repaired, repairs = shared_ranges.repair_shared_ranges(plain, float32, calibration)
+    assert repaired == convert.convert(model, "int8", calibration=calibration)  # convert() repairs by default
+    assert [r.op for r in repairs] == ["ADD"] and "/b_" in repairs[0].tensor
+    # every int8 activation now has the parameters of its own float range, as the converter computes them
+    details = TFLiteRunner(repaired).interpreter.get_tensor_details()
+    activations = {  # per-tensor int8 (a per-channel kernel's scale reads 0 here)
+        d["name"]: d["quantization"] for d in details if d["dtype"] == np.int8 and d["quantization"][0] > 0
+    }
+    own = shared_ranges._float_ranges(float32, set(activations), calibration, 1)
+    assert len(own) >= 4
+    for name, (low, high) in own.items():
+        expected = shared_ranges.int8_parameters(low, high)
+        assert activations[name] == (pytest.approx(expected[0], rel=1e-5), expected[1]), name
+    # and the branch's int8 values are several times closer to its float values
+    check = images(200, seed=1)[..., :1].repeat(4, -1)
+    errors = [
+        next(
+            t.relative_error
+            for t in diagnose.diagnose(c, model, check, float_tflite=float32).tensors
+            if t.name == repairs[0].tensor
+        )
+        for c in (plain, repaired)
+    ]
+    assert errors[1] < errors[0] / 3, errors
+
+
+def test_a_range_repair_keeps_a_max_pooling_tied_to_its_input():
+    # MAX_POOL_2D needs its input's scale on its output (XNNPACK refuses the file otherwise): a
+    # pooled branch before the ADD is repaired with the convolution that feeds the pooling
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from tfsubspace.edge import shared_ranges
+
+    calibration = images(100, seed=0)[..., :1].repeat(4, -1)
+    content = convert.convert(residual_model(pool=True), "int8", calibration=calibration, repair_ranges=False)
+    g = shared_ranges._Graph(flatbuffer_utils.read_model_from_bytearray(bytearray(content)))
+    groups = {g.graph.tensors[i].name.decode(): g.group(i) for i in g.candidates()}
+    pooled = next(group for name, group in groups.items() if "pool_b" in name)
+    assert [g.op_name[g.writer[i]] for i in pooled] == ["MAX_POOL_2D", "CONV_2D"]

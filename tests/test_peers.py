@@ -223,29 +223,38 @@ def test_tfmot_environment_exists():
 @pytest.mark.tfmot
 def test_layer_spec_rebuilds_the_same_model_in_tf_keras(tmp_path):
     from tfsubspace import models
+    from tfsubspace.errors import TfSubspaceError
 
     x = np.random.default_rng(0).standard_normal((3, 16, 16, 1)).astype("float32")
-    for name, model in (
-        ("vgg", models.vgg16((16, 16, 1), 10, width=0.0625)),
-        ("wrn", models.wide_resnet((16, 16, 1), 10, depth=10, widen_factor=1)),
-    ):
+    vgg = models.vgg16((16, 16, 1), 10, width=0.0625)
+    wrn = models.wide_resnet((16, 16, 1), 10, depth=10, widen_factor=1)
+    for name, model in (("vgg", vgg), ("wrn", wrn)):
         for layer in model.layers:  # non-trivial BN statistics
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.moving_mean.assign(np.random.default_rng(1).normal(size=layer.moving_mean.shape))
         bridge.save_spec(model, tmp_path / name)
         np.save(tmp_path / name / "x.npy", x)
         np.save(tmp_path / name / "keras3.npy", keras.ops.convert_to_numpy(model(x, training=False)))
+    # the weights travel back too: doubled in tf_keras (as training would change them), read into a Keras 3 copy
     code = (
-        "import sys, numpy as np; from tfsubspace.peers.bridge import build_tf_keras\n"
+        "import sys, numpy as np; from tfsubspace.peers.bridge import build_tf_keras, save_tf_keras_weights\n"
         "for d in sys.argv[1:]:\n"
         "    m = build_tf_keras(d)\n"
         "    np.save(d + '/tf_keras.npy', m(np.load(d + '/x.npy'), training=False).numpy())\n"
+        "    m.set_weights([2 * w for w in m.get_weights()])\n"
+        "    save_tf_keras_weights(m, d, d + '/back.npz')\n"
     )
     subprocess.run([TFMOT_PYTHON, "-c", code, str(tmp_path / "vgg"), str(tmp_path / "wrn")], check=True, cwd=REPO)
-    for name in ("vgg", "wrn"):
+    for name, model in (("vgg", vgg), ("wrn", wrn)):
         np.testing.assert_allclose(
             np.load(tmp_path / name / "tf_keras.npy"), np.load(tmp_path / name / "keras3.npy"), atol=1e-4, err_msg=name
         )
+        copy = bridge.load_weights(keras.models.clone_model(model), tmp_path / name / "back.npz")
+        for got, original in zip(copy.weights, model.weights):
+            assert got.path == original.path
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), 2 * keras.ops.convert_to_numpy(original))
+    with pytest.raises(TfSubspaceError, match="weights of another model"):
+        bridge.load_weights(keras.models.clone_model(vgg), tmp_path / "wrn" / "back.npz")
 
 
 @pytest.mark.slow
@@ -394,6 +403,10 @@ def test_quantization_aware_training_exports_a_checked_int8_file(tmp_path):
     )
     assert result.mode == "int8_qat" and result.path.exists()
     assert result.agreement >= 0.95, result
+    # the model before training (qat_0) and each epoch were converted and checked here; the best is kept
+    assert [step["step"] for step in result.steps] == ["qat_0", "qat_1"]
+    assert result.agreement == max(step["agreement"] for step in result.steps)
+    assert result.steps[1]["float_max_abs_diff"] > 0 and result.steps[1]["rewrite_seconds"] > 0  # it trained
     runner = runtime.TFLiteRunner(result.path)
     assert runner.input["dtype"] == np.int8 and runner.output["dtype"] == np.int8
     assert list(runner.input["shape_signature"]) == [1, 28, 28, 1]  # static batch 1, as export() writes

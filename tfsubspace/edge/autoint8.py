@@ -93,6 +93,38 @@ def _check(content: bytes, expected: np.ndarray, images: np.ndarray) -> dict:
     return found
 
 
+def int8_step(
+    name: str,
+    model: keras.Model,
+    expected: np.ndarray,
+    calibration: np.ndarray,
+    check: np.ndarray,
+    *,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    batch_size: int = 1,
+    io_dtype: str = "int8",
+    rewrite_seconds: float = 0.0,
+    float_max_abs_diff: float = 0.0,
+    notes=(),
+) -> Int8Step:
+    """The post-training full-int8 file of `model` (calibrated on `calibration`), checked against
+    `expected`, the outputs of the original float model on `check`."""
+    content = convert(with_batch_size(model, batch_size), "int8", calibration=calibration, io_dtype=io_dtype)
+    found = _check(content, expected, check)  # agreement, max_abs_error and the near ties, by field name
+    step = Int8Step(
+        name,
+        content,
+        passed=found["agreement"] >= min_agreement,
+        rewrite_seconds=rewrite_seconds,
+        float_max_abs_diff=float_max_abs_diff,
+        notes=list(notes),
+        model=model,
+        **found,
+    )
+    log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * step.agreement, rewrite_seconds)
+    return step
+
+
 def int8_steps(
     model: keras.Model,
     calibration: np.ndarray,
@@ -122,20 +154,20 @@ def int8_steps(
     steps = []
 
     def add(name, current, seconds=0.0, notes=(), diff=0.0):
-        content = convert(with_batch_size(current, batch_size), "int8", calibration=calibration, io_dtype=io_dtype)
-        found = _check(content, expected, check)  # agreement, max_abs_error and the near ties, by field name
-        step = Int8Step(
+        step = int8_step(
             name,
-            content,
-            passed=found["agreement"] >= min_agreement,
+            current,
+            expected,
+            calibration,
+            check,
+            min_agreement=min_agreement,
+            batch_size=batch_size,
+            io_dtype=io_dtype,
             rewrite_seconds=seconds,
             float_max_abs_diff=diff,
-            notes=list(notes),
-            model=current,
-            **found,
+            notes=notes,
         )
         steps.append(step)
-        log.info("int8 %-9s agreement %.2f%% (rewrite %.1f s)", name, 100 * step.agreement, seconds)
         return step
 
     add("plain", model)

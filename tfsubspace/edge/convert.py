@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 
+from tfsubspace.edge.shared_ranges import repair_shared_ranges
 from tfsubspace.errors import TfSubspaceError
 
 MODES = ("float32", "float16", "dynamic", "int8", "int16x8")
@@ -25,13 +26,18 @@ def with_batch_size(model: keras.Model, batch_size: int = 1) -> keras.Model:
     return keras.Model(inputs, outputs, name=model.name)
 
 
-def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = "int8") -> bytes:
+def convert(
+    model: keras.Model, mode: str, *, calibration=None, io_dtype: str = "int8", repair_ranges: bool = True
+) -> bytes:
     """Converts `model` (fixed shapes) to TFLite bytes in one of MODES.
 
     Args:
         calibration: float32 images (N, H, W, C) for int8 and int16x8 (a few hundred is plenty).
         io_dtype: "int8", "uint8" or "float32": the input/output type of a full-int8 model
             (int16x8 files keep float32 inputs and outputs).
+        repair_ranges: give each input of an in-place ADD/SUB/MUL of an int8 file its own range
+            where TFLite's calibrator gave it the union with the op's output's (shared_ranges.py);
+            False keeps the converter's file as it is.
     """
     import tensorflow as tf
 
@@ -65,6 +71,9 @@ def convert(model: keras.Model, mode: str, *, calibration=None, io_dtype: str = 
             converter.inference_input_type = getattr(tf, io_dtype)
             converter.inference_output_type = getattr(tf, io_dtype)
     try:
-        return converter.convert()
+        content = converter.convert()
     except Exception as e:  # the converter raises ConverterError and others, with the op in the text
         raise ExportError(f"Converting {model.name!r} to TFLite ({mode}) failed: {e}") from None
+    if mode == "int8" and repair_ranges:
+        content = repair_shared_ranges(content, convert(model, "float32"), calibration)[0]
+    return content

@@ -96,11 +96,56 @@ def save_spec(model, directory: str | os.PathLike) -> Path:
     """Writes DIRECTORY/spec.json and DIRECTORY/weights.npz (atomically) and returns DIRECTORY."""
     spec, weights = to_spec(model)
     directory = Path(directory)
-    buffer = io.BytesIO()
-    np.savez(buffer, **{f"{i}_{j}": w for i, ws in enumerate(weights) for j, w in enumerate(ws)})
-    fileio.write_bytes(directory / "weights.npz", buffer.getvalue())
+    fileio.write_bytes(directory / "weights.npz", _weights_npz(weights))
     fileio.write_json(directory / "spec.json", spec)
     return directory
+
+
+def _weights_npz(weights: list[list[np.ndarray]]) -> bytes:
+    """Each node's weights as one .npz, the j-th array of node i under "i_j"."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"{i}_{j}": w for i, ws in enumerate(weights) for j, w in enumerate(ws)})
+    return buffer.getvalue()
+
+
+def _read_weights(arrays: dict, nodes: int) -> list[list[np.ndarray]]:
+    weights = []
+    for i in range(nodes):
+        count = sum(1 for k in arrays if k.split("_")[0] == str(i))
+        weights.append([arrays[f"{i}_{j}"] for j in range(count)])
+    return weights
+
+
+def save_tf_keras_weights(model, directory: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Writes the weights of `model`, a tf_keras model built from the spec in `directory` (and trained
+    since), to `path` (.npz, atomically) in the spec's node order, for load_weights to read back."""
+    spec, _ = load_spec(directory)
+    return fileio.write_bytes(
+        path, _weights_npz([model.get_layer(node["name"]).get_weights() for node in spec["nodes"]])
+    )
+
+
+def load_weights(model, path: str | os.PathLike):
+    """Sets the weights of `model`, the Keras 3 model a spec was written from, to those that
+    save_tf_keras_weights wrote to `path`; returns `model`."""
+    from tfsubspace.prune import graph
+
+    layers = [node.layer for node in graph.trace(model).walk()]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            weights = _read_weights(dict(npz), len(layers))
+    except (OSError, ValueError) as e:
+        raise TfSubspaceError(f"Cannot read the weights in {path}: {e}") from None
+    for layer, values in zip(layers, weights):
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if [v.shape for v in values] != shapes:
+            raise TfSubspaceError(
+                f"{path} holds weights of shapes {[v.shape for v in values]} for layer {layer.name!r}, which has "
+                f"{shapes}: weights of another model."
+            )
+        if values:
+            layer.set_weights(values)
+    return model
 
 
 def load_spec(directory: str | os.PathLike) -> tuple[dict, list[list[np.ndarray]]]:
@@ -117,11 +162,7 @@ def load_spec(directory: str | os.PathLike) -> tuple[dict, list[list[np.ndarray]
     for node in spec["nodes"]:
         if node.get("class") not in SPEC_ARGS:
             raise TfSubspaceError(f"{directory / 'spec.json'}: unknown layer class {node.get('class')!r}.")
-    weights = []
-    for i in range(len(spec["nodes"])):
-        count = sum(1 for k in arrays if k.split("_")[0] == str(i))
-        weights.append([arrays[f"{i}_{j}"] for j in range(count)])
-    return spec, weights
+    return spec, _read_weights(arrays, len(spec["nodes"]))
 
 
 def build_tf_keras(directory: str | os.PathLike, *, batch_size: int | None = None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,7 @@ def run_job(path: str | os.PathLike) -> None:
         job["student"],
         job["teacher"],
         ds,
-        job["output"],
+        job["weights_dir"],
         epochs=job["epochs"],
         learning_rate=job["learning_rate"],
         probabilities=job.get("probabilities", False),
@@ -293,25 +294,27 @@ def quantization_aware_training(
     student_spec,
     teacher_spec,
     ds,
-    out_path: str | os.PathLike,
+    weights_dir: str | os.PathLike,
     *,
     epochs: int = 2,
     learning_rate: float = 1e-4,
     temperature: float = 4.0,
     probabilities: bool = False,
     verbose="auto",
-) -> Path:
+) -> list[Path]:
     """Fine-tunes the student with fake quantization against the teacher's softened outputs
-    (no labels), then writes its trained float weights as a full-int8 .tflite (int8 input and
-    output; post-training quantization of the trained model, see _trained_float). With
-    `probabilities` both models end in a softmax (see _distillation_loss).
+    (no labels) and writes its trained float weights after every epoch to
+    `weights_dir`/epoch_K.npz (bridge.save_tf_keras_weights), and the seconds of training up to
+    the end of each epoch to `weights_dir`/seconds.json: the main process converts them
+    with post-training int8 as it converts any float model (see _trained_float), checks each and
+    keeps the best. With `probabilities` both models end in a softmax (see _distillation_loss).
 
     Activation ranges start at the float model's (see _calibrate_ranges) and BatchNormalization
     layers are frozen: in training mode they would normalize by batch statistics and drift
     their moving averages away from the statistics the model was trained with."""
     import tf_keras
 
-    from tfsubspace.peers.bridge import build_tf_keras
+    from tfsubspace.peers.bridge import build_tf_keras, save_tf_keras_weights
 
     student = build_tf_keras(student_spec)
     teacher = build_tf_keras(teacher_spec)
@@ -324,9 +327,18 @@ def quantization_aware_training(
     quantized.compile(
         optimizer=tf_keras.optimizers.Adam(learning_rate), loss=_distillation_loss(temperature, probabilities)
     )
+    written, seconds, start = [], [], time.perf_counter()
+
+    def save(epoch, logs=None):
+        path = Path(weights_dir) / f"epoch_{epoch + 1}.npz"
+        written.append(save_tf_keras_weights(_trained_float(quantized, student), student_spec, path))
+        seconds.append(time.perf_counter() - start)  # of training, up to the end of this epoch
+        fileio.write_json(Path(weights_dir) / "seconds.json", seconds)
+
     pairs = _images(ds).map(lambda x: (x, teacher(x, training=False)))
-    quantized.fit(pairs, epochs=epochs, verbose=verbose)
-    return fileio.write_bytes(out_path, _int8_tflite(_trained_float(quantized, student), ds))
+    callback = tf_keras.callbacks.LambdaCallback(on_epoch_end=save)
+    quantized.fit(pairs, epochs=epochs, verbose=verbose, callbacks=[callback])
+    return written
 
 
 def _trained_float(quantized, model):
