@@ -463,6 +463,11 @@ def test_int8_inputs_of_in_place_adds_get_their_own_ranges():
         for c in (plain, repaired)
     ]
     assert errors[1] < errors[0] / 3, errors
+    # a file without in-place ops is returned as it is, and no float file is converted for it
+    chain = keras.Sequential([keras.Input((8, 8, 4), batch_size=1), keras.layers.Conv2D(4, 3), keras.layers.Flatten()])
+    content = convert.convert(chain, "int8", calibration=calibration, repair_ranges=False)
+    untouched = shared_ranges.repair_shared_ranges(content, lambda: pytest.fail("converted a float file"), calibration)
+    assert untouched == (content, [])
 
 
 def test_a_range_repair_keeps_a_max_pooling_tied_to_its_input():

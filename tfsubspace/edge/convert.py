@@ -75,5 +75,5 @@ def convert(
     except Exception as e:  # the converter raises ConverterError and others, with the op in the text
         raise ExportError(f"Converting {model.name!r} to TFLite ({mode}) failed: {e}") from None
     if mode == "int8" and repair_ranges:
-        content = repair_shared_ranges(content, convert(model, "float32"), calibration)[0]
+        content = repair_shared_ranges(content, lambda: convert(model, "float32"), calibration)[0]
     return content

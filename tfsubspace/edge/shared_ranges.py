@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
@@ -129,14 +130,9 @@ class _Graph:
 def _float_ranges(float_tflite: bytes, names: set[str], calibration: np.ndarray, batch: int) -> dict:
     """name -> (min, max) of those tensors of the float32 file over the calibration images, in
     batches of `batch` as the converter calibrates."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from tfsubspace.edge.diagnose import _interpreter
 
-    it = Interpreter(
-        model_content=float_tflite,
-        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-        experimental_preserve_all_tensors=True,  # no buffer is shared: every tensor keeps its own values
-    )
-    it.allocate_tensors()
+    it = _interpreter(float_tflite)  # all tensors preserved: no buffer is shared, each keeps its own values
     index = {d["name"]: d["index"] for d in it.get_tensor_details() if d["name"] in names}
     source = it.get_input_details()[0]["index"]
     low = dict.fromkeys(index, np.inf)
@@ -151,7 +147,7 @@ def _float_ranges(float_tflite: bytes, names: set[str], calibration: np.ndarray,
 
 
 def repair_shared_ranges(
-    int8_tflite: bytes, float_tflite: bytes, calibration: np.ndarray
+    int8_tflite: bytes, float_tflite: bytes | Callable[[], bytes], calibration: np.ndarray
 ) -> tuple[bytes, list[Repair]]:
     """(the int8 file with the ranges of the in-place ops' inputs repaired, what was repaired).
 
@@ -162,7 +158,8 @@ def repair_shared_ranges(
 
     Args:
         int8_tflite: a full-int8 file, as the converter wrote it.
-        float_tflite: the float32 file of the same model and batch size (same tensor names).
+        float_tflite: the float32 file of the same model and batch size (same tensor names), or a
+            function that converts it, called only when the int8 file has a tensor to measure.
         calibration: the images the int8 file was calibrated on.
     """
     from tensorflow.lite.tools import flatbuffer_utils
@@ -179,6 +176,8 @@ def repair_shared_ranges(
     tensors = g.graph.tensors
     name = {i: tensors[i].name.decode() for _, group in groups.values() for i in group}
     batch = int(tensors[g.graph.inputs[0]].shape[0]) or 1
+    if callable(float_tflite):
+        float_tflite = float_tflite()
     own = _float_ranges(float_tflite, set(name.values()), calibration, batch)
     repairs = []
     for i, (op, group) in groups.items():
