@@ -4,11 +4,11 @@
         --out_dir=runs/demo/tflite --c_array [--qat]
 
 Each file is run with the LiteRT interpreter against the Keras model on test images (max abs
-error, top-1 agreement). A full-int8 file under --min_agreement is reported as failed and the
-command exits with status 2. --c_array writes model_data.cc/.h for TFLite Micro firmware;
---edgetpu prints the Edge TPU compatibility report of the int8 file. The images are fed in
-the range the model takes (--input_range; auto: 0-255 for a model that starts with
-Rescaling(1/255), else 0-1), and the range used is printed.
+error, top-1 agreement and its 95% interval over those images). A full-int8 file under
+--min_agreement is reported as failed and the command exits with status 2. --c_array writes
+model_data.cc/.h for TFLite Micro firmware; --edgetpu prints the Edge TPU compatibility report
+of the int8 file. The images are fed in the range the model takes (--input_range; auto: 0-255
+for a model that starts with Rescaling(1/255), else 0-1), and the range used is printed.
 
 Full int8 is automatic: when the plain post-training file fails the check, the float model is
 rewritten (--int8_fixes: BatchNormalization folding, cross-layer equalization, bias
@@ -124,11 +124,12 @@ def main(argv):
                 input_range=input_range,
             )
         )
-    print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10}  file")
+    print(f"{'mode':<9} {'size':>10} {'max abs error':>14} {'agreement':>10} {'95% interval':>15}  file")
     for r in results:
+        low, high = r.agreement_interval
         print(
-            f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%}  {r.path}"
-            + ("" if r.passed else "  FAILED")
+            f"{r.mode:<9} {r.size_bytes / 1024:>8.1f}KiB {r.max_abs_error:>14.4g} {r.agreement:>10.2%} "
+            f"{f'{low:.1%}-{high:.1%}':>15}  {r.path}" + ("" if r.passed else "  FAILED")
         )
     int8 = next((r for r in results if r.mode == "int8"), None)
     if int8 is not None and int8.steps:
@@ -150,6 +151,9 @@ def main(argv):
                 print(f"wrote {path} (TFLite Micro arena: {arena} bytes)")
         if _EDGETPU.value:
             print(edgetpu.format_edgetpu_report(edgetpu.edgetpu_check(int8.path)))
+    for r in results:
+        if r.passed and r.message:  # the steps that made it pass, or a pass the check images cannot be sure of
+            print(f"note: {r.path}: {r.message}")
     failed = [r for r in results if not r.passed]
     for r in failed:
         print(f"ERROR: {r.path}: {r.message}", file=sys.stderr)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import REPO
 
 from tfsubspace import fileio
-from tfsubspace.edge import convert, edgetpu, export, measure, micro, runtime
+from tfsubspace.edge import autoint8, convert, edgetpu, export, measure, micro, runtime
 from tfsubspace.errors import TfSubspaceError
 
 
@@ -74,6 +74,33 @@ def test_a_badly_calibrated_int8_file_fails_loudly(tmp_path):
     assert [s["step"] for s in results[0].steps] == ["plain", "fold", "equalize", "bias", "output"]
     assert "after fold, equalize, bias, output" in results[0].message and results[0].diagnosis
     assert results[0].path.exists()  # written, but marked failed
+
+
+def test_agreement_interval_is_a_95_percent_wilson_interval():
+    low, high = autoint8.agreement_interval(0.99, 1000)
+    assert (low, high) == pytest.approx((0.9817, 0.9946), abs=1e-4)
+    for bound in (low, high):  # Wilson's bounds: the agreements whose normal interval just reaches 0.99
+        assert (0.99 - bound) ** 2 * 1000 == pytest.approx(1.96**2 * bound * (1 - bound))
+    assert autoint8.agreement_interval(1.0, 500) == pytest.approx((500 / (500 + 1.96**2), 1.0))
+    assert autoint8.agreement_interval(0.0, 500)[0] == 0.0
+    narrower = autoint8.agreement_interval(0.99, 10000)
+    assert low < narrower[0] < 0.99 < narrower[1] < high
+    # it holds the true agreement about 95% of the time over check sets of 500 images
+    rng = np.random.default_rng(0)
+    found = [autoint8.agreement_interval(k / 500, 500) for k in rng.binomial(500, 0.99, size=4000)]
+    assert 0.93 < np.mean([lo <= 0.99 <= hi for lo, hi in found]) < 0.97
+
+
+def test_a_pass_the_check_images_cannot_tell_says_so(tmp_path):
+    model = tiny_model()
+    (few,) = export.export(model, tmp_path, modes=("float32",), check_ds=as_ds(images(20)), min_agreement=0.99)
+    assert few.passed and few.agreement == 1.0
+    assert "20 check images" in few.message and "95% interval" in few.message and "passes." in few.message
+    assert few.to_json()["agreement_interval"] == pytest.approx([20 / (20 + 1.96**2), 1.0])
+    (many,) = export.export(
+        model, tmp_path, modes=("float32",), check_ds=as_ds(images(500)), check_examples=500, min_agreement=0.99
+    )
+    assert many.passed and many.message == "" and many.agreement_interval[0] > 0.99
 
 
 def test_uint8_io_and_bad_arguments(tmp_path):
@@ -191,6 +218,7 @@ def test_scripts_end_to_end(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Edge TPU compatible." in result.stdout and (out / "model_data.cc").exists()
+    assert "95% interval" in result.stdout
     assert "input range: 0-1 (auto: model 'm' does not start with a Rescaling" in result.stdout
     assert {p.name for p in out.glob("*.tflite")} == {f"m_{mode}.tflite" for mode in convert.DEFAULT_MODES}
     result = subprocess.run(

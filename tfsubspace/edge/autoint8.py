@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import keras
@@ -72,6 +73,34 @@ class Int8Step:
             "near_ties": self.near_ties,
             "median_margin": self.median_margin,
         }
+
+
+def agreement_interval(agreement: float, examples: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for z = 1.96) of a top-1 agreement measured on `examples`
+    images: where the agreement on other images like them is likely to lie. On 1,000 images an
+    agreement of 99.0% is 98.2-99.5%: a file that passes 99% by a few images may not."""
+    if examples <= 0:
+        return 0.0, 1.0
+    n, p = float(examples), min(max(float(agreement), 0.0), 1.0)
+    scale = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def verdict_note(agreement: float, examples: int, min_agreement: float) -> str:
+    """A sentence for a pass or a failure that the check images cannot tell apart (the 95%
+    interval of the agreement holds `min_agreement` on the other side), else ""."""
+    low, high = agreement_interval(agreement, examples)
+    if (agreement >= min_agreement) == (low >= min_agreement) and (agreement >= min_agreement) == (
+        high >= min_agreement
+    ):
+        return ""
+    return (
+        f" On {examples} check images its agreement is {low:.2%}-{high:.2%} (95% interval), which holds "
+        f"{min_agreement:.0%}: check on more images (check_examples) to tell whether it "
+        + ("passes." if agreement >= min_agreement else "fails.")
+    )
 
 
 def tie_margins(expected: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from tfsubspace import fileio
 from tfsubspace.distill.trainer import ends_in_softmax
-from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT, int8_step
+from tfsubspace.edge.autoint8 import DEFAULT_MIN_AGREEMENT, int8_step, verdict_note
 from tfsubspace.edge.convert import ExportError
 from tfsubspace.edge.export import ExportedModel, _images
 from tfsubspace.edge.graphedit import predict
@@ -140,6 +140,7 @@ def export_qat(
             "images."
         )
     )
+    message = (message + verdict_note(kept.agreement, len(checks), min_agreement)).strip()
     return ExportedModel(
         "int8_qat",
         out,
