@@ -105,7 +105,7 @@ def export(
     calibration_ds=None,
     check_ds=None,
     calibration_examples: int = 300,
-    check_examples: int = 500,
+    check_examples: int = 1000,
     min_agreement: float = autoint8.DEFAULT_MIN_AGREEMENT,
     io_dtype: str = "int8",
     name: str | None = None,
@@ -121,6 +121,8 @@ def export(
             (N, H, W, C), for int8 calibration, in the range the model takes (0-255 for a
             model that starts with Rescaling(1/255)).
         check_ds: images for the checks (defaults to calibration_ds), in the same range.
+        check_examples: how many of them to check on: 99% measured on 1,000 images is 98.2-99.5%
+            (95% interval, ExportedModel.agreement_interval), on 500 images 97.7-99.6%.
         min_agreement: top-1 agreement with the Keras model below which a quantized file fails.
         batch_size: the files' fixed input batch (1 for microcontrollers and the Edge TPU;
             files of other batch sizes are named NAME_MODE_bBATCH.tflite).

@@ -31,7 +31,7 @@ def export_qat(
     learning_rate: float = 1e-4,
     train_examples: int = 10000,
     check_ds=None,
-    check_examples: int = 500,
+    check_examples: int = 1000,
     calibration_examples: int = 300,
     min_agreement: float = DEFAULT_MIN_AGREEMENT,
     name: str | None = None,
