@@ -89,6 +89,10 @@ def test_agreement_interval_is_a_95_percent_wilson_interval():
     rng = np.random.default_rng(0)
     found = [autoint8.agreement_interval(k / 500, 500) for k in rng.binomial(500, 0.99, size=4000)]
     assert 0.93 < np.mean([lo <= 0.99 <= hi for lo, hi in found]) < 0.97
+    # a verdict is noted only where the interval includes the threshold
+    assert autoint8.verdict_note(0.985, 500, 0.99).endswith("to tell whether it fails.")
+    assert autoint8.verdict_note(0.993, 500, 0.99).endswith("to tell whether it passes.")
+    assert autoint8.verdict_note(0.95, 500, 0.99) == autoint8.verdict_note(1.0, 1000, 0.99) == ""
 
 
 def test_a_pass_the_check_images_cannot_tell_says_so(tmp_path):

@@ -89,17 +89,16 @@ def agreement_interval(agreement: float, examples: int, z: float = 1.96) -> tupl
 
 
 def verdict_note(agreement: float, examples: int, min_agreement: float) -> str:
-    """A sentence for a pass or a failure that the check images cannot tell apart (the 95%
-    interval of the agreement holds `min_agreement` on the other side), else ""."""
+    """A sentence for a pass or a failure that the check images cannot settle (the 95% interval
+    of the agreement includes `min_agreement`), else ""."""
     low, high = agreement_interval(agreement, examples)
-    if (agreement >= min_agreement) == (low >= min_agreement) and (agreement >= min_agreement) == (
-        high >= min_agreement
-    ):
+    passed = agreement >= min_agreement
+    if (low >= min_agreement) if passed else (high < min_agreement):
         return ""
     return (
-        f" On {examples} check images its agreement is {low:.2%}-{high:.2%} (95% interval), which holds "
+        f" On {examples} check images its agreement is {low:.2%}-{high:.2%} (95% interval), a range that includes "
         f"{min_agreement:.0%}: check on more images (check_examples) to tell whether it "
-        + ("passes." if agreement >= min_agreement else "fails.")
+        + ("passes." if passed else "fails.")
     )
 
 
